@@ -1,0 +1,35 @@
+# uadct: `make demo` runs the whole chain on a generated cohort; `make test` runs the test suite.
+# Both create .venv when missing and install everything (CPU torch pinned first, so a bare
+# `torch` requirement never pulls a multi-GB CUDA build on a CPU machine).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UADCT := $(VENV)/bin/uadct
+TORCH_PIN ?= torch==2.13.0
+DEMO_DIR ?= demo_out
+
+.PHONY: install atlas demo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+atlas: install
+	$(UADCT) atlas fetch sri24
+
+demo: atlas
+	$(PY) examples/quickstart.py --output $(DEMO_DIR)
+
+test: atlas
+	$(PY) -m pytest -q
+
+test-fast: atlas
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

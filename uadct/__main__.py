@@ -1,0 +1,5 @@
+"""Entry point for ``python -m uadct``."""
+
+from uadct.cli import main
+
+main()

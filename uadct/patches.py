@@ -1,0 +1,178 @@
+"""Patch grids over a volume, patch sampling for training, and streaming overlap-add.
+
+Volumes are ``(D, H, W)`` arrays on the atlas grid (D = axial slices). A patch is
+``(1, P, P)`` for 2D axial patches or ``(P, P, P)`` for 3D ones, addressed by the
+index of its first voxel ``(z, y, x)``. Scoring never holds all patches: positions are
+cheap ``(N, 3)`` integers, and patches are cut and aggregated batch by batch into a sum
+and a count on the volume grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from uadct.errors import UadctError
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """Patch geometry: edge length in voxels and 2 (axial) or 3 dimensions."""
+
+    size: int = 32
+    dims: int = 2
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise UadctError(f"patch dims must be 2 or 3, got {self.dims}")
+        if self.size < 4:
+            raise UadctError(f"patch size must be at least 4 voxels, got {self.size}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Patch shape in (z, y, x) voxels."""
+        return (1, self.size, self.size) if self.dims == 2 else (self.size,) * 3
+
+
+def _axis_starts(length: int, patch: int, stride: int) -> np.ndarray:
+    """Start indices along one axis so that every voxel is covered (last patch flush with the end)."""
+    if length < patch:
+        raise UadctError(f"volume axis of {length} voxels is smaller than the patch ({patch})")
+    starts = np.arange(0, length - patch + 1, stride)
+    if starts[-1] != length - patch:
+        starts = np.append(starts, length - patch)
+    return starts
+
+
+def _window_counts(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Number of mask voxels in every patch window (indexed by the window's first voxel)."""
+    padded = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int32)
+    padded[1:, 1:, 1:] = np.cumsum(np.cumsum(np.cumsum(mask > 0, 0, dtype=np.int32), 1), 2)
+    dz, dy, dx = shape
+    D, H, W = mask.shape
+    z0, y0, x0 = np.ogrid[0 : D - dz + 1, 0 : H - dy + 1, 0 : W - dx + 1]
+    z1, y1, x1 = z0 + dz, y0 + dy, x0 + dx
+    p = padded
+    return (
+        p[z1, y1, x1] - p[z0, y1, x1] - p[z1, y0, x1] - p[z1, y1, x0]
+        + p[z0, y0, x1] + p[z0, y1, x0] + p[z1, y0, x0] - p[z0, y0, x0]
+    )
+
+
+def grid_positions(mask: np.ndarray, spec: PatchSpec, stride: int = 4, min_foreground: float = 0.0) -> np.ndarray:
+    """First-voxel positions ``(N, 3)`` int32 of a strided patch grid.
+
+    Keeps patches with more than ``min_foreground`` of their voxels inside ``mask``
+    (0.0: any patch touching the mask). The grid covers every voxel of the volume
+    (the last patch on each axis is flush with the end), so with ``min_foreground=0``
+    every mask voxel lies in at least one kept patch.
+    """
+    if stride < 1:
+        raise UadctError(f"stride must be at least 1 voxel, got {stride}")
+    if stride > spec.size:
+        raise UadctError(f"stride {stride} is larger than the patch ({spec.size}): voxels between patches would get no score")
+    dz, dy, dx = spec.shape
+    counts = _window_counts(mask, spec.shape)
+    z = _axis_starts(mask.shape[0], dz, 1 if spec.dims == 2 else stride)
+    y = _axis_starts(mask.shape[1], dy, stride)
+    x = _axis_starts(mask.shape[2], dx, stride)
+    sub = counts[np.ix_(z, y, x)]
+    threshold = min_foreground * dz * dy * dx
+    keep = np.argwhere(sub > threshold)
+    return np.stack([z[keep[:, 0]], y[keep[:, 1]], x[keep[:, 2]]], axis=1).astype(np.int32)
+
+
+def valid_training_positions(mask: np.ndarray, spec: PatchSpec, max_background: float = 0.5, stride: int = 2) -> np.ndarray:
+    """Positions of patches with at most ``max_background`` of their voxels outside the mask."""
+    return grid_positions(mask, spec, stride=stride, min_foreground=1.0 - max_background - 1e-9)
+
+
+def extract_patches(volume: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
+    """Cut patches at ``positions``: ``(N, P, P)`` for 2D, ``(N, P, P, P)`` for 3D (copies)."""
+    windows = sliding_window_view(volume, spec.shape)
+    patches = windows[positions[:, 0], positions[:, 1], positions[:, 2]]
+    return patches[:, 0] if spec.dims == 2 else patches
+
+
+class OverlapAccumulator:
+    """Streaming overlap-add of per-patch values onto the volume grid.
+
+    ``add`` takes a voxel map per patch ``(N, *patch)`` or a scalar per patch ``(N,)``
+    (spread uniformly over the patch); ``result`` returns sum / count (0 where no
+    patch fell), optionally with gaussian weights centred on each patch.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], spec: PatchSpec, gaussian_sigma: float | None = None) -> None:
+        self.spec = spec
+        self.total = np.zeros(shape, dtype=np.float64)
+        self.count = np.zeros(shape, dtype=np.float64)
+        self.weights = _gaussian_weights(spec, gaussian_sigma) if gaussian_sigma else np.ones(spec.shape, np.float64)
+
+    def add(self, positions: np.ndarray, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim == 1:
+            values = values.reshape((-1, 1, 1, 1)) * np.ones((1,) + self.spec.shape)
+        else:
+            values = values.reshape((-1,) + self.spec.shape)
+        if len(values) != len(positions):
+            raise UadctError(f"{len(values)} patch values for {len(positions)} positions")
+        dz, dy, dx = self.spec.shape
+        weighted = values * self.weights
+        for (z, y, x), value in zip(positions, weighted):
+            self.total[z : z + dz, y : y + dy, x : x + dx] += value
+            self.count[z : z + dz, y : y + dy, x : x + dx] += self.weights
+
+    def result(self) -> np.ndarray:
+        """The averaged ``(D, H, W)`` float32 map; 0 where no patch fell."""
+        out = np.zeros(self.total.shape, dtype=np.float32)
+        np.divide(self.total, self.count, out=out, where=self.count > 0, casting="unsafe")
+        return out
+
+
+def _gaussian_weights(spec: PatchSpec, sigma_fraction: float) -> np.ndarray:
+    axes = []
+    for length in spec.shape:
+        if length == 1:
+            axes.append(np.ones(1))
+            continue
+        coords = np.arange(length) - (length - 1) / 2.0
+        axes.append(np.exp(-0.5 * (coords / (sigma_fraction * length)) ** 2))
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(weights / weights.max(), 1e-3)
+
+
+def iterate_batches(positions: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Split ``(N, 3)`` positions into consecutive batches."""
+    for start in range(0, len(positions), batch_size):
+        yield positions[start : start + batch_size]
+
+
+def sliding_window_map(
+    volume: np.ndarray,
+    mask: np.ndarray,
+    predictor: Callable[[np.ndarray], np.ndarray],
+    spec: PatchSpec,
+    stride: int = 4,
+    batch_size: int = 1024,
+    gaussian_sigma: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Run ``predictor`` over every patch touching ``mask`` and overlap-average its output.
+
+    ``predictor`` maps a batch of patches ``(B, *patch)`` to a voxel map of the same
+    shape or a scalar per patch ``(B,)``. The result is zero outside ``mask``.
+    """
+    positions = grid_positions(mask, spec, stride)
+    accumulator = OverlapAccumulator(volume.shape, spec, gaussian_sigma)
+    done = 0
+    for batch in iterate_batches(positions, batch_size):
+        accumulator.add(batch, predictor(extract_patches(volume, batch, spec)))
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(positions))
+    result = accumulator.result()
+    result[mask == 0] = 0.0
+    return result

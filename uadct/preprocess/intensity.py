@@ -1,0 +1,64 @@
+"""Intensity steps: N4 bias-field correction and normalisation under the brain mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from uadct.errors import PreprocessError
+
+NORMALIZATIONS = ("percentile", "zscore")
+
+
+def correct_bias_field(image: sitk.Image, mask: sitk.Image, shrink: int = 4, iterations: int = 50) -> sitk.Image:
+    """N4 bias-field correction estimated under ``mask`` on a grid shrunk by ``shrink``.
+
+    The field is fitted on the shrunk image (fast, ~5 s for 240x240x155 at shrink 4)
+    and applied at full resolution.
+    """
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    array = sitk.GetArrayViewFromImage(image)
+    positive = sitk.GetImageFromArray(np.clip(array, 0, None) + 1.0)
+    positive.CopyInformation(image)
+    small_image = sitk.Shrink(positive, [shrink] * 3)
+    small_mask = sitk.Shrink(sitk.Cast(mask, sitk.sitkUInt8), [shrink] * 3)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([iterations] * 3)
+    corrector.Execute(small_image, small_mask)
+    log_field = corrector.GetLogBiasFieldAsImage(positive)
+    corrected = sitk.GetArrayFromImage(positive) / np.exp(sitk.GetArrayViewFromImage(log_field)) - 1.0
+    result = sitk.GetImageFromArray(corrected.astype(np.float32))
+    result.CopyInformation(image)
+    return result
+
+
+def normalize_intensity(
+    array: np.ndarray,
+    mask: np.ndarray,
+    method: str = "percentile",
+    percentiles: tuple[float, float] = (5.0, 95.0),
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Normalise ``(D, H, W)`` intensities under ``mask``; background set to 0.
+
+    ``percentile``: the low percentile maps to 0 and the high one to 1 (the papers'
+    default, 5/95). ``zscore``: zero mean, unit standard deviation under the mask.
+    Returns the float32 array and the statistics used.
+    """
+    inside = array[mask > 0]
+    if inside.size == 0:
+        raise PreprocessError("the brain mask is empty: nothing to normalise")
+    if method == "percentile":
+        low, high = np.percentile(inside, percentiles)
+        scale = high - low
+        stats = {"low": float(low), "high": float(high)}
+        offset = low
+    elif method == "zscore":
+        offset, scale = float(inside.mean()), float(inside.std())
+        stats = {"mean": offset, "std": scale}
+    else:
+        raise PreprocessError(f"unknown normalisation {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if not scale > 0:
+        raise PreprocessError("the brain has constant intensity: cannot normalise")
+    normalized = ((array - offset) / scale).astype(np.float32)
+    normalized[mask == 0] = 0.0
+    return normalized, stats

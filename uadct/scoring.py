@@ -1,0 +1,186 @@
+"""Volume -> anomaly map: strided patches over the brain, overlap-averaged, back to native space.
+
+A raw scan goes through the preprocessing recorded in the checkpoint (or a prepared
+subject folder is used as is), the model scores every patch that touches the brain
+mask on the atlas grid, the voxel map is averaged over overlaps, and the map is
+resampled onto the subject's own grid (same size, spacing, origin and direction as
+the input scan; float32; background 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from uadct.atlas import load_atlas
+from uadct.checkpoint import Checkpoint, load_checkpoint
+from uadct.errors import CheckpointError, InputError, UadctError
+from uadct.io import array_like, atomic_path, read_image, sha256_of, write_image, write_json
+from uadct.patches import PatchSpec, sliding_window_map
+from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
+from uadct.train import resolve_device
+
+log = logging.getLogger(__name__)
+
+IMAGE_SCORE_TOP_K = 1000  # voxels (~1 ml at 1 mm) averaged for the image-level score
+
+
+@dataclass
+class ScoreResult:
+    """Where the outputs went and what was measured."""
+
+    map_path: Path
+    json_path: Path
+    image_score: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def patch_predictor(model: torch.nn.Module, device: torch.device, output: str = "voxel") -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap a model's ``score_patches`` as a numpy ``(B, *patch) -> (B, *patch) or (B,)`` function."""
+
+    @torch.inference_mode()
+    def predict(patches: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).unsqueeze(1).to(device)
+        scores = model.score_patches(batch)
+        key = output if output in scores else ("voxel" if "voxel" in scores else "scalar")
+        return scores[key].float().cpu().numpy()
+
+    return predict
+
+
+def score_volume(
+    checkpoint: Checkpoint,
+    image: np.ndarray,
+    mask: np.ndarray,
+    stride: int = 4,
+    batch_size: int = 2048,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Anomaly map ``(D, H, W)`` float32 of a prepared volume on the atlas grid."""
+    patch = checkpoint.metadata.get("patch", {})
+    spec = PatchSpec(int(patch.get("size", 16)), int(patch.get("dims", 2)))
+    torch_device = resolve_device(device)
+    model = checkpoint.model.to(torch_device).eval()
+    predictor = patch_predictor(model, torch_device)
+    return sliding_window_map(image.astype(np.float32), mask, predictor, spec, stride, batch_size, progress=progress)
+
+
+def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int = IMAGE_SCORE_TOP_K) -> float:
+    """Mean of the ``top_k`` highest map values inside the mask."""
+    values = anomaly_map[mask > 0]
+    if values.size == 0:
+        return 0.0
+    k = min(top_k, values.size)
+    return float(np.partition(values, values.size - k)[-k:].mean())
+
+
+def score_scan(
+    checkpoint: Checkpoint | str | Path,
+    subject: str | Path,
+    out_path: str | Path,
+    stride: int = 4,
+    batch_size: int = 2048,
+    device: str = "auto",
+    atlas_map_path: str | Path | None = None,
+    brain_mask_path: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ScoreResult:
+    """Score a raw scan (or a prepared subject folder) and write its native-space map.
+
+    Also writes ``<map>.json`` (image-level score, checkpoint, timings); optionally the
+    map on the atlas grid and the brain mask on the subject's grid.
+    """
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint_path = Path(checkpoint)
+        checkpoint = load_checkpoint(checkpoint_path)
+    else:
+        checkpoint_path = None
+    subject = Path(subject)
+    out_path = Path(out_path)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    if subject.is_dir():
+        if not (subject / SIDECAR).is_file():
+            raise InputError(f"{subject}: a folder must be a prepared subject (with {SIDECAR})")
+        prepared = load_prepared(subject)
+        _check_compatible(checkpoint, prepared.sidecar.get("config", {}), subject)
+        atlas_image, atlas_mask = prepared.image, prepared.mask
+        transform = prepared.atlas_to_subject
+        native = prepared.native_reference
+        input_sha = prepared.sidecar.get("input", {}).get("sha256")
+    else:
+        image = read_image(subject)
+        config = PreprocessConfig.from_dict(checkpoint.preprocess)
+        atlas = load_atlas(config.atlas)
+        expected = checkpoint.metadata.get("atlas", {}).get("sha256")
+        if expected and expected != atlas.checksum:
+            raise CheckpointError(f"the atlas {config.atlas!r} in the cache differs from the one the model was trained on (checksum)")
+        try:
+            result = run_preprocessing(image, config, atlas)
+        except UadctError as exc:
+            raise type(exc)(f"{subject}: {exc}") from None
+        atlas_image, atlas_mask, transform, native = result.image, result.mask, result.atlas_to_subject, image
+        input_sha = sha256_of(subject)
+    timings["preprocess"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
+    mask_array = sitk.GetArrayFromImage(atlas_mask)
+    atlas_map = score_volume(checkpoint, sitk.GetArrayFromImage(atlas_image), mask_array, stride, batch_size, device, progress)
+    timings["score"] = round(time.perf_counter() - clock, 3)
+    clock = time.perf_counter()
+    atlas_map_image = array_like(atlas_map, atlas_image)
+    subject_to_atlas = transform.GetInverse()
+    native_map = sitk.Resample(atlas_map_image, native, subject_to_atlas, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    native_mask = sitk.Resample(atlas_mask, native, subject_to_atlas, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    native_map = sitk.Mask(native_map, native_mask)
+    timings["resample"] = round(time.perf_counter() - clock, 3)
+    score = image_level_score(atlas_map, mask_array)
+    write_image(native_map, out_path)
+    if atlas_map_path is not None:
+        write_image(atlas_map_image, atlas_map_path)
+    if brain_mask_path is not None:
+        write_image(native_mask, brain_mask_path)
+    json_path = sidecar_path(out_path)
+    write_json(
+        {
+            "subject": str(subject),
+            "input_sha256": input_sha,
+            "map": str(out_path),
+            "image_score": score,
+            "image_score_definition": f"mean of the top {IMAGE_SCORE_TOP_K} map voxels inside the brain (atlas grid)",
+            "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+            "model": checkpoint.metadata.get("model"),
+            "stride": stride,
+            "timings_s": timings,
+        },
+        json_path,
+    )
+    return ScoreResult(out_path, json_path, score, timings)
+
+
+def sidecar_path(map_path: str | Path) -> Path:
+    """``map.nii.gz`` -> ``map.json``."""
+    map_path = Path(map_path)
+    name = map_path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return map_path.with_name(name + ".json")
+
+
+def _check_compatible(checkpoint: Checkpoint, prepared_config: dict[str, Any], subject: Path) -> None:
+    expected = checkpoint.preprocess
+    keys = ("atlas", "normalization", "percentiles", "skull_strip", "registration")
+    differing = [k for k in keys if expected.get(k) != prepared_config.get(k)]
+    if differing:
+        raise CheckpointError(
+            f"{subject}: prepared with other parameters than the model expects ({', '.join(differing)}); "
+            "score the raw scan instead or preprocess it with the model's settings"
+        )
