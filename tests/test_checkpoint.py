@@ -13,16 +13,20 @@ from uadct.models import available_models, build_model
 
 
 def _fit_a_little(model, steps: int = 3):
+    """A few real optimisation steps through the model's own training hooks, then its statistics."""
     torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    optimizers = model.configure_optimizers(1e-3)
     size = model.config.patch_size
+    model.train()
     for _ in range(steps):
         x = torch.rand(16, 1, size, size)
-        loss = model.training_loss(x, torch.ones_like(x))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+        losses = model.training_step(x, torch.ones_like(x), optimizers)
+        assert torch.isfinite(torch.tensor(losses["loss"]))
+    model.eval()
+    x = torch.rand(64, 1, size, size)
+    with torch.no_grad():
+        model.fit_statistics(x, torch.ones_like(x))
+    return model
 
 
 @pytest.mark.parametrize("name", sorted(available_models()))

@@ -28,7 +28,7 @@ import SimpleITK as sitk
 
 from uadct import __version__
 from uadct.errors import InputError
-from uadct.io import list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix, write_json, write_text
+from uadct.io import grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix, write_json, write_text
 from uadct.metrics import VOXEL_METRIC_FIELDS, voxel_metrics_from_groups
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def _brain_voxels(map_path: Path, label_path: Path, mask_path: Path | None) -> t
     label_image = read_mask(label_path)
     if not same_grid(label_image, map_image):
         raise InputError(
-            f"{label_path}: the label is not on the grid of its map {map_path} ({_grid_summary(label_image, map_image)})"
+            f"{label_path}: the label is not on the grid of its map {map_path} ({grid_difference(label_image, map_image)})"
         )
     scores_volume = sitk.GetArrayViewFromImage(map_image)
     lesion_volume = sitk.GetArrayViewFromImage(label_image) != 0
@@ -210,17 +210,6 @@ def _pooled_metrics(lesion_chunks: list[np.ndarray], normal_chunks: list[np.ndar
     normal = np.concatenate(normal_chunks)
     normal_chunks.clear()
     return voxel_metrics_from_groups(lesion, normal, overwrite_input=True)
-
-
-def _grid_summary(image: sitk.Image, reference: sitk.Image) -> str:
-    def rounded(values: tuple[float, ...]) -> tuple[float, ...]:
-        return tuple(round(v, 4) for v in values)
-
-    return (
-        f"size {image.GetSize()} vs {reference.GetSize()}, "
-        f"spacing {rounded(image.GetSpacing())} vs {rounded(reference.GetSpacing())} mm, "
-        f"origin {rounded(image.GetOrigin())} vs {rounded(reference.GetOrigin())} mm"
-    )
 
 
 def _preview(names: list[str], limit: int = 5) -> str:

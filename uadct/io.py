@@ -134,7 +134,7 @@ def read_mask(path: str | Path, reference: sitk.Image | None = None) -> sitk.Ima
     image = read_image(path, allow_empty=True)
     mask = sitk.Cast(image != 0, sitk.sitkUInt8)
     if reference is not None and not same_grid(mask, reference):
-        raise InputError(f"{path}: the mask's grid (size, spacing, origin, direction) differs from the image's")
+        raise InputError(f"{path}: the mask is not on the image's grid ({grid_difference(mask, reference)})")
     return mask
 
 
@@ -146,6 +146,28 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
         and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance * 100)
         and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
     )
+
+
+def grid_difference(image: sitk.Image, reference: sitk.Image) -> str:
+    """Say which of size, spacing, origin and direction differ (first vs second image)."""
+
+    def rounded(values: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple(round(v, 4) for v in values)
+
+    parts = []
+    if image.GetSize() != reference.GetSize():
+        parts.append(f"size {image.GetSize()} vs {reference.GetSize()}")
+    if not np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4):
+        parts.append(f"spacing {rounded(image.GetSpacing())} vs {rounded(reference.GetSpacing())} mm")
+    if not np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-2):
+        parts.append(f"origin {rounded(image.GetOrigin())} vs {rounded(reference.GetOrigin())} mm")
+    if not np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-4):
+        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines
+        parts.append(
+            f"direction {orientation(image.GetDirection())} vs {orientation(reference.GetDirection())}"
+            f" {rounded(image.GetDirection())} vs {rounded(reference.GetDirection())}"
+        )
+    return "; ".join(parts) or "grids differ"
 
 
 def array_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:

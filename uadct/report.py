@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from uadct.errors import InputError, UadctError
-from uadct.io import atomic_path, read_image, read_mask, same_grid
+from uadct.io import atomic_path, grid_difference, read_image, read_mask, same_grid
 
 if TYPE_CHECKING:
     from matplotlib.colors import Colormap
@@ -40,6 +40,7 @@ TOP_FRACTION = 0.005  # a slice's score: sum of its top 0.5 % map values
 OVERLAY_ALPHA = 0.65
 CONTOUR_COLOUR = "#00e5ff"  # cyan: stands out against the grey scan and the red-yellow overlay
 CROP_MARGIN_VOXELS = 3
+TEXT_BOX = {"facecolor": "black", "alpha": 0.55, "edgecolor": "none", "pad": 1.5}  # keeps captions readable on anatomy
 
 
 def render_heatmap(
@@ -162,29 +163,7 @@ def _to_display(image: sitk.Image) -> sitk.Image:
 
 def _check_grid(image: sitk.Image, reference: sitk.Image, path: Path, reference_path: Path) -> None:
     if not same_grid(image, reference):
-        raise InputError(f"{path}: not on the grid of {reference_path} ({_grid_difference(image, reference)})")
-
-
-def _grid_difference(image: sitk.Image, reference: sitk.Image) -> str:
-    """Say which of size, spacing, origin and direction differ (this file vs the subject)."""
-
-    def rounded(values: tuple[float, ...]) -> tuple[float, ...]:
-        return tuple(round(v, 4) for v in values)
-
-    parts = []
-    if image.GetSize() != reference.GetSize():
-        parts.append(f"size {image.GetSize()} vs {reference.GetSize()}")
-    if not np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4):
-        parts.append(f"spacing {rounded(image.GetSpacing())} vs {rounded(reference.GetSpacing())} mm")
-    if not np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-2):
-        parts.append(f"origin {rounded(image.GetOrigin())} vs {rounded(reference.GetOrigin())} mm")
-    if not np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-4):
-        orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines
-        parts.append(
-            f"direction {orientation(image.GetDirection())} vs {orientation(reference.GetDirection())}"
-            f" {rounded(image.GetDirection())} vs {rounded(reference.GetDirection())}"
-        )
-    return "; ".join(parts) or "grids differ"
+        raise InputError(f"{path}: not on the grid of {reference_path} ({grid_difference(image, reference)})")
 
 
 def _grey_window(array: np.ndarray) -> tuple[float, float]:
@@ -298,14 +277,14 @@ def _draw_montage(
         position = scan.TransformIndexToPhysicalPoint((centre[0], centre[1], int(z)))[2]
         axes.text(
             0.03, 0.03, f"z {position:+.1f} mm", transform=axes.transAxes, color="white", fontsize=9,
-            ha="left", va="bottom",
+            ha="left", va="bottom", bbox=TEXT_BOX,
         )
         if panel == 0:
             for x, letter in ((0.02, "R"), (0.98, "L")):
                 axes.text(x, 0.5, letter, transform=axes.transAxes, color="#bbbbbb", fontsize=10,
-                          ha="left" if letter == "R" else "right", va="center", fontweight="bold")
+                          ha="left" if letter == "R" else "right", va="center", fontweight="bold", bbox=TEXT_BOX)
             axes.text(0.5, 0.98, "A", transform=axes.transAxes, color="#bbbbbb", fontsize=10,
-                      ha="center", va="top", fontweight="bold")
+                      ha="center", va="top", fontweight="bold", bbox=TEXT_BOX)
 
     figure.text(
         0.5 * n_columns * PANEL_INCHES / width, 1 - 0.5 * TITLE_INCHES / height, title,

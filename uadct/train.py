@@ -44,6 +44,7 @@ class TrainConfig:
     patches_per_epoch: int = 8192
     validation_patches: int = 2048
     validation_fraction: float = 0.2
+    statistics_patches: int = 4096
     max_background: float = 0.5
     augment: tuple[str, ...] = ("flip",)
     seed: int = 0
@@ -171,7 +172,7 @@ def train_model(
         raise UadctError(f"{prep_dir}: subjects were preprocessed with different parameters; preprocess all subjects alike")
     device = resolve_device(config.device)
     model = build_model(config.model, {"patch_size": config.patch_size, "dims": config.dims, **config.model_options}).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizers = model.configure_optimizers(config.learning_rate)
     sampler = PatchSampler(train_volumes, spec, seed=config.seed, flip="flip" in config.augment)
     val_images, val_masks = PatchSampler(val_volumes, spec, seed=config.seed + 1).sample(config.validation_patches)
 
@@ -184,13 +185,10 @@ def train_model(
         train_loss = 0.0
         for step in range(steps):
             images, masks = sampler.sample(config.batch_size)
-            losses = model.training_loss(torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device))
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            train_loss += float(losses["loss"].detach()) / steps
+            losses = model.training_step(torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device), optimizers)
+            train_loss += losses["loss"] / steps
             if progress is not None:
-                progress("step", {"epoch": epoch, "step": step + 1, "steps": steps, "loss": float(losses["loss"].detach())})
+                progress("step", {"epoch": epoch, "step": step + 1, "steps": steps, "loss": losses["loss"]})
         val_loss = evaluate_loss(model, val_images, val_masks, config.batch_size, device)
         seconds = time.perf_counter() - epoch_start
         record = {
@@ -214,6 +212,9 @@ def train_model(
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
+    statistics_images, statistics_masks = sampler.sample(config.statistics_patches)
+    with torch.no_grad():
+        model.fit_statistics(torch.from_numpy(statistics_images).to(device), torch.from_numpy(statistics_masks).to(device))
     seconds = time.perf_counter() - started
     metadata = {
         "patch": {"size": spec.size, "dims": spec.dims},
@@ -248,6 +249,6 @@ def evaluate_loss(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, ba
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device)
         m = torch.from_numpy(masks[start : start + batch_size]).to(device)
-        total += float(model.training_loss(x, m)["loss"]) * len(x)
+        total += model.validation_loss(x, m) * len(x)
         count += len(x)
     return total / max(1, count)

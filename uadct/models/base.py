@@ -56,6 +56,34 @@ class AnomalyModel(nn.Module):
         """Losses for a batch ``(B, 1, *patch)``; the key ``"loss"`` is minimised."""
         raise NotImplementedError
 
+    def configure_optimizers(self, learning_rate: float) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers by name; one Adam over all parameters unless a model needs more (GANs)."""
+        return {"model": torch.optim.Adam(self.parameters(), lr=learning_rate)}
+
+    def training_step(
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+    ) -> dict[str, float]:
+        """One optimisation step on a batch; returns the losses as floats (key ``"loss"`` required).
+
+        The default minimises ``training_loss()["loss"]`` with the single optimiser;
+        adversarial models override it to alternate generator and discriminator updates.
+        """
+        losses = self.training_loss(patches, masks)
+        optimizer = optimizers["model"]
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+        """The loss early stopping watches (eval mode, no gradients)."""
+        return float(self.training_loss(patches, masks)["loss"])
+
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
+        """Called once after training with a sample of training patches, to fit score
+        statistics (e.g. median/MAD) into buffers. Non-parametric models (one-class SVM,
+        thresholds) fit themselves here. Default: nothing."""
+
     def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Anomaly scores for a batch ``(B, 1, *patch)``."""
         raise NotImplementedError
