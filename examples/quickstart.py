@@ -62,17 +62,28 @@ def main() -> None:
     tests = sorted((cohort / "test").glob("*.nii.gz"))
     first = tests[0].name.removesuffix(".nii.gz")
     png = figures / f"{first}.png"
+    # the baseline every report must show: the normalised intensity itself, no learning
+    run("baseline: train", ["train", str(prep), "-o", str(root / "threshold.pt"), "--model", "threshold"], timings)
+    run("baseline: score", ["score", str(root / "threshold.pt"), str(cohort / "test"), "-o", str(root / "maps_threshold"),
+                            "--force"], timings)
+    run("baseline: evaluate", ["evaluate", str(root / "maps_threshold"), str(cohort / "labels"), "-o",
+                               str(root / "report_threshold"), "--brain-masks", str(masks)], timings)
     run("heatmap", ["heatmap", str(tests[0]), str(maps / f"{first}.nii.gz"), "-o", str(png),
                     "--label", str(cohort / "labels" / f"{first}.nii.gz")], timings)
     run("evaluate", ["evaluate", str(maps), str(cohort / "labels"), "-o", str(report), "--brain-masks", str(masks)], timings)
     total = time.perf_counter() - started
 
     metrics = json.loads((report / "metrics.json").read_text())
-    table = Table(title="uadct demo: CAE (16 px patches, stride 4) on inserted lesions, voxel level inside the brain")
-    for column in ("subject", "AUROC", "AUPRC", "best Dice"):
+    baseline = json.loads((root / "report_threshold" / "metrics.json").read_text())
+    baseline_rows = {row["subject"]: row for row in baseline["per_subject"]}
+    baseline_rows["pooled"] = baseline["pooled"]
+    table = Table(title="uadct demo: inserted lesions, voxel level inside the brain (CAE: 16 px patches, stride 4)")
+    for column in ("subject", "CAE AUROC", "CAE AUPRC", "CAE best Dice", "threshold AUROC", "threshold AUPRC"):
         table.add_column(column)
     for row in metrics["per_subject"] + [{"subject": "pooled", **metrics["pooled"]}]:
+        other = baseline_rows.get(row["subject"], {})
         table.add_row(str(row["subject"]), *(_fmt(row.get(k)) for k in ("auroc", "auprc", "best_dice")),
+                      _fmt(other.get("auroc")), _fmt(other.get("auprc")),
                       style="bold" if row["subject"] == "pooled" else None)
     console.print(table)
     steps = Table("step", "seconds", title=f"wall time {total:.0f} s")

@@ -209,8 +209,11 @@ def train(
 
         def report(event: str, info: dict[str, Any]) -> None:
             if event == "epoch":
-                bar.update(task, advance=1, info=f"epoch {info['epoch']} train {info['train_loss']:.4f} "
-                           f"val {info['validation_loss']:.4f} ({info['patches_per_second']:.0f} patches/s)")
+                line = (f"epoch {info['epoch']} train {info['train_loss']:.4f} val {info['validation_loss']:.4f} "
+                        f"(best {info['best_epoch']}, {info['patches_per_second']:.0f} patches/s)")
+                bar.update(task, advance=1, info=line)
+                if not console.is_terminal:  # logs of batch jobs still show how training goes
+                    console.print(line, highlight=False)
             else:
                 bar.update(task, info=f"epoch {info['epoch']} step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
 

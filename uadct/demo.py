@@ -32,7 +32,7 @@ from scipy import ndimage
 
 from uadct.atlas import KNOWN_ATLASES, Atlas, load_atlas
 from uadct.errors import AtlasError, InputError
-from uadct.io import array_like, grid_of, write_image, write_json
+from uadct.io import array_like, atomic_path, grid_of, write_image, write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class DemoAnatomy:
             raise InputError(f"atlas {atlas.name!r}: the brain mask is empty")
         self.spacing_zyx = np.array(atlas.head.GetSpacing()[::-1])
         self.wm_intensity = float(np.percentile(brain[self.brain_mask], 80))
-        self.head_mask, soft = self._head_mask(head)
+        self.head_mask, soft, surface = self._head_mask(head)
         self.head = head * soft  # drops the atlas's faint rectangular background
         # lesion sites: parenchyma (not CSF) and the distance (mm) to the edge of the brain mask
         inside = np.argwhere(self.brain_mask)
@@ -145,21 +145,24 @@ class DemoAnatomy:
         distance = sitk.SignedMaurerDistanceMap(crop, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
         self.brain_distance_mm = np.zeros(head.shape, np.float32)
         self.brain_distance_mm[box] = np.maximum(sitk.GetArrayFromImage(distance), 0)
-        idx = np.argwhere(self.head_mask)
-        self.head_centre = self.to_physical(idx.mean(axis=0))
-        self.head_points = self.to_physical(idx[::97])  # tens of thousands of points spread over the head
+        self.head_centre = self.to_physical(np.argwhere(self.head_mask).mean(axis=0))
+        self.head_surface = self.to_physical(surface)  # (N, 3) mm, every 2 mm over the head's outer surface
 
-    def _head_mask(self, head: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The head (largest bright component, holes filled, dilated ~4 mm) and a soft version; at half resolution."""
+    def _head_mask(self, head: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The head (largest bright component, holes filled, dilated ~4 mm), a soft-edged weight, and the
+        (N, 3) (z, y, x) indices of its surface; made at half resolution."""
         coarse = ndimage.gaussian_filter(head[::2, ::2, ::2], 1.0)
-        components, _ = ndimage.label(coarse > 0.15 * self.wm_intensity)
+        components, _ = ndimage.label(coarse > 0.3 * self.wm_intensity)  # above the atlas's hazy background box
         sizes = np.bincount(components.ravel())
         sizes[0] = 0
-        mask = ndimage.binary_dilation(ndimage.binary_fill_holes(components == sizes.argmax()), iterations=2)
+        mask = ndimage.binary_fill_holes(components == sizes.argmax())
+        mask = np.stack([ndimage.binary_fill_holes(plane) for plane in mask])  # the neck is open at the bottom
+        mask = ndimage.binary_dilation(mask, iterations=2)
         soft = np.clip(ndimage.gaussian_filter(mask.astype(np.float32), 0.75), 0.0, 1.0)
         upsample = [np.minimum(np.arange(n) // 2, m - 1) for n, m in zip(head.shape, mask.shape)]
         grid = np.ix_(*upsample)
-        return mask[grid], soft[grid]
+        surface = np.argwhere(mask & ~ndimage.binary_erosion(mask)) * 2 + 0.5
+        return mask[grid], soft[grid], surface
 
     def to_physical(self, index_zyx: np.ndarray) -> np.ndarray:
         """Physical points (N, 3) (x, y, z mm) of continuous atlas indices (N, 3) in (z, y, x) order."""
@@ -183,7 +186,7 @@ def generate_cohort(
 
     Subject ``sub-h<i>`` / ``sub-t<i>`` depends only on ``seed``, its index and
     ``voxel_scale`` (not on the cohort size). ``voxel_scale`` multiplies every output
-    voxel size (2.0 gives ~120x120x80 volumes). ``atlas`` defaults to SRI24; a prepared
+    voxel size (2.0 gives volumes of about 120x130x100 voxels). ``atlas`` defaults to SRI24; a prepared
     :class:`DemoAnatomy` may be passed too (the last one prepared is reused anyway).
     """
     if n_healthy < 0 or n_test < 0 or n_healthy + n_test == 0:
@@ -285,7 +288,7 @@ def render_subject(anatomy: DemoAnatomy, plan: SubjectPlan, with_lesions: bool =
     affine = _affine(plan, anatomy.head_centre)
     bspline = _bspline(plan, anatomy.grid)
     transform = sitk.CompositeTransform([bspline, affine])  # applies the affine first
-    field_spacing = 3.0 * min(plan.spacing)
+    field_spacing = 4.0 * min(plan.spacing)
     render_transform, render_error = _fast_transform(bspline, affine, anatomy, field_spacing)
     reference = _subject_grid(plan, anatomy, affine)
 
@@ -493,7 +496,7 @@ def _fast_transform(bspline: sitk.BSplineTransform, affine: sitk.AffineTransform
                     spacing_mm: float) -> tuple[sitk.CompositeTransform, float]:
     """The composite with the B-spline sampled as a displacement field (5x faster to resample).
 
-    Returns it and the largest deviation (mm) from the exact B-spline at head points.
+    Returns it and the largest deviation (mm) from the exact B-spline at ~500 points on the head.
     """
     domain = _bspline_domain(anatomy.grid)
     extent = np.array(domain.GetSize()) * np.array(domain.GetSpacing())
@@ -502,7 +505,7 @@ def _fast_transform(bspline: sitk.BSplineTransform, affine: sitk.AffineTransform
                                                      (spacing_mm,) * 3, domain.GetDirection())
     field_transform = sitk.DisplacementFieldTransform(displacement)
     error = max(np.linalg.norm(np.subtract(bspline.TransformPoint(tuple(p)), field_transform.TransformPoint(tuple(p))))
-                for p in anatomy.head_points[::20].tolist())
+                for p in anatomy.head_surface[:: max(1, len(anatomy.head_surface) // 500)].tolist())
     return sitk.CompositeTransform([field_transform, affine]), float(error)
 
 
@@ -511,7 +514,7 @@ def _subject_grid(plan: SubjectPlan, anatomy: DemoAnatomy, affine: sitk.AffineTr
     inverse = affine.GetInverse()
     matrix = np.array(inverse.GetMatrix()).reshape(3, 3)
     offset = np.array(inverse.TransformPoint((0.0, 0.0, 0.0)))
-    points = anatomy.head_points @ matrix.T + offset  # ignores B: covered by the margin below
+    points = anatomy.head_surface @ matrix.T + offset  # ignores B: covered by the margin below
     margin = float(np.abs(plan.bspline_coefficients).max()) * np.sqrt(3) + 4.0
     direction = np.array(plan.direction).reshape(3, 3)
     along = points @ direction  # coordinates along the grid axes
@@ -550,8 +553,6 @@ def _resample_label(anatomy: DemoAnatomy, lesion_label: np.ndarray, reference: s
 
 
 def _write_transform(transform: sitk.Transform, path: Path) -> None:
-    from uadct.io import atomic_path
-
     with atomic_path(path) as tmp:
         sitk.WriteTransform(transform, str(tmp))
 

@@ -179,7 +179,12 @@ def train_model(
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state, waited = float("inf"), -1, None, 0
     steps = max(1, config.patches_per_epoch // config.batch_size)
-    for epoch in range(config.max_epochs):
+    # models without parameters (threshold, ocsvm) are fitted by fit_statistics alone
+    trainable = any(p.requires_grad for p in model.parameters())
+    if not trainable:
+        best_loss = evaluate_loss(model, val_images, val_masks, config.batch_size, device)
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for epoch in range(config.max_epochs if trainable else 0):
         model.train()
         epoch_start = time.perf_counter()
         train_loss = 0.0

@@ -92,6 +92,37 @@ class AnomalyModel(nn.Module):
         return dataclasses.asdict(self.config)
 
 
+class NonTrainableModel(AnomalyModel):
+    """Training hooks for models without parameters, fitted only in ``fit_statistics``.
+
+    The engine's loop still runs: each step reports a zero loss and validation a constant
+    one, so early stopping ends training after ``patience`` epochs. The buffer ``fitted``
+    says whether ``fit_statistics`` has run (it travels with the checkpoint).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": patches.new_zeros(())}
+
+    def configure_optimizers(self, learning_rate: float) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def training_step(
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+    ) -> dict[str, float]:
+        return {"loss": 0.0}
+
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+        return 0.0
+
+    def _require_fitted(self) -> None:
+        if not bool(self.fitted):
+            raise UadctError(f"{self.name}: not fitted; call fit_statistics (training does) before scoring")
+
+
 def available_models() -> dict[str, str]:
     """Registered model names with their one-line summaries."""
     return {name: cls.summary for name, cls in sorted(MODEL_REGISTRY.items())}

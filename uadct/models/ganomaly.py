@@ -1,0 +1,338 @@
+"""GANomaly (Akcay et al. 2018) with the settings of Madzia-Madzou & Kuijf 2022.
+
+Generator: encoder ``G_E`` (x -> z), decoder ``G_D`` (z -> x_hat), second encoder
+``E`` (x_hat -> z_hat). Discriminator ``D`` gives a real/fake logit and its last
+hidden feature map ``f(.)``. All are DCGAN pyramids (4x4 convolutions of stride 2,
+batch norm, leaky ReLU) from ``P`` down to 4 (``P`` a power of two >= 8: 16 and 32 in
+the paper), then a 4x4 convolution to the latent vector (100 by default). The
+decoder's last layer is linear (no tanh) so any intensity scale can be reconstructed.
+
+Generator loss (the papers' ``||.||_1`` / ``||.||_2`` as means, as in the reference
+code): ``w_adv * mean((f(x) - f(x_hat))^2) + w_con * mean_mask(|x - x_hat|)
++ w_enc * mean((z - z_hat)^2)`` with weights 1/70/10; the contextual term counts only
+voxels inside the brain mask. Discriminator: binary cross-entropy of real and
+reconstructed patches, averaged (or, optionally, the Wasserstein loss with gradient
+penalty, ``adversarial_loss="wgan-gp"``).
+
+Score ("modified anomaly score", van Hespen et al. 2021): the per-element encoder
+error ``e_k = (z_k - z_hat_k)^2`` is normalised by the median and the median
+absolute deviation of that element over training patches, ``(e_k - median_k) /
+MAD_k``, then averaged over the latent elements. The statistics are buffers.
+
+The DCGAN building blocks and :func:`gradient_penalty` are shared with f-AnoGAN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from uadct.errors import UadctError
+from uadct.models.base import AnomalyModel, ModelConfig
+from uadct.models.cae import _conv, _deconv, _norm
+
+BOTTOM_SIZE = 4  # voxels per side where the pyramids meet the 4x4 latent convolution
+
+
+# --------------------------------------------------------------------------------------
+# DCGAN building blocks (shared with f-AnoGAN)
+# --------------------------------------------------------------------------------------
+
+
+def pyramid_levels(patch_size: int) -> int:
+    """Number of stride-2 levels from ``patch_size`` down to 4 (a power of two >= 8)."""
+    if patch_size < 2 * BOTTOM_SIZE or patch_size & (patch_size - 1):
+        raise UadctError(f"GAN models need a patch size that is a power of two >= 8 (16 or 32 in the papers); got {patch_size}")
+    return int(math.log2(patch_size // BOTTOM_SIZE))
+
+
+def conv_pyramid(dims: int, in_channels: int, base_channels: int, patch_size: int, batch_norm: bool = True) -> tuple[nn.Sequential, int]:
+    """``(B, C, P, P) -> (B, c_top, 4, 4)`` strided convolutions; returns the stack and ``c_top``.
+
+    The first block has no normalisation (DCGAN); ``batch_norm=False`` drops it everywhere
+    (a WGAN-GP critic must not mix samples through batch statistics).
+    """
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for level in range(pyramid_levels(patch_size)):
+        out = base_channels * 2**level
+        layers.append(_conv(dims)(channels, out, 4, 2, 1, bias=not (batch_norm and level > 0)))
+        if batch_norm and level > 0:
+            layers.append(_norm(dims)(out))
+        layers.append(nn.LeakyReLU(0.2))
+        channels = out
+    return nn.Sequential(*layers), channels
+
+
+def deconv_pyramid(dims: int, latent_dim: int, base_channels: int, patch_size: int, out_channels: int) -> nn.Sequential:
+    """``(B, latent, 1, 1) -> (B, out, P, P)``: 4x4 projection, then stride-2 transposed convolutions.
+
+    Batch norm + ReLU between layers; the output layer is linear.
+    """
+    levels = pyramid_levels(patch_size)
+    channels = base_channels * 2 ** (levels - 1)
+    layers: list[nn.Module] = [_deconv(dims)(latent_dim, channels, BOTTOM_SIZE, 1, 0, bias=False), _norm(dims)(channels), nn.ReLU()]
+    for _ in range(levels - 1):
+        layers += [_deconv(dims)(channels, channels // 2, 4, 2, 1, bias=False), _norm(dims)(channels // 2), nn.ReLU()]
+        channels //= 2
+    layers.append(_deconv(dims)(channels, out_channels, 4, 2, 1))
+    return nn.Sequential(*layers)
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN initialisation: convolutions N(0, 0.02), norm scales N(1, 0.02), biases 0."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class LatentEncoder(nn.Module):
+    """``(B, C, *patch) -> (B, latent)``: conv pyramid + 4x4 convolution to the latent vector."""
+
+    def __init__(self, dims: int, in_channels: int, base_channels: int, patch_size: int, latent_dim: int, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.features, channels = conv_pyramid(dims, in_channels, base_channels, patch_size, batch_norm)
+        self.to_latent = _conv(dims)(channels, latent_dim, BOTTOM_SIZE, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_latent(self.features(x)).flatten(1)
+
+
+class PatchDecoder(nn.Module):
+    """``(B, latent) -> (B, C, *patch)``."""
+
+    def __init__(self, dims: int, out_channels: int, base_channels: int, patch_size: int, latent_dim: int) -> None:
+        super().__init__()
+        self.dims = dims
+        self.layers = deconv_pyramid(dims, latent_dim, base_channels, patch_size, out_channels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(z.view(z.shape + (1,) * self.dims))
+
+
+class Discriminator(nn.Module):
+    """``(B, C, *patch) -> (logit (B,), features (B, n_d))``; features = last hidden layer, flattened."""
+
+    def __init__(self, dims: int, in_channels: int, base_channels: int, patch_size: int, batch_norm: bool = True) -> None:
+        super().__init__()
+        self.features, channels = conv_pyramid(dims, in_channels, base_channels, patch_size, batch_norm)
+        self.classifier = _conv(dims)(channels, 1, BOTTOM_SIZE, 1, 0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.classifier(features).flatten(), features.flatten(1)
+
+
+def gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    mixing: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """WGAN-GP penalty ``mean_i (||grad_x critic(x_i)||_2 - 1)^2`` at ``x_i = a_i real_i + (1 - a_i) fake_i``.
+
+    ``critic`` maps ``(B, ...)`` to ``(B,)``; ``mixing`` ``(B,)`` holds the ``a_i``
+    (uniform on [0, 1) when not given). Unweighted: the caller multiplies by lambda.
+    The graph is kept so the penalty can be back-propagated into the critic.
+    """
+    if mixing is None:
+        mixing = torch.rand(real.shape[0], device=real.device, dtype=real.dtype)
+    mixing = mixing.view((-1,) + (1,) * (real.dim() - 1))
+    between = (mixing * real.detach() + (1 - mixing) * fake.detach()).requires_grad_(True)
+    (gradient,) = torch.autograd.grad(critic(between).sum(), between, create_graph=True)
+    return (gradient.flatten(1).norm(2, dim=1) - 1).square().mean()
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module) -> Iterator[None]:
+    """Stop gradients into the modules' parameters (inputs still get gradients)."""
+    parameters = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in parameters]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(parameters, flags):
+            p.requires_grad_(flag)
+
+
+def masked_mean(values: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` over the voxels where ``masks`` is 1 (all voxels when None); a scalar."""
+    if masks is None:
+        return values.mean()
+    return (values * masks).sum() / masks.sum().clamp_min(1.0)
+
+
+def median_and_mad(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column median and median absolute deviation of ``(N, K)`` values -> two ``(K,)``.
+
+    The median of an even count is the mean of the two middle values (as ``np.median``).
+    """
+
+    def median(x: torch.Tensor) -> torch.Tensor:
+        ordered = x.sort(dim=0).values
+        n = ordered.shape[0]
+        return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+
+    centre = median(values)
+    return centre, median((values - centre).abs())
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GANomalyConfig(ModelConfig):
+    """GANomaly hyper-parameters (Madzia-Madzou & Kuijf 2022; the original used 1/50/1 weights)."""
+
+    latent_dim: int = 100
+    base_channels: int = 64
+    weight_adversarial: float = 1.0
+    weight_contextual: float = 70.0
+    weight_encoder: float = 10.0
+    adversarial_loss: str = "bce"  # "bce" (paper) or "wgan-gp" (Wasserstein critic + gradient penalty)
+    gradient_penalty_weight: float = 10.0  # lambda, "wgan-gp" only
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.999
+    reinit_discriminator_below: float = 1e-5  # reference code: restart D when its BCE loss collapses ("bce" only; 0 = never)
+    statistics_batch_size: int = 1024
+
+
+ADVERSARIAL_LOSSES = ("bce", "wgan-gp")
+MAD_FLOOR = 1e-12  # a latent element whose training errors never vary is divided by this, not by 0
+
+
+class GANomaly(AnomalyModel):
+    name = "ganomaly"
+    summary = "GANomaly (encoder-decoder-encoder GAN); score = encoder loss, median/MAD normalised per latent element"
+    outputs = ("scalar", "voxel")
+    Config = GANomalyConfig
+
+    def __init__(self, config: GANomalyConfig) -> None:
+        super().__init__(config)
+        if config.adversarial_loss not in ADVERSARIAL_LOSSES:
+            raise UadctError(f"ganomaly: adversarial_loss must be one of {list(ADVERSARIAL_LOSSES)}, got {config.adversarial_loss!r}")
+        dims, channels, base, size, latent = config.dims, config.in_channels, config.base_channels, config.patch_size, config.latent_dim
+        self.encoder = LatentEncoder(dims, channels, base, size, latent)  # G_E
+        self.decoder = PatchDecoder(dims, channels, base, size, latent)  # G_D
+        self.second_encoder = LatentEncoder(dims, channels, base, size, latent)  # E
+        self.discriminator = Discriminator(dims, channels, base, size, batch_norm=config.adversarial_loss == "bce")
+        self.apply(dcgan_init)
+        # Fitted by fit_statistics; the identity normalisation until then.
+        self.register_buffer("score_median", torch.zeros(latent))
+        self.register_buffer("score_mad", torch.ones(latent))
+
+    def generator_modules(self) -> list[nn.Module]:
+        return [self.encoder, self.decoder, self.second_encoder]
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (B, C, *patch) -> z (B, L), x_hat (B, C, *patch), z_hat (B, L)``."""
+        z = self.encoder(x)
+        x_hat = self.decoder(z)
+        return z, x_hat, self.second_encoder(x_hat)
+
+    def generator_losses(
+        self,
+        x: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        reconstruction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Scalar losses ``adv``, ``con`` (inside the mask), ``enc`` and their weighted sum ``loss``."""
+        config = self.config
+        z, x_hat, z_hat = reconstruction if reconstruction is not None else self.reconstruct(x)
+        with torch.no_grad():
+            real_features = self.discriminator(x)[1]
+        adv = (real_features - self.discriminator(x_hat)[1]).square().mean()
+        con = masked_mean((x - x_hat).abs(), masks)
+        enc = (z - z_hat).square().mean()
+        loss = config.weight_adversarial * adv + config.weight_contextual * con + config.weight_encoder * enc
+        return {"loss": loss, "adv": adv, "con": con, "enc": enc}
+
+    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """BCE of real (label 1) and reconstructed (label 0) patches, averaged; or the WGAN-GP critic loss."""
+        real_logit = self.discriminator(x)[0]
+        fake_logit = self.discriminator(x_hat.detach())[0]
+        if self.config.adversarial_loss == "wgan-gp":
+            penalty = gradient_penalty(lambda v: self.discriminator(v)[0], x, x_hat)
+            return fake_logit.mean() - real_logit.mean() + self.config.gradient_penalty_weight * penalty
+        real = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
+        fake = F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+        return 0.5 * (real + fake)
+
+    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.generator_losses(patches, masks)
+
+    def configure_optimizers(self, learning_rate: float) -> dict[str, torch.optim.Optimizer]:
+        betas = (self.config.adam_beta1, self.config.adam_beta2)
+        generator = [p for m in self.generator_modules() for p in m.parameters()]
+        return {
+            "generator": torch.optim.Adam(generator, lr=learning_rate, betas=betas),
+            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=learning_rate, betas=betas),
+        }
+
+    def training_step(
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+    ) -> dict[str, float]:
+        """One generator update (D frozen), then one discriminator update on the same reconstructions."""
+        reconstruction = self.reconstruct(patches)
+        with frozen(self.discriminator):
+            losses = self.generator_losses(patches, masks, reconstruction)
+        optimizers["generator"].zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizers["generator"].step()
+
+        disc = self.discriminator_loss(patches, reconstruction[1])
+        optimizers["discriminator"].zero_grad(set_to_none=True)
+        disc.backward()
+        optimizers["discriminator"].step()
+        if self.config.adversarial_loss == "bce" and float(disc.detach()) < self.config.reinit_discriminator_below:
+            self.discriminator.apply(dcgan_init)
+        return {**{k: float(v.detach()) for k, v in losses.items()}, "disc": float(disc.detach())}
+
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+        """``w_con * con + w_enc * enc``: the generator loss without the adversarial term.
+
+        The adversarial term is measured with the current discriminator, which changes
+        every epoch, so it is not comparable across epochs; the weighted contextual and
+        encoder terms depend on the generator only and are what the score relies on.
+        """
+        losses = self.generator_losses(patches, masks)
+        return float(self.config.weight_contextual * losses["con"] + self.config.weight_encoder * losses["enc"])
+
+    def encoder_errors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-element encoder errors ``(z - z_hat)^2`` ``(B, L)`` and the reconstruction ``x_hat``."""
+        z, x_hat, z_hat = self.reconstruct(x)
+        return (z - z_hat).square(), x_hat
+
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
+        """Median and MAD of each latent element's error over the training patches -> buffers."""
+        step = self.config.statistics_batch_size
+        errors = torch.cat([self.encoder_errors(patches[i : i + step])[0] for i in range(0, len(patches), step)])
+        median, mad = median_and_mad(errors.double())
+        self.score_median.copy_(median)
+        self.score_mad.copy_(mad)
+
+    def normalise(self, errors: torch.Tensor) -> torch.Tensor:
+        """Modified anomaly score: ``mean_k (e_k - median_k) / MAD_k`` for errors ``(B, L)`` -> ``(B,)``."""
+        return ((errors - self.score_median) / self.score_mad.clamp_min(MAD_FLOOR)).mean(1)
+
+    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``scalar`` (B,) normalised encoder loss, ``voxel`` (B, *patch) |x - x_hat|, ``raw`` (B,) encoder loss."""
+        errors, x_hat = self.encoder_errors(patches)
+        voxel = (patches - x_hat).abs()
+        if masks is not None:
+            voxel = voxel * masks
+        return {"scalar": self.normalise(errors), "voxel": voxel[:, 0], "raw": errors.mean(1)}
