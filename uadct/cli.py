@@ -218,8 +218,9 @@ def train(
                 bar.update(task, info=f"epoch {info['epoch']} step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
 
         result = train_model(prep, output, config, progress=report)
-    out.print(f"model {output}: best epoch {result.best_epoch} of {len(result.history)}, validation loss "
-              f"{result.best_validation_loss:.5f}, {result.seconds:.0f} s; train {len(result.train_subjects)} / "
+    fitted = (f"best epoch {result.best_epoch} of {len(result.history)}, validation loss {result.best_validation_loss:.5f}"
+              if result.history else "no trainable parameters: statistics fitted on training patches")
+    out.print(f"model {output}: {fitted}, {result.seconds:.0f} s; train {len(result.train_subjects)} / "
               f"validation {len(result.validation_subjects)} subjects")
 
 
