@@ -151,12 +151,14 @@ def preprocess(
     bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="N4 bias-field correction (MR)."),
     normalization: str = typer.Option("percentile", help="percentile (5th -> 0, 95th -> 1) or zscore."),
     force: bool = typer.Option(False, "--force", help="Redo subjects that are already complete."),
+    shard: Optional[str] = typer.Option(None, help="I/N: do only shard I (0-based) of N; default from SLURM array variables."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Skull-strip, register to the atlas, normalise and mask every scan."""
+    from uadct.batch import resolve_shard, select_shard
     from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
 
-    paths = _collect_inputs(inputs)
+    paths = select_shard(_collect_inputs(inputs), resolve_shard(shard))
     config = PreprocessConfig(atlas=atlas, skull_strip=skull_strip, registration=registration,
                               bias_correction=bias_correction, normalization=normalization)
     with _progress() as bar:
@@ -164,6 +166,7 @@ def preprocess(
         outcome = preprocess_many(paths, output, config, force,
                                   progress=lambda path, status: bar.update(task, advance=1, info=f"{path.name}: {status}"))
     summary = {
+        "output": str(output),
         "done": [str(p) for p in outcome.done],
         "skipped": [str(p) for p in outcome.skipped],
         "failed": [{"input": str(p), "error": e} for p, e in outcome.failed],
@@ -246,17 +249,21 @@ def score(
     device: str = typer.Option("auto"),
     brain_mask_out: Optional[Path] = typer.Option(None, help="Also write the brain mask on the subject's grid (file, or folder for several)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing maps."),
+    shard: Optional[str] = typer.Option(None, help="I/N: score only shard I (0-based) of N; default from SLURM array variables."),
+    as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary instead of the table."),
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
+    from uadct.batch import resolve_shard, select_shard
     from uadct.checkpoint import load_checkpoint
     from uadct.scoring import score_scan
 
     checkpoint = load_checkpoint(model)
-    paths = _collect_score_inputs(inputs)
+    paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard))
     many = len(paths) > 1 or output.is_dir() or str(output).endswith("/")
     if not many and not str(output).endswith((".nii", ".nii.gz")):
         raise InputError(f"{output}: the map must be a .nii or .nii.gz file (or give several inputs and a folder)")
     failures: list[str] = []
+    records: list[dict[str, Any]] = []
     table = Table("subject", "map", "image score", "seconds", title=f"score with {model.name}")
     with _progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
@@ -269,6 +276,7 @@ def score(
             if target.exists() and not force:
                 bar.update(task, advance=1, info=f"{name}: exists")
                 table.add_row(name, str(target), "(exists)", "-")
+                records.append({"subject": name, "input": str(path), "map": str(target), "status": "skipped"})
                 continue
             started = time.perf_counter()
             try:
@@ -278,11 +286,18 @@ def score(
                 if not many:
                     raise
                 failures.append(str(exc))
+                records.append({"subject": name, "input": str(path), "status": "failed", "error": str(exc)})
                 bar.update(task, advance=1, info=f"{name}: failed")
                 continue
+            seconds = time.perf_counter() - started
             bar.update(task, advance=1, info=f"{name}: {result.image_score:.4f}")
-            table.add_row(name, str(target), f"{result.image_score:.4f}", f"{time.perf_counter() - started:.1f}")
-    out.print(table)
+            table.add_row(name, str(target), f"{result.image_score:.4f}", f"{seconds:.1f}")
+            records.append({"subject": name, "input": str(path), "map": str(target), "status": "done",
+                            "image_score": result.image_score, "seconds": round(seconds, 2)})
+    if as_json:
+        print(json.dumps(records, indent=2))
+    else:
+        out.print(table)
     for failure in failures:
         console.print(f"[red]failed[/red] {failure}")
     if failures:

@@ -1,0 +1,73 @@
+"""Batch behaviour of the CLI: shards, SLURM arrays, JSON summaries, bad subjects."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+from typer.testing import CliRunner
+
+from uadct.cli import app
+from uadct.io import read_image, write_image
+
+runner = CliRunner()
+FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction"]
+
+
+def _brains(small_atlas_path, folder, count=3):
+    """Skull-stripped scans already on the (2 mm) atlas grid, with different contrasts."""
+    template = read_image(small_atlas_path)
+    array = sitk.GetArrayFromImage(template)
+    folder.mkdir()
+    for i in range(count):
+        image = sitk.GetImageFromArray((array * (1.0 + 0.2 * i)).astype(np.float32))
+        image.CopyInformation(template)
+        write_image(image, folder / f"sub-{i:02d}.nii.gz")
+    return sorted(folder.iterdir())
+
+
+def test_preprocess_shards_and_json(small_atlas_path, tmp_path, monkeypatch):
+    scans = _brains(small_atlas_path, tmp_path / "raw")
+    common = ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"), "--atlas", str(small_atlas_path), *FAST, "--json"]
+    first = runner.invoke(app, common + ["--shard", "0/2"])
+    assert first.exit_code == 0, first.output
+    assert len(json.loads(first.output)["done"]) == 2
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    second = runner.invoke(app, common)
+    assert second.exit_code == 0, second.output
+    assert [p.split("/")[-1] for p in json.loads(second.output)["done"]] == [scans[1].name.removesuffix(".nii.gz")]
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    again = runner.invoke(app, common)
+    assert len(json.loads(again.output)["skipped"]) == 3 and not json.loads(again.output)["done"]
+
+
+def test_batch_carries_on_past_a_bad_subject(small_atlas_path, tmp_path):
+    _brains(small_atlas_path, tmp_path / "raw", count=2)
+    (tmp_path / "raw" / "sub-bad.nii.gz").write_bytes(b"\x1f\x8b broken")
+    result = runner.invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"),
+                                 "--atlas", str(small_atlas_path), *FAST, "--json"])
+    assert result.exit_code == 1
+    summary = json.loads(result.output)
+    assert len(summary["done"]) == 2
+    assert summary["failed"][0]["input"].endswith("sub-bad.nii.gz") and "sub-bad.nii.gz" in summary["failed"][0]["error"]
+    assert not (tmp_path / "prep" / "sub-bad").exists()
+
+
+def test_score_prepared_folders_with_json_and_skip(small_atlas_path, tmp_path):
+    _brains(small_atlas_path, tmp_path / "raw")
+    prep = tmp_path / "prep"
+    assert runner.invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(prep), "--atlas", str(small_atlas_path), *FAST]).exit_code == 0
+    model = tmp_path / "threshold.pt"
+    trained = runner.invoke(app, ["train", str(prep), "-o", str(model), "--model", "threshold", "--validation-patches", "256"])
+    assert trained.exit_code == 0, trained.output
+    maps = tmp_path / "maps"
+    result = runner.invoke(app, ["score", str(model), str(prep), "-o", str(maps), "--json", "--shard", "0/1"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.output)
+    assert [r["status"] for r in records] == ["done"] * 3
+    anomaly_map = read_image(maps / "sub-00.nii.gz", allow_empty=True)
+    assert anomaly_map.GetSize() == read_image(tmp_path / "raw" / "sub-00.nii.gz").GetSize()
+    again = json.loads(runner.invoke(app, ["score", str(model), str(prep), "-o", str(maps), "--json"]).output)
+    assert [r["status"] for r in again] == ["skipped"] * 3
