@@ -29,3 +29,16 @@ def test_slurm_variables():
     with pytest.raises(UadctError):
         shard_from_environment({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "5"})
     assert resolve_shard("1/3") == (1, 3)
+
+
+def test_scans_and_their_prepared_folders_fall_in_the_same_shard():
+    from pathlib import Path
+
+    from uadct.io import strip_nifti_suffix
+
+    scans = [Path(f"raw/{n}.nii.gz") for n in ("a", "a-b", "a_c", "b", "a.1")]
+    folders = [Path(f"prep/{n}") for n in ("a", "a-b", "a_c", "b", "a.1")]
+    for index in range(3):
+        chosen_scans = select_shard(scans, (index, 3), key=lambda p: strip_nifti_suffix(p))
+        chosen_folders = select_shard(folders, (index, 3), key=lambda p: p.name)
+        assert [strip_nifti_suffix(p) for p in chosen_scans] == [p.name for p in chosen_folders]

@@ -1,7 +1,8 @@
 """Splitting a batch of subjects across array jobs (``--shard I/N``, SLURM arrays).
 
-Subjects are sorted, then shard ``I`` of ``N`` (0-based) takes every ``N``-th one
-starting at ``I``, so shards are disjoint, cover everything, and stay balanced.
+Subjects are sorted by subject id (so a scan ``sub-01.nii.gz`` and its prepared folder
+``sub-01/`` fall in the same shard), then shard ``I`` of ``N`` (0-based) takes every
+``N``-th one starting at ``I``, so shards are disjoint, cover everything, and stay balanced.
 Without ``--shard``, ``SLURM_ARRAY_TASK_ID`` / ``SLURM_ARRAY_TASK_COUNT`` are used when
 set (the task id is counted from ``SLURM_ARRAY_TASK_MIN``, so ``--array=1-10`` works).
 """

@@ -158,7 +158,7 @@ def preprocess(
     from uadct.batch import resolve_shard, select_shard
     from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
 
-    paths = select_shard(_collect_inputs(inputs), resolve_shard(shard))
+    paths = select_shard(_collect_inputs(inputs), resolve_shard(shard), key=_subject_name)
     config = PreprocessConfig(atlas=atlas, skull_strip=skull_strip, registration=registration,
                               bias_correction=bias_correction, normalization=normalization)
     with _progress() as bar:
@@ -258,7 +258,7 @@ def score(
     from uadct.scoring import score_scan
 
     checkpoint = load_checkpoint(model)
-    paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard))
+    paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=_subject_name)
     many = len(paths) > 1 or output.is_dir() or str(output).endswith("/")
     if not many and not str(output).endswith((".nii", ".nii.gz")):
         raise InputError(f"{output}: the map must be a .nii or .nii.gz file (or give several inputs and a folder)")

@@ -22,7 +22,7 @@ import torch
 from uadct.atlas import load_atlas
 from uadct.checkpoint import Checkpoint, load_checkpoint
 from uadct.errors import CheckpointError, InputError, UadctError
-from uadct.io import array_like, atomic_path, read_image, sha256_of, write_image, write_json
+from uadct.io import array_like, read_image, sha256_of, write_image, write_json
 from uadct.patches import PatchSpec, sliding_window_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
 from uadct.train import resolve_device

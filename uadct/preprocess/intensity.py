@@ -7,7 +7,8 @@ import SimpleITK as sitk
 
 from uadct.errors import PreprocessError
 
-NORMALIZATIONS = ("percentile", "zscore")
+NORMALIZATIONS = ("percentile", "zscore", "ct-window")
+CT_BRAIN_WINDOW_HU = (40.0, 80.0)  # (level, width) of the standard brain window, Hounsfield units
 
 
 def correct_bias_field(image: sitk.Image, mask: sitk.Image, shrink: int = 4, iterations: int = 50) -> sitk.Image:
@@ -37,11 +38,14 @@ def normalize_intensity(
     mask: np.ndarray,
     method: str = "percentile",
     percentiles: tuple[float, float] = (5.0, 95.0),
+    ct_window: tuple[float, float] = CT_BRAIN_WINDOW_HU,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Normalise ``(D, H, W)`` intensities under ``mask``; background set to 0.
 
     ``percentile``: the low percentile maps to 0 and the high one to 1 (the papers'
     default, 5/95). ``zscore``: zero mean, unit standard deviation under the mask.
+    ``ct-window``: a fixed window of a CT in Hounsfield units, ``ct_window`` = (level,
+    width) in HU: level - width/2 maps to 0, level + width/2 to 1, clipped to [0, 1].
     Returns the float32 array and the statistics used.
     """
     inside = array[mask > 0]
@@ -52,6 +56,12 @@ def normalize_intensity(
         scale = high - low
         stats = {"low": float(low), "high": float(high)}
         offset = low
+    elif method == "ct-window":
+        level, width = (float(v) for v in ct_window)
+        if not width > 0:
+            raise PreprocessError(f"the CT window width must be positive, got {width:g} HU")
+        offset, scale = level - width / 2.0, width
+        stats = {"level": level, "width": width}
     elif method == "zscore":
         offset, scale = float(inside.mean()), float(inside.std())
         stats = {"mean": offset, "std": scale}
@@ -60,5 +70,7 @@ def normalize_intensity(
     if not scale > 0:
         raise PreprocessError("the brain has constant intensity: cannot normalise")
     normalized = ((array - offset) / scale).astype(np.float32)
+    if method == "ct-window":
+        np.clip(normalized, 0.0, 1.0, out=normalized)
     normalized[mask == 0] = 0.0
     return normalized, stats

@@ -31,7 +31,7 @@ from uadct import __version__
 from uadct.atlas import Atlas, load_atlas
 from uadct.errors import InputError, PreprocessError, UadctError
 from uadct.io import array_like, grid_image, grid_of, read_image, sha256_of, strip_nifti_suffix, write_image, write_json
-from uadct.preprocess.intensity import correct_bias_field, normalize_intensity
+from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU, correct_bias_field, normalize_intensity
 from uadct.preprocess.masks import binarize_and_open, mask_volume_ml
 from uadct.preprocess.register import Registration, load_affine, register_to_atlas, save_transform
 from uadct.preprocess.skullstrip import extract_brain_mask
@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 SIDECAR = "preprocess.json"
 MIN_BRAIN_ML = 200.0  # an adult brain is ~1200 ml; far less means skull-stripping failed
 POOR_REGISTRATION_DICE = 0.8
+
+
+# per-modality defaults of the fields that differ (see PreprocessConfig.for_modality)
+MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mr": {"skull_strip": "deepbet", "bias_correction": True, "normalization": "percentile"},
+    "ct": {"skull_strip": "ct", "bias_correction": False, "normalization": "ct-window"},
+}
 
 
 @dataclass
@@ -53,20 +60,35 @@ class PreprocessConfig:
     bias_correction: bool = True
     normalization: str = "percentile"
     percentiles: tuple[float, float] = (5.0, 95.0)
+    ct_window: tuple[float, float] = CT_BRAIN_WINDOW_HU  # (level, width) in HU, for normalization="ct-window"
     mask_threshold: float = 0.5
     mask_opening_radius: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["percentiles"] = list(self.percentiles)
+        data["ct_window"] = list(self.ct_window)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        if "percentiles" in values:
-            values["percentiles"] = tuple(values["percentiles"])
+        for name in ("percentiles", "ct_window"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+    @classmethod
+    def for_modality(cls, modality: str, **overrides: Any) -> "PreprocessConfig":
+        """Defaults for ``mr`` (deepbet, N4, percentile) or ``ct`` (HU thresholds, no N4, brain window).
+
+        ``overrides`` that are not None replace the modality's defaults.
+        """
+        if modality not in MODALITY_DEFAULTS:
+            raise InputError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITY_DEFAULTS)}")
+        values = dict(MODALITY_DEFAULTS[modality])
+        values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
@@ -121,7 +143,8 @@ def run_preprocessing(
     mask_array = sitk.GetArrayViewFromImage(mask)
     if not mask_array.any():
         raise PreprocessError("the brain mask is empty after registration (registration diverged?)")
-    normalized, stats = normalize_intensity(sitk.GetArrayFromImage(warped), mask_array, config.normalization, config.percentiles)
+    normalized, stats = normalize_intensity(sitk.GetArrayFromImage(warped), mask_array, config.normalization,
+                                            config.percentiles, config.ct_window)
     lap("normalization")
     quality = registration_quality(normalized, mask_array, atlas)
     if quality["mask_dice"] < POOR_REGISTRATION_DICE:

@@ -1,7 +1,9 @@
 """Skull-stripping backends: each returns a uint8 brain mask on the input's grid.
 
-``deepbet`` (default for MR; weights ship inside its wheel) and ``none`` (input already
-skull-stripped: the mask is the nonzero region, or a given mask file).
+``deepbet`` (default for MR; weights ship inside its wheel), ``ct`` (head CT in
+Hounsfield units: soft tissue inside the bony skull, by thresholds and morphology) and
+``none`` (input already skull-stripped: the mask is the nonzero region, or a given mask
+file).
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ import SimpleITK as sitk
 
 from uadct.errors import PreprocessError
 from uadct.io import read_mask
+from uadct.preprocess.masks import keep_largest_component
 
 log = logging.getLogger(__name__)
 
-SKULL_STRIP_BACKENDS = ("deepbet", "none")
+SKULL_STRIP_BACKENDS = ("deepbet", "ct", "none")
+
+# Head CT thresholds (Hounsfield units) and morphology sizes (mm).
+CT_BONE_MIN_HU = 300.0  # cortical bone is ~700-2000 HU; calcifications and contrast stay below ~300
+CT_BRAIN_MIN_HU = 0.0  # CSF ~0-15 HU, grey/white matter ~20-45 HU, fat/air below 0
+CT_BRAIN_MAX_HU = 100.0  # fresh blood ~60-90 HU stays inside; bone partial volume above is cut
+CT_BONE_MARGIN_MM = 2.0  # soft tissue this close to bone (partial volume, dura, muscle) is not brain
+CT_OPENING_MM = 3.0  # opening that cuts thin bridges (optic canals, foramen magnum) before the largest component
 
 
 def extract_brain_mask(image: sitk.Image, backend: str = "deepbet", mask_path: str | Path | None = None) -> sitk.Image:
@@ -27,6 +37,8 @@ def extract_brain_mask(image: sitk.Image, backend: str = "deepbet", mask_path: s
         return read_mask(mask_path, reference=image)
     if backend == "deepbet":
         return _deepbet_mask(image)
+    if backend == "ct":
+        return ct_brain_mask(image)
     if backend == "none":
         array = sitk.GetArrayViewFromImage(image)
         mask = sitk.GetImageFromArray((array != 0).astype(np.uint8))
@@ -57,3 +69,57 @@ def _deepbet_mask(image: sitk.Image, threshold: float = 0.5) -> sitk.Image:
     mask_image.CopyInformation(ras)
     # back to the input's voxel order: a pure axis permutation/flip, exact with nearest neighbour
     return sitk.Resample(mask_image, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def _radius_voxels(image: sitk.Image, millimetres: float) -> list[int]:
+    """A ball of ``millimetres`` as per-axis radii in voxels (at least 1)."""
+    return [max(1, int(round(millimetres / spacing))) for spacing in image.GetSpacing()]
+
+
+def ct_brain_mask(
+    image: sitk.Image,
+    soft_tissue_hu: tuple[float, float] = (CT_BRAIN_MIN_HU, CT_BRAIN_MAX_HU),
+    bone_min_hu: float = CT_BONE_MIN_HU,
+    bone_margin_mm: float = CT_BONE_MARGIN_MM,
+    opening_mm: float = CT_OPENING_MM,
+) -> sitk.Image:
+    """Brain mask of a head CT in Hounsfield units (uint8, on the scan's grid).
+
+    Brain = voxels in the soft-tissue range ``soft_tissue_hu`` that are not bone
+    (> ``bone_min_hu``) nor within ``bone_margin_mm`` of bone; opened by
+    ``opening_mm`` to cut the thin connections to scalp and neck, the largest connected
+    component kept, then holes (ventricles, bleeds outside the range) filled slice-wise
+    and in 3D.
+    """
+    hu = sitk.Cast(image, sitk.sitkFloat32)
+    bone = sitk.Cast(hu > bone_min_hu, sitk.sitkUInt8)
+    if not sitk.GetArrayViewFromImage(bone).any():
+        raise PreprocessError(f"no bone above {bone_min_hu:g} HU: not a head CT in Hounsfield units?")
+    bone_zone = sitk.BinaryDilate(bone, _radius_voxels(image, bone_margin_mm), sitk.sitkBall)
+    low, high = soft_tissue_hu
+    soft = sitk.Cast((hu >= low) & (hu <= high), sitk.sitkUInt8)
+    candidate = sitk.Mask(soft, sitk.Cast(bone_zone == 0, sitk.sitkUInt8))
+    candidate = sitk.BinaryMorphologicalOpening(candidate, _radius_voxels(image, opening_mm), sitk.sitkBall)
+    if not sitk.GetArrayViewFromImage(candidate).any():
+        raise PreprocessError(f"no soft tissue in {low:g}..{high:g} HU away from bone: not a head CT?")
+    brain = keep_largest_component(candidate)
+    # give back what the bone margin took at the brain surface, without crossing into bone
+    brain = sitk.BinaryDilate(brain, _radius_voxels(image, bone_margin_mm), sitk.sitkBall)
+    brain = sitk.Mask(brain, soft)
+    return _fill_holes(keep_largest_component(brain))
+
+
+def _fill_holes(mask: sitk.Image) -> sitk.Image:
+    """Fill enclosed holes slice by slice (along each axis) and in 3D."""
+    array = sitk.GetArrayFromImage(mask) > 0
+    from scipy import ndimage
+
+    for axis in range(3):
+        moved = np.moveaxis(array, axis, 0)
+        for index in range(moved.shape[0]):
+            if moved[index].any():
+                moved[index] = ndimage.binary_fill_holes(moved[index])
+    array = ndimage.binary_fill_holes(array)
+    filled = sitk.GetImageFromArray(array.astype(np.uint8))
+    filled.CopyInformation(mask)
+    return filled
