@@ -103,3 +103,27 @@ def test_property_every_mask_voxel_is_covered_and_identity_holds(d, h, w, size, 
     result = sliding_window_map(volume, mask, lambda p: p, spec, stride, batch_size=7)
     np.testing.assert_allclose(result[mask > 0], volume[mask > 0], rtol=1e-5, atol=1e-6)
     assert not result[mask == 0].any()
+
+
+@pytest.mark.parametrize("dims,size,sigma", [(2, 8, None), (2, 8, 0.25), (3, 4, None), (3, 5, 0.3), (3, 16, None), (3, 16, 0.2)])
+def test_vectorised_accumulator_matches_a_patch_by_patch_loop(dims, size, sigma, rng):
+    """Repeated and overlapping positions inside one ``add`` call are all counted (2D: scatter; 3D 16^3: block adds)."""
+    shape = (9, 20, 22) if size < 9 else (17, 30, 31)
+    spec = PatchSpec(size, dims)
+    dz, dy, dx = spec.shape
+    positions = np.stack(
+        [rng.integers(0, shape[0] - dz + 1, 300), rng.integers(0, shape[1] - dy + 1, 300), rng.integers(0, shape[2] - dx + 1, 300)], 1
+    )
+    positions[50:60] = positions[0]  # the same patch several times in one batch
+    values = rng.normal(size=(300,) + spec.shape)
+    accumulator = OverlapAccumulator(shape, spec, sigma)
+    accumulator.add(positions[:170], values[:170])
+    accumulator.add(positions[170:], values[170:].reshape(130, -1))
+    total, count = np.zeros(shape), np.zeros(shape)
+    for (z, y, x), value in zip(positions, values):
+        total[z : z + dz, y : y + dy, x : x + dx] += value * accumulator.weights
+        count[z : z + dz, y : y + dy, x : x + dx] += accumulator.weights
+    np.testing.assert_allclose(accumulator.total, total, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(accumulator.count, count, rtol=1e-12)
+    assert count.min() == 0 or size >= 9  # small patches leave voxels uncovered: they stay 0
+    np.testing.assert_array_equal(accumulator.result()[count == 0], 0)

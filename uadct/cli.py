@@ -146,24 +146,32 @@ def preprocess(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, or - for paths on stdin."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject)."),
     atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
-    skull_strip: str = typer.Option("deepbet", help="deepbet or none (input already skull-stripped)."),
+    modality: str = typer.Option("mr", help="mr (deepbet, N4, percentile) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
+    skull_strip: Optional[str] = typer.Option(None, help="deepbet, ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
     registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),
-    bias_correction: bool = typer.Option(True, "--bias-correction/--no-bias-correction", help="N4 bias-field correction (MR)."),
-    normalization: str = typer.Option("percentile", help="percentile (5th -> 0, 95th -> 1) or zscore."),
+    bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="N4 bias-field correction. [default: on for mr, off for ct]"),
+    normalization: Optional[str] = typer.Option(None, help="percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    ct_level: Optional[float] = typer.Option(None, help="ct-window level in HU. [default: 40]"),
+    ct_width: Optional[float] = typer.Option(None, help="ct-window width in HU. [default: 80]"),
+    jobs: int = typer.Option(1, "-j", "--jobs", min=1, help="Subjects preprocessed in parallel worker processes."),
     force: bool = typer.Option(False, "--force", help="Redo subjects that are already complete."),
     shard: Optional[str] = typer.Option(None, help="I/N: do only shard I (0-based) of N; default from SLURM array variables."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Skull-strip, register to the atlas, normalise and mask every scan."""
     from uadct.batch import resolve_shard, select_shard
+    from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
     from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
 
     paths = select_shard(_collect_inputs(inputs), resolve_shard(shard), key=_subject_name)
-    config = PreprocessConfig(atlas=atlas, skull_strip=skull_strip, registration=registration,
-                              bias_correction=bias_correction, normalization=normalization)
+    window = None
+    if ct_level is not None or ct_width is not None:
+        window = (ct_level if ct_level is not None else CT_BRAIN_WINDOW_HU[0], ct_width if ct_width is not None else CT_BRAIN_WINDOW_HU[1])
+    config = PreprocessConfig.for_modality(modality, atlas=atlas, skull_strip=skull_strip, registration=registration,
+                                           bias_correction=bias_correction, normalization=normalization, ct_window=window)
     with _progress() as bar:
         task = bar.add_task("preprocess", total=len(paths), info="")
-        outcome = preprocess_many(paths, output, config, force,
+        outcome = preprocess_many(paths, output, config, force, jobs=jobs,
                                   progress=lambda path, status: bar.update(task, advance=1, info=f"{path.name}: {status}"))
     summary = {
         "output": str(output),
@@ -251,6 +259,11 @@ def score(
     force: bool = typer.Option(False, "--force", help="Overwrite existing maps."),
     shard: Optional[str] = typer.Option(None, help="I/N: score only shard I (0-based) of N; default from SLURM array variables."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary instead of the table."),
+    gaussian: Optional[float] = typer.Option(None, "--gaussian", metavar="SIGMA",
+                                             help="Gaussian-weighted overlap averaging; SIGMA as a fraction of the patch size (e.g. 0.125). Default: plain mean."),
+    output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar",
+                                              help="Which model output to map (default: the model's first declared output)."),
+    mood: bool = typer.Option(False, "--mood", help="MOOD challenge layout: maps in [0, 1] named like the inputs in the output folder, plus <name>.nii.gz.txt sample scores."),
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
@@ -259,7 +272,9 @@ def score(
 
     checkpoint = load_checkpoint(model)
     paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=_subject_name)
-    many = len(paths) > 1 or output.is_dir() or str(output).endswith("/")
+    if output_kind is not None and output_kind not in ("voxel", "scalar"):
+        raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
+    many = mood or len(paths) > 1 or output.is_dir() or str(output).endswith("/")
     if not many and not str(output).endswith((".nii", ".nii.gz")):
         raise InputError(f"{output}: the map must be a .nii or .nii.gz file (or give several inputs and a folder)")
     failures: list[str] = []
@@ -270,6 +285,8 @@ def score(
         for path in paths:
             name = _subject_name(path)
             target = output / f"{name}.nii.gz" if many else output
+            if mood and not path.is_dir():
+                target = output / path.name  # MOOD: the map carries the input's file name
             mask_target = None
             if brain_mask_out is not None:
                 mask_target = brain_mask_out / f"{name}.nii.gz" if many else brain_mask_out
@@ -281,7 +298,7 @@ def score(
             started = time.perf_counter()
             try:
                 result = score_scan(checkpoint, path, target, stride=stride, batch_size=batch_size, device=device,
-                                    brain_mask_path=mask_target)
+                                    brain_mask_path=mask_target, gaussian_sigma=gaussian, output_kind=output_kind, mood=mood)
             except UadctError as exc:
                 if not many:
                     raise

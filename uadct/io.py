@@ -7,10 +7,14 @@ physical geometry (spacing in mm, origin, direction) lives on the ``SimpleITK.Im
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
+import math
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -70,12 +74,16 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
 
     A 4D file with a single volume is accepted (the last axis is dropped). Raises
     :class:`InputError` naming the file for anything that is not a usable 3D scan:
-    missing file, not NIfTI, corrupt data, 2D, multi-volume 4D, vector pixels,
-    absurd voxel sizes or dimensions, singular direction, NaN/Inf, all-zero.
+    missing file, folder, broken link, unreadable, empty, not NIfTI, header that
+    disagrees with the data (truncated), 2D, multi-volume 4D, 5D+, vector or complex
+    pixels, absurd voxel sizes or dimensions (checked before any allocation), sheared
+    or singular affine, sform/qform disagreement, NaN/Inf, all-zero. Any real or integer
+    voxel type is read with its values (and ``scl_slope``/``scl_inter``) as float32; a
+    constant image is accepted (masks and maps often are).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
+    _check_file(path)
+    nifti = _read_nifti_header(path) if is_nifti(path) else None
     reader = _read_header(path)
     size = reader.GetSize()
     dim = reader.GetDimension()
@@ -92,38 +100,174 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
     spacing = reader.GetSpacing()[:3]
     if not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
         raise InputError(f"{path}: absurd voxel size {tuple(round(s, 4) for s in spacing)} mm")
-    if is_nifti(path):
-        _check_nifti_voxel_data(path)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(f"{path}: cannot read the voxel data ({_first_line(exc)})") from None
-    if image.GetDimension() == 4:
-        image = image[:, :, :, 0]
-    direction = np.array(image.GetDirection()).reshape(3, 3)
+    direction = np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3]
     if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
         raise InputError(f"{path}: the affine is singular or not orthonormal (direction determinant {np.linalg.det(direction):.3g})")
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    array = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(array).all():
-        raise InputError(f"{path}: contains NaN or Inf voxels")
-    if not allow_empty and not np.any(array):
+    if nifti is not None:
+        # one decompression (nibabel), geometry from ITK's header: ITK silently zero-fills
+        # truncated gzip streams, so its voxel reader is not used for NIfTI
+        image = sitk.GetImageFromArray(_read_nifti_voxels(path, nifti, tuple(size)))
+        image.SetSpacing(spacing)
+        image.SetOrigin(reader.GetOrigin()[:3])
+        image.SetDirection(direction.ravel().tolist())
+    else:
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"{path}: cannot read the voxel data ({_first_line(exc)})") from None
+        if image.GetDimension() == 4:
+            image = image[:, :, :, 0]
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+            raise InputError(f"{path}: contains NaN or Inf voxels")
+    if not allow_empty and not np.any(sitk.GetArrayViewFromImage(image)):
         raise InputError(f"{path}: the image is all zero")
     return image
 
 
-def _check_nifti_voxel_data(path: Path) -> None:
-    """Read the raw voxel data once with nibabel: ITK silently zero-fills truncated
-    gzip streams and maps NaN to 0, so both are caught here."""
+def _check_file(path: Path) -> None:
+    """Refuse what is not a readable, non-empty regular file, saying which."""
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"{path}: broken symbolic link or link loop")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image file")
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied (cannot read the file)")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _read_nifti_header(path: Path) -> Any:
+    """Load a NIfTI header with nibabel (no voxel data) and refuse, before anything is
+    allocated, headers that cannot describe a usable 3D scan or whose file is too short."""
     import nibabel as nib
 
+    _check_raw_nifti1_header(path)  # before nibabel, which silently "fixes" some fields
     try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
+        nifti = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for broken files
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: the voxel data is truncated or corrupt ({reason})") from None
+        raise InputError(f"{path}: not a readable NIfTI image ({_one_line(exc)})") from None
+    if not isinstance(nifti, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a readable NIfTI image (found {type(nifti).__name__})")
+    header = nifti.header
+    dims = [int(d) for d in header["dim"]]
+    if not 1 <= dims[0] <= 7:
+        raise InputError(f"{path}: not a readable NIfTI image (header dim[0] = {dims[0]}, expected 1..7)")
+    shape = dims[1 : dims[0] + 1]
+    if any(d < 1 for d in shape):
+        raise InputError(f"{path}: header dimensions {tuple(shape)} are not all positive (dim)")
+    n_voxels = int(np.prod(shape, dtype=object))
+    if n_voxels > MAX_VOXELS:
+        raise InputError(f"{path}: dimensions {tuple(shape)} are too large ({float(n_voxels):.3g} voxels)")
+    dtype = header.get_data_dtype()
+    if dtype.fields is not None:
+        raise InputError(f"{path}: expected a scalar image, found {len(dtype.fields)} components per voxel ({dtype.names})")
+    if dtype.kind == "c":
+        raise InputError(f"{path}: complex voxel type {dtype.name} is not supported (expected real intensities)")
+    if dtype.kind not in "iufb":
+        raise InputError(f"{path}: unsupported voxel type {dtype} (expected real intensities)")
+    if len(shape) >= 3:
+        _check_nifti_affines(path, header, shape[:3])
+    offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))  # 352 when the header says 0
+    _check_nifti_data_size(path, header, offset + n_voxels * dtype.itemsize)
+    return nifti
+
+
+def _check_raw_nifti1_header(path: Path) -> None:
+    """Check sizeof_hdr, dim[0] and the voxel size (pixdim[1..3]) as stored in the file."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read(348)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: not a readable NIfTI image ({_one_line(exc)})") from None
+    if len(raw) < 348:
+        raise InputError(f"{path}: not a readable NIfTI image (the header holds {len(raw)} of 348 bytes)")
+    sizes = {order: struct.unpack_from(order + "i", raw, 0)[0] for order in "<>"}
+    if 540 in sizes.values():
+        return  # NIfTI-2: nibabel checks it
+    order = next((order for order, value in sizes.items() if value == 348), None)
+    if order is None:
+        raise InputError(f"{path}: not a readable NIfTI image (sizeof_hdr is {sizes['<']}, expected 348)")
+    dim0 = struct.unpack_from(order + "h", raw, 40)[0]
+    if not 1 <= dim0 <= 7:
+        raise InputError(f"{path}: not a readable NIfTI image (header dim[0] = {dim0}, expected 1..7)")
+    zooms = struct.unpack_from(order + "3f", raw, 80)[: min(dim0, 3)]
+    if not all(math.isfinite(z) and MIN_SPACING_MM <= z <= MAX_SPACING_MM for z in zooms):
+        raise InputError(f"{path}: absurd voxel size {tuple(round(z, 4) for z in zooms)} mm in the header pixdim"
+                         f" (expected {MIN_SPACING_MM}..{MAX_SPACING_MM} mm)")
+
+
+def _check_nifti_affines(path: Path, header: Any, shape: list[int]) -> None:
+    """Refuse a sheared or singular sform, and sform/qform that place the volume apart."""
+    if int(header["sform_code"]) <= 0:
+        return
+    sform = header.get_sform()
+    linear = sform[:3, :3]
+    norms = np.linalg.norm(linear, axis=0)
+    if not np.all(np.isfinite(sform)) or np.any(norms < 1e-6):
+        raise InputError(f"{path}: the sform affine is singular (a zero column: {np.round(linear, 4).tolist()})")
+    cosines = linear / norms
+    if np.abs(cosines.T @ cosines - np.eye(3)).max() > 1e-3:
+        raise InputError(f"{path}: the sform affine is sheared (not orthonormal): {np.round(linear, 4).tolist()}")
+    if int(header["qform_code"]) > 0:
+        corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+        gap = np.abs(corners @ sform.T - corners @ header.get_qform().T).max()
+        if not gap <= 1.0:
+            raise InputError(f"{path}: the sform and qform affines disagree by {gap:.3g} mm (ambiguous orientation)")
+
+
+def _check_nifti_data_size(path: Path, header: Any, expected: int) -> None:
+    """Refuse a file holding fewer bytes than the header declares, without reading the
+    voxel data: exact for .nii; for .nii.gz the gzip trailer is checked and only when it
+    disagrees is the stream decompressed (counted, not kept)."""
+    if not str(path).endswith(".gz"):
+        found = path.stat().st_size
+    else:
+        with open(path, "rb") as handle:
+            handle.seek(-4, os.SEEK_END)
+            if struct.unpack("<I", handle.read(4))[0] == expected % 2**32:
+                return
+        found = _gzip_length(path, expected)
+    if found < expected:
+        raise InputError(f"{path}: the voxel data is truncated (the header declares {expected} bytes"
+                         f" with the header, the file holds {found})")
+
+
+def _gzip_length(path: Path, limit: int, chunk: int = 1 << 20) -> int:
+    """Decompressed length of a gzip file, counting at most ``limit`` bytes."""
+    count = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while count < limit and (block := stream.read(min(chunk, limit - count))):
+                count += len(block)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: the voxel data is truncated or corrupt ({_one_line(exc)})") from None
+    return count
+
+
+def _read_nifti_voxels(path: Path, nifti: Any, size: tuple[int, ...]) -> np.ndarray:
+    """The voxels (scaled by scl_slope/scl_inter) as a ``(D, H, W)`` float32 array."""
+    try:
+        data = np.asanyarray(nifti.dataobj)
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise InputError(f"{path}: the voxel data is truncated or corrupt ({_one_line(exc)})") from None
+    data = data.reshape(data.shape[:3]) if data.ndim > 3 else data
+    if data.shape != size:
+        raise InputError(f"{path}: nibabel and ITK disagree on the size ({data.shape} vs {size})")
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise InputError(f"{path}: contains NaN or Inf voxels")
+    array = np.ascontiguousarray(data.T, dtype=np.float32)  # (x, y, z) -> (z, y, x)
+    if data.dtype.itemsize > 4 and data.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"{path}: voxel values beyond the float32 range")
+    return array
 
 
 def read_mask(path: str | Path, reference: sitk.Image | None = None) -> sitk.Image:

@@ -47,13 +47,19 @@ def _axis_starts(length: int, patch: int, stride: int) -> np.ndarray:
     return starts
 
 
-def _window_counts(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Number of mask voxels in every patch window (indexed by the window's first voxel)."""
+def _window_counts(mask: np.ndarray, shape: tuple[int, int, int], starts: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+    """Number of mask voxels in every patch window (indexed by the window's first voxel).
+
+    ``starts``: per-axis first voxels to evaluate (an ``np.ix_`` grid); default all windows.
+    """
     padded = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int32)
     padded[1:, 1:, 1:] = np.cumsum(np.cumsum(np.cumsum(mask > 0, 0, dtype=np.int32), 1), 2)
     dz, dy, dx = shape
     D, H, W = mask.shape
-    z0, y0, x0 = np.ogrid[0 : D - dz + 1, 0 : H - dy + 1, 0 : W - dx + 1]
+    if starts is None:
+        z0, y0, x0 = np.ogrid[0 : D - dz + 1, 0 : H - dy + 1, 0 : W - dx + 1]
+    else:
+        z0, y0, x0 = np.ix_(*starts)
     z1, y1, x1 = z0 + dz, y0 + dy, x0 + dx
     p = padded
     return (
@@ -75,11 +81,10 @@ def grid_positions(mask: np.ndarray, spec: PatchSpec, stride: int = 4, min_foreg
     if stride > spec.size:
         raise UadctError(f"stride {stride} is larger than the patch ({spec.size}): voxels between patches would get no score")
     dz, dy, dx = spec.shape
-    counts = _window_counts(mask, spec.shape)
     z = _axis_starts(mask.shape[0], dz, 1 if spec.dims == 2 else stride)
     y = _axis_starts(mask.shape[1], dy, stride)
     x = _axis_starts(mask.shape[2], dx, stride)
-    sub = counts[np.ix_(z, y, x)]
+    sub = _window_counts(mask, spec.shape, (z, y, x))  # only the strided windows, not all of them
     threshold = min_foreground * dz * dy * dx
     keep = np.argwhere(sub > threshold)
     return np.stack([z[keep[:, 0]], y[keep[:, 1]], x[keep[:, 2]]], axis=1).astype(np.int32)
@@ -102,33 +107,105 @@ class OverlapAccumulator:
 
     ``add`` takes a voxel map per patch ``(N, *patch)`` or a scalar per patch ``(N,)``
     (spread uniformly over the patch); ``result`` returns sum / count (0 where no
-    patch fell), optionally with gaussian weights centred on each patch.
+    patch fell), optionally with gaussian weights centred on each patch
+    (``gaussian_sigma`` is the standard deviation as a fraction of the patch edge).
+
+    Aggregation of small (2D) patches is vectorised: every patch voxel gets a flat index into the volume
+    (first-voxel index + a fixed offset table) and ``np.add.at`` adds all of them at once,
+    which is exact for repeated indices (overlaps inside one batch). Sums are float64, so
+    integer-valued inputs are reconstructed exactly whatever the order of addition.
+    Big 3D patches (>= 4096 voxels) are added one contiguous block at a time instead.
+    With uniform weights the count does not depend on the values: ``add`` only marks each
+    patch's first voxel, and ``count`` is a box sum of those marks (cumulative sums,
+    exact integers), which halves the scattering work.
     """
+
+    # at most this many patch voxels are scattered per np.add.at call (bounds the int64
+    # index array to ~16 MB for big 3D patches)
+    _VOXELS_PER_SCATTER = 1 << 21
+    # patches with at least this many voxels (3D, edge >= 16) are added block by block instead
+    _LOOP_ABOVE_VOXELS = 4096
 
     def __init__(self, shape: tuple[int, int, int], spec: PatchSpec, gaussian_sigma: float | None = None) -> None:
         self.spec = spec
         self.total = np.zeros(shape, dtype=np.float64)
-        self.count = np.zeros(shape, dtype=np.float64)
+        self.uniform = not gaussian_sigma
+        # uniform: patches starting at each voxel; gaussian: the weighted count itself
+        self._hits = np.zeros(shape, dtype=np.int32 if self.uniform else np.float64)
         self.weights = _gaussian_weights(spec, gaussian_sigma) if gaussian_sigma else np.ones(spec.shape, np.float64)
+        dz, dy, dx = spec.shape
+        _, H, W = shape
+        # flat offset of every patch voxel from the patch's first voxel, in (z, y, x) order
+        self._offsets = (
+            (np.arange(dz)[:, None, None] * H + np.arange(dy)[None, :, None]) * W + np.arange(dx)[None, None, :]
+        ).ravel()
+        self._flat_weights = self.weights.ravel()
 
     def add(self, positions: np.ndarray, values: np.ndarray) -> None:
+        """Add ``values`` ``(N, *patch)`` or ``(N,)`` of the patches whose first voxels are ``positions`` ``(N, 3)``."""
+        positions = np.asarray(positions)
         values = np.asarray(values, dtype=np.float64)
-        if values.ndim == 1:
-            values = values.reshape((-1, 1, 1, 1)) * np.ones((1,) + self.spec.shape)
-        else:
-            values = values.reshape((-1,) + self.spec.shape)
         if len(values) != len(positions):
             raise UadctError(f"{len(values)} patch values for {len(positions)} positions")
+        patch_voxels = self._offsets.size
+        if values.ndim == 1:
+            values = np.broadcast_to(values[:, None], (len(values), patch_voxels))
+        else:
+            values = values.reshape((len(values), patch_voxels))
+        if len(positions) == 0:
+            return
+        _, H, W = self.total.shape
+        starts = (positions[:, 0].astype(np.int64) * H + positions[:, 1]) * W + positions[:, 2]
+        total, hits = self.total.reshape(-1), self._hits.reshape(-1)
+        if self.uniform:
+            np.add.at(hits, starts, 1)
+        if patch_voxels >= self._LOOP_ABOVE_VOXELS:
+            self._add_by_slices(positions, values)
+            return
+        chunk = max(1, self._VOXELS_PER_SCATTER // patch_voxels)
+        for begin in range(0, len(starts), chunk):
+            end = begin + chunk
+            flat = (starts[begin:end, None] + self._offsets[None, :]).ravel()
+            if self.uniform:
+                np.add.at(total, flat, values[begin:end].ravel())
+            else:
+                np.add.at(total, flat, (values[begin:end] * self._flat_weights).ravel())
+                np.add.at(hits, flat, np.broadcast_to(self._flat_weights, (len(starts[begin:end]), patch_voxels)).ravel())
+
+    def _add_by_slices(self, positions: np.ndarray, values: np.ndarray) -> None:
+        """One slice-add per patch: for big patches the per-patch Python cost is negligible and
+        contiguous block adds beat np.add.at's per-element scatter (measured ~4x for 32^3)."""
         dz, dy, dx = self.spec.shape
-        weighted = values * self.weights
-        for (z, y, x), value in zip(positions, weighted):
-            self.total[z : z + dz, y : y + dy, x : x + dx] += value
-            self.count[z : z + dz, y : y + dy, x : x + dx] += self.weights
+        for (z, y, x), value in zip(positions, values):
+            block = value.reshape(self.spec.shape)
+            if self.uniform:
+                self.total[z : z + dz, y : y + dy, x : x + dx] += block
+            else:
+                self.total[z : z + dz, y : y + dy, x : x + dx] += block * self.weights
+                self._hits[z : z + dz, y : y + dy, x : x + dx] += self.weights
+
+    @property
+    def count(self) -> np.ndarray:
+        """Sum of patch weights over every voxel ``(D, H, W)`` float64 (patches covering it, if uniform)."""
+        if not self.uniform:
+            return self._hits
+        count = self._hits.astype(np.int64)
+        for axis, length in enumerate(self.spec.shape):
+            if length == 1:
+                continue
+            cumulative = np.cumsum(count, axis=axis)
+            count = cumulative.copy()
+            head = [slice(None)] * 3
+            tail = [slice(None)] * 3
+            head[axis], tail[axis] = slice(length, None), slice(None, -length)
+            count[tuple(head)] -= cumulative[tuple(tail)]  # patches starting in (v - length, v]
+        return count.astype(np.float64)
 
     def result(self) -> np.ndarray:
         """The averaged ``(D, H, W)`` float32 map; 0 where no patch fell."""
         out = np.zeros(self.total.shape, dtype=np.float32)
-        np.divide(self.total, self.count, out=out, where=self.count > 0, casting="unsafe")
+        count = self.count
+        np.divide(self.total, count, out=out, where=count > 0, casting="unsafe")
         return out
 
 

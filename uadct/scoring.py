@@ -22,7 +22,7 @@ import torch
 from uadct.atlas import load_atlas
 from uadct.checkpoint import Checkpoint, load_checkpoint
 from uadct.errors import CheckpointError, InputError, UadctError
-from uadct.io import array_like, read_image, sha256_of, write_image, write_json
+from uadct.io import array_like, read_image, sha256_of, write_image, write_json, write_text
 from uadct.patches import PatchSpec, sliding_window_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
 from uadct.train import resolve_device
@@ -30,6 +30,7 @@ from uadct.train import resolve_device
 log = logging.getLogger(__name__)
 
 IMAGE_SCORE_TOP_K = 1000  # voxels (~1 ml at 1 mm) averaged for the image-level score
+MOOD_SCALE_KEY = "score_scale"  # checkpoint metadata: robust maximum of healthy voxel scores
 
 
 @dataclass
@@ -42,15 +43,30 @@ class ScoreResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def patch_predictor(model: torch.nn.Module, device: torch.device, output: str = "voxel") -> Callable[[np.ndarray], np.ndarray]:
-    """Wrap a model's ``score_patches`` as a numpy ``(B, *patch) -> (B, *patch) or (B,)`` function."""
+def resolve_output_kind(model: torch.nn.Module, output: str | None) -> str:
+    """The model output to map: ``output`` if the model declares it, else its first declared one."""
+    declared = tuple(getattr(model, "outputs", ("voxel",)))
+    if output is None:
+        return declared[0]
+    if output not in declared:
+        raise UadctError(
+            f"model {getattr(model, 'name', type(model).__name__)!r} has no {output!r} output; "
+            f"it declares {', '.join(declared)}"
+        )
+    return output
+
+
+def patch_predictor(model: torch.nn.Module, device: torch.device, output: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Wrap a model's ``score_patches`` as a numpy ``(B, *patch) -> (B, *patch) or (B,)`` function.
+
+    ``output`` is ``"voxel"`` or ``"scalar"``; default the model's first declared output.
+    """
+    key = resolve_output_kind(model, output)
 
     @torch.inference_mode()
     def predict(patches: np.ndarray) -> np.ndarray:
         batch = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).unsqueeze(1).to(device)
-        scores = model.score_patches(batch)
-        key = output if output in scores else ("voxel" if "voxel" in scores else "scalar")
-        return scores[key].float().cpu().numpy()
+        return model.score_patches(batch)[key].float().cpu().numpy()
 
     return predict
 
@@ -63,14 +79,48 @@ def score_volume(
     batch_size: int = 2048,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    gaussian_sigma: float | None = None,
+    output_kind: str | None = None,
 ) -> np.ndarray:
-    """Anomaly map ``(D, H, W)`` float32 of a prepared volume on the atlas grid."""
+    """Anomaly map ``(D, H, W)`` float32 of a prepared volume on the atlas grid.
+
+    ``gaussian_sigma``: gaussian-weighted overlap averaging (sigma as a fraction of the
+    patch edge; None: plain mean). ``output_kind``: ``"voxel"`` or ``"scalar"`` (default:
+    the model's first declared output).
+    """
     patch = checkpoint.metadata.get("patch", {})
     spec = PatchSpec(int(patch.get("size", 16)), int(patch.get("dims", 2)))
+    if gaussian_sigma is not None and not gaussian_sigma > 0:
+        raise UadctError(f"gaussian sigma must be a positive fraction of the patch size, got {gaussian_sigma}")
     torch_device = resolve_device(device)
     model = checkpoint.model.to(torch_device).eval()
-    predictor = patch_predictor(model, torch_device)
-    return sliding_window_map(image.astype(np.float32), mask, predictor, spec, stride, batch_size, progress=progress)
+    predictor = patch_predictor(model, torch_device, output_kind)
+    return sliding_window_map(
+        image.astype(np.float32), mask, predictor, spec, stride, batch_size, gaussian_sigma=gaussian_sigma, progress=progress
+    )
+
+
+def mood_scaled(anomaly_map: np.ndarray, mask: np.ndarray, scale: float | None) -> tuple[np.ndarray, str]:
+    """Map values in [0, 1] for MOOD submissions, and how they were scaled.
+
+    With ``scale`` (a robust maximum of healthy voxel scores stored in the checkpoint as
+    ``metadata["score_scale"]``) the map is ``clip(map / scale, 0, 1)``: the same monotone
+    function for every case, so voxels stay comparable across cases (MOOD pools voxels of
+    all cases for its voxel-level AP). Without it the map is min-max scaled per case inside
+    the brain: ranks inside a case are kept, but across cases they are not (a healthy case
+    also reaches 1). Outside the brain the map is 0.
+    """
+    inside = mask > 0
+    out = np.zeros(anomaly_map.shape, dtype=np.float32)
+    if not inside.any():
+        return out, "empty brain mask"
+    values = anomaly_map[inside].astype(np.float64)
+    if scale is not None and scale > 0:
+        out[inside] = np.clip(values / scale, 0.0, 1.0)
+        return out, f"clip(map / {scale:.6g}, 0, 1) (checkpoint {MOOD_SCALE_KEY})"
+    low, high = float(values.min()), float(values.max())
+    out[inside] = (values - low) / (high - low) if high > low else 0.0
+    return out, "per-case min-max inside the brain"
 
 
 def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int = IMAGE_SCORE_TOP_K) -> float:
@@ -92,11 +142,16 @@ def score_scan(
     atlas_map_path: str | Path | None = None,
     brain_mask_path: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    gaussian_sigma: float | None = None,
+    output_kind: str | None = None,
+    mood: bool = False,
 ) -> ScoreResult:
     """Score a raw scan (or a prepared subject folder) and write its native-space map.
 
     Also writes ``<map>.json`` (image-level score, checkpoint, timings); optionally the
-    map on the atlas grid and the brain mask on the subject's grid.
+    map on the atlas grid and the brain mask on the subject's grid. With ``mood`` the
+    map is scaled to [0, 1] (see :func:`mood_scaled`) and the image-level score of the
+    scaled map, also in [0, 1], is written alone to ``<map>.txt`` (MOOD sample score).
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint_path = Path(checkpoint)
@@ -132,7 +187,14 @@ def score_scan(
     timings["preprocess"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     mask_array = sitk.GetArrayFromImage(atlas_mask)
-    atlas_map = score_volume(checkpoint, sitk.GetArrayFromImage(atlas_image), mask_array, stride, batch_size, device, progress)
+    atlas_map = score_volume(
+        checkpoint, sitk.GetArrayFromImage(atlas_image), mask_array, stride, batch_size, device, progress,
+        gaussian_sigma=gaussian_sigma, output_kind=output_kind,
+    )
+    scaling = None
+    if mood:
+        scale = checkpoint.metadata.get(MOOD_SCALE_KEY)
+        atlas_map, scaling = mood_scaled(atlas_map, mask_array, float(scale) if scale is not None else None)
     timings["score"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     atlas_map_image = array_like(atlas_map, atlas_image)
@@ -140,9 +202,13 @@ def score_scan(
     native_map = sitk.Resample(atlas_map_image, native, subject_to_atlas, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     native_mask = sitk.Resample(atlas_mask, native, subject_to_atlas, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     native_map = sitk.Mask(native_map, native_mask)
+    if mood:  # linear interpolation cannot leave [0, 1]; clamp float rounding anyway
+        native_map = sitk.Clamp(native_map, sitk.sitkFloat32, 0.0, 1.0)
     timings["resample"] = round(time.perf_counter() - clock, 3)
     score = image_level_score(atlas_map, mask_array)
     write_image(native_map, out_path)
+    if mood:
+        write_text(f"{score:.6f}\n", Path(str(out_path) + ".txt"))
     if atlas_map_path is not None:
         write_image(atlas_map_image, atlas_map_path)
     if brain_mask_path is not None:
@@ -158,6 +224,9 @@ def score_scan(
             "checkpoint": str(checkpoint_path) if checkpoint_path else None,
             "model": checkpoint.metadata.get("model"),
             "stride": stride,
+            "output_kind": resolve_output_kind(checkpoint.model, output_kind),
+            "gaussian_sigma": gaussian_sigma,
+            "mood_scaling": scaling,
             "timings_s": timings,
         },
         json_path,

@@ -322,20 +322,81 @@ def preprocess_many(
     config: PreprocessConfig | None = None,
     force: bool = False,
     progress: Callable[[Path, str], None] | None = None,
+    jobs: int = 1,
 ) -> BatchOutcome:
-    """Preprocess many scans; a failing subject is recorded and the batch carries on."""
+    """Preprocess many scans; a failing subject is recorded and the batch carries on.
+
+    ``jobs`` > 1 runs subjects in that many worker processes (``spawn`` start method, so
+    safe with torch and ITK threads); each worker loads the atlas once and uses
+    ``cpu_count // jobs`` threads. Outputs do not depend on ``jobs``; ``outcome`` lists
+    keep the input order and ``progress`` is called as each subject finishes.
+    """
     config = config or PreprocessConfig()
-    atlas = load_atlas(config.atlas)
+    if jobs < 1:
+        raise InputError(f"jobs must be at least 1, got {jobs}")
     outcome = BatchOutcome()
-    for path in paths:
-        try:
-            folder, skipped = preprocess_file(path, out_dir, config, atlas, force)
-        except UadctError as exc:
-            outcome.failed.append((Path(path), str(exc)))
-            status = "failed"
-        else:
-            (outcome.skipped if skipped else outcome.done).append(folder)
-            status = "skipped" if skipped else "done"
+    results: dict[int, tuple[str, Path | str]] = {}
+
+    def record(index: int, status: str, value: Path | str) -> None:
+        results[index] = (status, value)
         if progress is not None:
-            progress(Path(path), status)
+            progress(Path(paths[index]), status)
+
+    atlas = load_atlas(config.atlas)  # fails early, for any number of jobs, when the atlas is missing
+    jobs = min(jobs, len(paths))
+    if jobs <= 1:
+        for index, path in enumerate(paths):
+            record(index, *_preprocess_one(path, out_dir, config, atlas, force))
+    else:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        del atlas  # each worker loads its own
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(config.atlas, threads)) as pool:
+            futures = {pool.submit(_worker_preprocess, path, out_dir, config, force): index
+                       for index, path in enumerate(paths)}
+            for future in as_completed(futures):
+                record(futures[future], *future.result())
+    for index, path in enumerate(paths):
+        status, value = results[index]
+        if status == "failed":
+            outcome.failed.append((Path(path), str(value)))
+        else:
+            (outcome.skipped if status == "skipped" else outcome.done).append(Path(value))
     return outcome
+
+
+def _preprocess_one(path: Path, out_dir: str | Path, config: PreprocessConfig, atlas: Atlas | None,
+                    force: bool) -> tuple[str, Path | str]:
+    """(status, folder or error message) of one subject; UadctErrors become ``failed``."""
+    try:
+        folder, skipped = preprocess_file(path, out_dir, config, atlas, force)
+    except UadctError as exc:
+        return "failed", str(exc)
+    return ("skipped" if skipped else "done"), folder
+
+
+_worker_atlas: dict[str, Atlas] = {}
+
+
+def _init_worker(atlas_name: str, threads: int) -> None:
+    """Worker set-up: thread counts (torch, ITK) and the atlas, loaded once per process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        import itk
+
+        itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
+    except (ImportError, AttributeError):
+        pass
+    _worker_atlas[atlas_name] = load_atlas(atlas_name)
+
+
+def _worker_preprocess(path: Path, out_dir: str | Path, config: PreprocessConfig, force: bool) -> tuple[str, Path | str]:
+    return _preprocess_one(path, out_dir, config, _worker_atlas.get(config.atlas), force)

@@ -85,28 +85,51 @@ def ct_brain_mask(
 ) -> sitk.Image:
     """Brain mask of a head CT in Hounsfield units (uint8, on the scan's grid).
 
-    Brain = voxels in the soft-tissue range ``soft_tissue_hu`` that are not bone
-    (> ``bone_min_hu``) nor within ``bone_margin_mm`` of bone; opened by
-    ``opening_mm`` to cut the thin connections to scalp and neck, the largest connected
-    component kept, then holes (ventricles, bleeds outside the range) filled slice-wise
-    and in 3D.
+    Bone is everything above ``bone_min_hu``; the inside of the skull is what the bone
+    (closed by ``bone_margin_mm``) encloses in each axial slice, so the foramen magnum,
+    a hole in the skull's floor, does not let the neck in. Brain = voxels of the
+    inside in the soft-tissue range ``soft_tissue_hu`` farther than ``bone_margin_mm``
+    from bone, opened by ``opening_mm`` to cut thin bridges (optic canals), the largest
+    connected component, grown back by the margin within soft tissue (not into bone),
+    holes (ventricles, bleeds outside the range) filled slice-wise and in 3D.
     """
+    from scipy import ndimage
+
     hu = sitk.Cast(image, sitk.sitkFloat32)
     bone = sitk.Cast(hu > bone_min_hu, sitk.sitkUInt8)
     if not sitk.GetArrayViewFromImage(bone).any():
         raise PreprocessError(f"no bone above {bone_min_hu:g} HU: not a head CT in Hounsfield units?")
-    bone_zone = sitk.BinaryDilate(bone, _radius_voxels(image, bone_margin_mm), sitk.sitkBall)
+    margin = _radius_voxels(image, bone_margin_mm)
+    closed_bone = sitk.GetArrayFromImage(sitk.BinaryMorphologicalClosing(bone, margin, sitk.sitkBall)) > 0
+    axial = _axial_array_axis(image)
+    inside = np.moveaxis(closed_bone, axial, 0).copy()
+    for index in range(inside.shape[0]):
+        if inside[index].any():
+            inside[index] = ndimage.binary_fill_holes(inside[index])
+    inside = np.moveaxis(inside, 0, axial) & ~closed_bone
+    if not inside.any():
+        raise PreprocessError("the bone encloses nothing in any axial slice: no skull found in this CT")
+    inside_image = sitk.GetImageFromArray(inside.astype(np.uint8))
+    inside_image.CopyInformation(image)
     low, high = soft_tissue_hu
     soft = sitk.Cast((hu >= low) & (hu <= high), sitk.sitkUInt8)
-    candidate = sitk.Mask(soft, sitk.Cast(bone_zone == 0, sitk.sitkUInt8))
+    bone_zone = sitk.BinaryDilate(bone, margin, sitk.sitkBall)
+    candidate = sitk.Mask(sitk.Mask(soft, inside_image), sitk.Cast(bone_zone == 0, sitk.sitkUInt8))
     candidate = sitk.BinaryMorphologicalOpening(candidate, _radius_voxels(image, opening_mm), sitk.sitkBall)
     if not sitk.GetArrayViewFromImage(candidate).any():
-        raise PreprocessError(f"no soft tissue in {low:g}..{high:g} HU away from bone: not a head CT?")
+        raise PreprocessError(f"no soft tissue in {low:g}..{high:g} HU inside the skull: not a head CT?")
     brain = keep_largest_component(candidate)
-    # give back what the bone margin took at the brain surface, without crossing into bone
-    brain = sitk.BinaryDilate(brain, _radius_voxels(image, bone_margin_mm), sitk.sitkBall)
-    brain = sitk.Mask(brain, soft)
+    # give back what the bone margin took at the brain surface, within soft tissue inside the skull
+    brain = sitk.BinaryDilate(brain, margin, sitk.sitkBall)
+    brain = sitk.Mask(sitk.Mask(brain, soft), inside_image)
     return _fill_holes(keep_largest_component(brain))
+
+
+def _axial_array_axis(image: sitk.Image) -> int:
+    """The numpy axis (of ``GetArrayFromImage``'s (k, j, i) order) closest to superior-inferior."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)  # columns: i, j, k directions in LPS
+    image_axis = int(np.argmax(np.abs(direction[2, :])))
+    return 2 - image_axis
 
 
 def _fill_holes(mask: sitk.Image) -> sitk.Image:
