@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from uadct.errors import UadctError
 from uadct.models import build_model
-from uadct.models.ganomaly import median_and_mad
+from uadct.models.base import median_and_mad
 
 SMALL = {"patch_size": 16, "base_channels": 8, "latent_dim": 6}
 

@@ -123,6 +123,24 @@ class NonTrainableModel(AnomalyModel):
             raise UadctError(f"{self.name}: not fitted; call fit_statistics (training does) before scoring")
 
 
+def median_and_mad(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column median and median absolute deviation of ``(N, K)`` values -> two ``(K,)``.
+
+    The median of an even count is the mean of the two middle values (as ``np.median``).
+    Used for the "modified anomaly score" (van Hespen et al. 2021) and robust baselines.
+    """
+    if values.shape[0] == 0:
+        raise UadctError("median of an empty set: no training patch has brain in it")
+
+    def median(x: torch.Tensor) -> torch.Tensor:
+        ordered = x.sort(dim=0).values
+        n = ordered.shape[0]
+        return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
+
+    centre = median(values)
+    return centre, median((values - centre).abs())
+
+
 def available_models() -> dict[str, str]:
     """Registered model names with their one-line summaries."""
     return {name: cls.summary for name, cls in sorted(MODEL_REGISTRY.items())}

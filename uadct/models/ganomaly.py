@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from uadct.errors import UadctError
-from uadct.models.base import AnomalyModel, ModelConfig
+from uadct.models.base import AnomalyModel, ModelConfig, median_and_mad
 from uadct.models.cae import _conv, _deconv, _norm
 
 BOTTOM_SIZE = 4  # voxels per side where the pyramids meet the 4x4 latent convolution
@@ -172,21 +172,6 @@ def masked_mean(values: torch.Tensor, masks: torch.Tensor | None) -> torch.Tenso
     if masks is None:
         return values.mean()
     return (values * masks).sum() / masks.sum().clamp_min(1.0)
-
-
-def median_and_mad(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column median and median absolute deviation of ``(N, K)`` values -> two ``(K,)``.
-
-    The median of an even count is the mean of the two middle values (as ``np.median``).
-    """
-
-    def median(x: torch.Tensor) -> torch.Tensor:
-        ordered = x.sort(dim=0).values
-        n = ordered.shape[0]
-        return 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
-
-    centre = median(values)
-    return centre, median((values - centre).abs())
 
 
 # --------------------------------------------------------------------------------------

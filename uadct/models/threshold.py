@@ -14,20 +14,10 @@ import dataclasses
 import torch
 
 from uadct.errors import UadctError
-from uadct.models.base import ModelConfig, NonTrainableModel
+from uadct.models.base import ModelConfig, NonTrainableModel, median_and_mad
 
 THRESHOLD_MODES = ("intensity", "deviation", "upper")
 MINIMUM_MAD = 1e-6  # intensity units; guards a constant training sample
-
-
-def median(values: torch.Tensor) -> torch.Tensor:
-    """Median of a 1-D tensor, averaging the two middle values when the count is even (as numpy)."""
-    count = values.numel()
-    if count == 0:
-        raise UadctError("median of an empty set of voxels: no training patch has brain in it")
-    low = values.kthvalue((count + 1) // 2).values
-    high = values.kthvalue(count // 2 + 1).values
-    return (low + high) / 2
 
 
 @dataclasses.dataclass
@@ -53,9 +43,9 @@ class IntensityThreshold(NonTrainableModel):
     def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
         """Median and MAD of the brain voxels (``masks > 0``) of ``(N, 1, *patch)`` training patches."""
         values = patches[masks > 0].float().cpu()  # kthvalue is not on every accelerator
-        centre = median(values)
-        self.median.copy_(centre)
-        self.mad.copy_(median((values - centre).abs()).clamp_min(MINIMUM_MAD))
+        centre, mad = median_and_mad(values[:, None])
+        self.median.copy_(centre[0])
+        self.mad.copy_(mad[0].clamp_min(MINIMUM_MAD))
         self.fitted.fill_(True)
 
     def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
