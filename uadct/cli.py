@@ -274,9 +274,10 @@ def score(
     paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=_subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
-    many = mood or len(paths) > 1 or output.is_dir() or str(output).endswith("/")
-    if not many and not str(output).endswith((".nii", ".nii.gz")):
-        raise InputError(f"{output}: the map must be a .nii or .nii.gz file (or give several inputs and a folder)")
+    # a NIfTI name means one map file; anything else is a folder (a shard may hold a single subject)
+    many = mood or not str(output).endswith((".nii", ".nii.gz"))
+    if not many and len(paths) > 1:
+        raise InputError(f"{output}: {len(paths)} inputs need an output folder, not a single map file")
     failures: list[str] = []
     records: list[dict[str, Any]] = []
     table = Table("subject", "map", "image score", "seconds", title=f"score with {model.name}")

@@ -71,3 +71,16 @@ def test_score_prepared_folders_with_json_and_skip(small_atlas_path, tmp_path):
     assert anomaly_map.GetSize() == read_image(tmp_path / "raw" / "sub-00.nii.gz").GetSize()
     again = json.loads(runner.invoke(app, ["score", str(model), str(prep), "-o", str(maps), "--json"]).output)
     assert [r["status"] for r in again] == ["skipped"] * 3
+
+
+def test_a_shard_with_one_subject_still_writes_into_the_folder(small_atlas_path, tmp_path):
+    _brains(small_atlas_path, tmp_path / "raw", count=2)
+    prep = tmp_path / "prep"
+    assert runner.invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(prep), "--atlas", str(small_atlas_path), *FAST]).exit_code == 0
+    model = tmp_path / "threshold.pt"
+    assert runner.invoke(app, ["train", str(prep), "-o", str(model), "--model", "threshold", "--validation-patches", "256"]).exit_code == 0
+    result = runner.invoke(app, ["score", str(model), str(prep), "-o", str(tmp_path / "maps"), "--shard", "1/2"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "maps").glob("*.nii.gz")] == ["sub-01.nii.gz"]
+    too_many = runner.invoke(app, ["score", str(model), str(prep), "-o", str(tmp_path / "one.nii.gz")])
+    assert too_many.exit_code != 0 and not (tmp_path / "one.nii.gz").exists()
