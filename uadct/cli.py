@@ -182,15 +182,35 @@ def preprocess(
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
-        table = Table("subjects", "count", title=f"preprocess -> {output}")
-        table.add_row("done", str(len(outcome.done)))
-        table.add_row("skipped (already complete)", str(len(outcome.skipped)))
-        table.add_row("failed", str(len(outcome.failed)), style="red" if outcome.failed else None)
-        out.print(table)
-        for path, error in outcome.failed:
-            console.print(f"[red]failed[/red] {error}")
+        _print_preprocess_summary(outcome, output)
     if outcome.failed:
         raise typer.Exit(1)
+
+
+MAX_SUBJECT_ROWS = 40  # larger batches get the counts and the failures only
+
+
+def _print_preprocess_summary(outcome: Any, output: Path) -> None:
+    """Counts, then one row per subject (seconds, registration quality) for small batches."""
+    counts = Table("subjects", "count", title=f"preprocess -> {output}")
+    counts.add_row("done", str(len(outcome.done)))
+    counts.add_row("skipped (already complete)", str(len(outcome.skipped)))
+    counts.add_row("failed", str(len(outcome.failed)), style="red" if outcome.failed else None)
+    out.print(counts)
+    if 0 < len(outcome.done) <= MAX_SUBJECT_ROWS:
+        detail = Table("subject", "seconds", "mask Dice", "NCC", title="done")
+        for folder in outcome.done:
+            try:
+                sidecar = json.loads((folder / "preprocess.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            quality = sidecar.get("quality", {})
+            dice = quality.get("mask_dice", float("nan"))
+            detail.add_row(folder.name, f"{sum(sidecar.get('timings_s', {}).values()):.1f}", f"{dice:.3f}",
+                           f"{quality.get('ncc', float('nan')):.3f}", style="yellow" if dice < 0.8 else None)
+        out.print(detail)
+    for _, error in outcome.failed:
+        console.print(Text("failed: ", style="red") + Text(error), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- train
@@ -208,6 +228,7 @@ def train(
     validation_patches: int = typer.Option(2048),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.resume.pt (written every epoch and on SIGTERM/SIGINT) when it exists."),
 ) -> None:
     """Fit an anomaly model on patches of healthy prepared subjects."""
     from uadct.train import TrainConfig, train_model
@@ -228,7 +249,7 @@ def train(
             else:
                 bar.update(task, info=f"epoch {info['epoch']} step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
 
-        result = train_model(prep, output, config, progress=report)
+        result = train_model(prep, output, config, progress=report, resume=resume)
     fitted = (f"best epoch {result.best_epoch} of {len(result.history)}, validation loss {result.best_validation_loss:.5f}"
               if result.history else "no trainable parameters: statistics fitted on training patches")
     out.print(f"model {output}: {fitted}, {result.seconds:.0f} s; train {len(result.train_subjects)} / "
