@@ -5,16 +5,27 @@ Each epoch draws ``patches_per_epoch`` random patches with at most ``max_backgro
 of their voxels outside the brain mask; validation uses a fixed set of patches from
 the validation subjects. The best epoch's weights are kept and written with the
 metadata that scoring needs (see :mod:`uadct.checkpoint`).
+
+Runs are reproducible: the same seed gives bit-identical weights on the same device
+(deterministic algorithms, seeded samplers). After every epoch, and when SIGTERM/SIGINT
+arrive (at the end of the current step), the full training state goes to
+``<out>.resume.pt``; ``train_model(..., resume=True)`` continues from it and gives the
+same weights as an uninterrupted run. The file is removed once the final checkpoint exists.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
+import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,7 +33,7 @@ import torch
 
 from uadct.checkpoint import save_checkpoint
 from uadct.errors import UadctError
-from uadct.io import write_json
+from uadct.io import atomic_path, write_json
 from uadct.models import AnomalyModel, build_model
 from uadct.patches import PatchSpec, extract_patches, valid_training_positions
 from uadct.preprocess.pipeline import find_prepared, library_versions, load_prepared
@@ -91,6 +102,170 @@ class PatchSampler:
             masks[flipped] = masks[flipped][..., ::-1]
         return images, masks
 
+    def rng_state(self) -> str:
+        """The random state as JSON text (its 128-bit integers survive ``weights_only`` loads)."""
+        return json.dumps(self.rng.bit_generator.state)
+
+    def restore_rng_state(self, state: str) -> None:
+        """Continue the random stream saved by :meth:`rng_state`."""
+        self.rng.bit_generator.state = json.loads(state)
+
+
+class TrainingInterrupted(UadctError):
+    """SIGTERM/SIGINT stopped training; the resume checkpoint has been written."""
+
+
+RESUME_FORMAT = "uadct-resume"
+RESUME_VERSION = 1
+# config fields that may change between an interrupted run and its resumption
+_RESUMABLE_CHANGES = ("max_epochs", "patience", "device")
+
+
+def resume_path(out_path: str | Path) -> Path:
+    """Where the training state of the run writing ``out_path`` is kept."""
+    return Path(str(out_path) + ".resume.pt")
+
+
+def _config_signature(config: TrainConfig) -> str:
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+    return json.dumps({k: v for k, v in fields.items() if k not in _RESUMABLE_CHANGES}, sort_keys=True)
+
+
+def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+@dataclass
+class _LoopState:
+    """Where the fit loop stands: the next (epoch, step) to run and what early stopping knows."""
+
+    epoch: int = 0
+    step: int = 0
+    partial_train_loss: float = 0.0
+    best_loss: float = float("inf")
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    waited: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _save_resume(
+    path: Path, config: TrainConfig, model: AnomalyModel, optimizers: dict[str, torch.optim.Optimizer],
+    sampler: PatchSampler, state: _LoopState,
+) -> None:
+    """Write everything needed to continue bit-identically (tensors and plain data only)."""
+    payload = {
+        "format": RESUME_FORMAT,
+        "format_version": RESUME_VERSION,
+        "config": _config_signature(config),
+        "model": _cpu_state(model.state_dict()),
+        "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+        "best_state": _cpu_state(state.best_state) if state.best_state is not None else {},
+        "epoch": state.epoch,
+        "step": state.step,
+        "partial_train_loss": state.partial_train_loss,
+        "best_loss": state.best_loss,
+        "best_epoch": state.best_epoch,
+        "waited": state.waited,
+        "history": json.dumps(state.history),
+        "sampler_rng": sampler.rng_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _load_resume(
+    path: Path, config: TrainConfig, model: AnomalyModel, optimizers: dict[str, torch.optim.Optimizer],
+    sampler: PatchSampler, device: torch.device,
+) -> _LoopState:
+    """Restore model, optimisers, random streams and loop position from a resume file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # an unreadable file is the file's problem, not a bug
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UadctError(f"{path}: not a readable uadct resume file ({first}); delete it to start afresh") from None
+    if not isinstance(payload, dict) or payload.get("format") != RESUME_FORMAT or payload.get("format_version") != RESUME_VERSION:
+        raise UadctError(f"{path}: not a uadct resume file (format {RESUME_FORMAT!r} version {RESUME_VERSION} expected)")
+    if payload["config"] != _config_signature(config):
+        raise UadctError(f"{path}: was written with other training settings ({payload['config']}) than now "
+                         f"({_config_signature(config)}); only {', '.join(_RESUMABLE_CHANGES)} may change on --resume")
+    model.load_state_dict(payload["model"])
+    if set(payload["optimizers"]) != set(optimizers):
+        raise UadctError(f"{path}: holds optimisers {sorted(payload['optimizers'])}, the model has {sorted(optimizers)}")
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(payload["optimizers"][name])
+    sampler.restore_rng_state(payload["sampler_rng"])
+    torch.set_rng_state(payload["torch_rng"])
+    if payload["cuda_rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    best = payload["best_state"]
+    return _LoopState(
+        epoch=int(payload["epoch"]), step=int(payload["step"]), partial_train_loss=float(payload["partial_train_loss"]),
+        best_loss=float(payload["best_loss"]), best_epoch=int(payload["best_epoch"]),
+        best_state={k: v.to(device) for k, v in best.items()} if best else None,
+        waited=int(payload["waited"]), history=json.loads(payload["history"]),
+    )
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGINT while training; a second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: stopping at the end of this step", self.signal_name)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    """Catch SIGTERM/SIGINT (main thread only) and restore the original handlers afterwards."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {sig: signal.signal(sig, request.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic kernels where torch has them (warns where it has not); restored afterwards."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+
+
+def write_history_csv(history: list[dict[str, float]], path: str | Path) -> Path:
+    """The per-epoch losses as CSV (one row per epoch), written atomically."""
+    columns: list[str] = []
+    for record in history:
+        columns += [k for k in record if k not in columns]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns or ["epoch"])
+            writer.writeheader()
+            writer.writerows(history)
+    return Path(path)
+
 
 def _patch_shape(spec: PatchSpec) -> tuple[int, ...]:
     return (spec.size, spec.size) if spec.dims == 2 else (spec.size,) * 3
@@ -155,9 +330,25 @@ def train_model(
     out_path: str | Path,
     config: TrainConfig | None = None,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Fit a model on the prepared subjects of ``prep_dir`` and write its checkpoint."""
+    """Fit a model on the prepared subjects of ``prep_dir`` and write its checkpoint.
+
+    ``resume``: continue from ``<out>.resume.pt`` when it exists (else start afresh).
+    Raises :class:`TrainingInterrupted` after writing that file when SIGTERM/SIGINT arrive.
+    """
     config = config or TrainConfig()
+    with _deterministic():
+        return _train(prep_dir, Path(out_path), config, progress, resume)
+
+
+def _train(
+    prep_dir: str | Path,
+    out_path: Path,
+    config: TrainConfig,
+    progress: Callable[[str, dict[str, Any]], None] | None,
+    resume: bool,
+) -> TrainResult:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -176,46 +367,34 @@ def train_model(
     sampler = PatchSampler(train_volumes, spec, seed=config.seed, flip="flip" in config.augment)
     val_images, val_masks = PatchSampler(val_volumes, spec, seed=config.seed + 1).sample(config.validation_patches)
 
-    history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state, waited = float("inf"), -1, None, 0
+    state = _LoopState()
+    resume_file = resume_path(out_path)
+    if resume and resume_file.is_file():
+        state = _load_resume(resume_file, config, model, optimizers, sampler, device)
+        log.info("resuming %s at epoch %d step %d", resume_file, state.epoch, state.step)
+    elif resume:
+        log.info("%s: no resume file, starting afresh", resume_file)
     steps = max(1, config.patches_per_epoch // config.batch_size)
     # models without parameters (threshold, ocsvm) are fitted by fit_statistics alone
     trainable = any(p.requires_grad for p in model.parameters())
     if not trainable:
-        best_loss = evaluate_loss(model, val_images, val_masks, config.batch_size, device)
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for epoch in range(config.max_epochs if trainable else 0):
-        model.train()
-        epoch_start = time.perf_counter()
-        train_loss = 0.0
-        for step in range(steps):
-            images, masks = sampler.sample(config.batch_size)
-            losses = model.training_step(torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device), optimizers)
-            train_loss += losses["loss"] / steps
-            if progress is not None:
-                progress("step", {"epoch": epoch, "step": step + 1, "steps": steps, "loss": losses["loss"]})
-        val_loss = evaluate_loss(model, val_images, val_masks, config.batch_size, device)
-        seconds = time.perf_counter() - epoch_start
-        record = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "validation_loss": val_loss,
-            "seconds": round(seconds, 3),
-            "patches_per_second": round(steps * config.batch_size / seconds, 1),
-        }
-        history.append(record)
-        if val_loss < best_loss:
-            best_loss, best_epoch, waited = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            waited += 1
-        if progress is not None:
-            progress("epoch", {**record, "best_epoch": best_epoch})
-        if waited >= config.patience:
-            log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
-            break
-    assert best_state is not None
-    model.load_state_dict(best_state)
+        state.best_loss = evaluate_loss(model, val_images, val_masks, config.batch_size, device)
+        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def save_state() -> None:
+        _save_resume(resume_file, config, model, optimizers, sampler, state)
+
+    with _stop_on_signals() as stop:
+        while trainable and state.epoch < config.max_epochs and state.waited < config.patience:
+            _run_epoch(model, optimizers, sampler, (val_images, val_masks), config, steps, device, state, progress, stop, save_state)
+            if stop:
+                save_state()
+                where = f"epoch {state.epoch}" + (f" step {state.step}" if state.step else "")
+                raise TrainingInterrupted(f"{out_path}: {stop.signal_name} received, interrupted at {where}; "
+                                          f"state saved to {resume_file}; resume with --resume")
+    history, best_epoch, best_loss = state.history, state.best_epoch, state.best_loss
+    assert state.best_state is not None
+    model.load_state_dict(state.best_state)
     model.eval()
     statistics_images, statistics_masks = sampler.sample(config.statistics_patches)
     with torch.no_grad():
@@ -240,10 +419,66 @@ def train_model(
     }
     checkpoint = save_checkpoint(out_path, model.cpu(), metadata)
     write_json(history, Path(str(out_path) + ".history.json"))
+    write_history_csv(history, Path(str(out_path) + ".history.csv"))
+    resume_file.unlink(missing_ok=True)
     return TrainResult(
         checkpoint, history, best_epoch, best_loss,
         [v.subject for v in train_volumes], [v.subject for v in val_volumes], seconds,
     )
+
+
+def _run_epoch(
+    model: AnomalyModel,
+    optimizers: dict[str, torch.optim.Optimizer],
+    sampler: PatchSampler,
+    validation: tuple[np.ndarray, np.ndarray],
+    config: TrainConfig,
+    steps: int,
+    device: torch.device,
+    state: _LoopState,
+    progress: Callable[[str, dict[str, Any]], None] | None,
+    stop: _StopRequest,
+    save_state: Callable[[], None],
+) -> None:
+    """Run epoch ``state.epoch`` from step ``state.step``; returns early (mid-epoch) when ``stop`` is set.
+
+    A finished epoch is recorded in the history, updates early stopping and is saved to the
+    resume file; ``state`` then points at the next epoch.
+    """
+    epoch = state.epoch
+    model.train()
+    epoch_start = time.perf_counter()
+    first_step = state.step
+    for step in range(first_step, steps):
+        images, masks = sampler.sample(config.batch_size)
+        losses = model.training_step(torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device), optimizers)
+        state.partial_train_loss += losses["loss"] / steps
+        state.step = step + 1
+        if progress is not None:
+            progress("step", {"epoch": epoch, "step": step + 1, "steps": steps, "loss": losses["loss"]})
+        if stop and state.step < steps:
+            return
+    val_loss = evaluate_loss(model, *validation, config.batch_size, device)
+    seconds = time.perf_counter() - epoch_start
+    record = {
+        "epoch": epoch,
+        "train_loss": state.partial_train_loss,
+        "validation_loss": val_loss,
+        "seconds": round(seconds, 3),
+        "patches_per_second": round((steps - first_step) * config.batch_size / max(seconds, 1e-9), 1),
+    }
+    state.history.append(record)
+    if val_loss < state.best_loss:
+        state.best_loss, state.best_epoch, state.waited = val_loss, epoch, 0
+        state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        state.waited += 1
+    state.epoch, state.step, state.partial_train_loss = epoch + 1, 0, 0.0
+    save_state()
+    if progress is not None:
+        progress("epoch", {**record, "best_epoch": state.best_epoch})
+    if state.waited >= config.patience:
+        log.info("early stop at epoch %d (best %d)", epoch, state.best_epoch)
 
 
 @torch.no_grad()

@@ -1,0 +1,173 @@
+"""The training engine: reproducibility, resume after interruption, signals, loss logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from typer.testing import CliRunner
+
+from uadct.checkpoint import load_checkpoint, read_checkpoint_payload
+from uadct.cli import app
+from uadct.io import read_image, write_image
+from uadct.train import TrainConfig, TrainingInterrupted, resume_path, train_model
+
+FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction"]
+TINY = dict(model="cae", patch_size=16, batch_size=16, patches_per_epoch=64, validation_patches=32,
+            statistics_patches=64, max_epochs=2, patience=10, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prep(small_atlas_path, tmp_path_factory):
+    """Three prepared subjects (skull-stripped, already on the 2 mm atlas grid)."""
+    root = tmp_path_factory.mktemp("train")
+    template = read_image(small_atlas_path)
+    array = sitk.GetArrayFromImage(template)
+    (root / "raw").mkdir()
+    for i in range(3):
+        image = sitk.GetImageFromArray((array * (1.0 + 0.2 * i)).astype(np.float32))
+        image.CopyInformation(template)
+        write_image(image, root / "raw" / f"sub-{i:02d}.nii.gz")
+    result = CliRunner().invoke(app, ["preprocess", str(root / "raw"), "-o", str(root / "prep"),
+                                      "--atlas", str(small_atlas_path), *FAST])
+    assert result.exit_code == 0, result.output
+    return root / "prep"
+
+
+def _weights(path):
+    return read_checkpoint_payload(path)["state_dict"]
+
+
+def _assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _differs(a, b):
+    return any(not torch.equal(a[key], b[key]) for key in a if a[key].is_floating_point())
+
+
+def test_same_seed_gives_identical_weights(prep, tmp_path):
+    first = train_model(prep, tmp_path / "a.pt", TrainConfig(**TINY, seed=1))
+    second = train_model(prep, tmp_path / "b.pt", TrainConfig(**TINY, seed=1))
+    other = train_model(prep, tmp_path / "c.pt", TrainConfig(**TINY, seed=2))
+    _assert_identical(_weights(first.checkpoint), _weights(second.checkpoint))
+    assert [r["train_loss"] for r in first.history] == [r["train_loss"] for r in second.history]
+    assert _differs(_weights(first.checkpoint), _weights(other.checkpoint))
+    assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
+
+
+def test_resume_after_a_crash_matches_one_run(prep, tmp_path):
+    config = TrainConfig(**{**TINY, "max_epochs": 4})
+    whole = train_model(prep, tmp_path / "whole.pt", config)
+    assert not resume_path(tmp_path / "whole.pt").exists()
+
+    def crash_after_second_epoch(event, info):
+        if event == "epoch" and info["epoch"] == 1:
+            raise RuntimeError("node lost")
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        train_model(prep, tmp_path / "split.pt", config, progress=crash_after_second_epoch)
+    assert resume_path(tmp_path / "split.pt").is_file() and not (tmp_path / "split.pt").exists()
+    resumed = train_model(prep, tmp_path / "split.pt", config, resume=True)
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+    assert [r["validation_loss"] for r in resumed.history] == [r["validation_loss"] for r in whole.history]
+    _assert_identical(_weights(whole.checkpoint), _weights(resumed.checkpoint))
+    assert not resume_path(tmp_path / "split.pt").exists()
+
+
+def test_resume_with_more_epochs_matches_one_run(prep, tmp_path):
+    whole = train_model(prep, tmp_path / "whole.pt", TrainConfig(**{**TINY, "max_epochs": 3}))
+    short = TrainConfig(**{**TINY, "max_epochs": 2})
+
+    def crash(event, info):  # killed after its last epoch, before the final checkpoint
+        if event == "epoch" and info["epoch"] == 1:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        train_model(prep, tmp_path / "grown.pt", short, progress=crash)
+    grown = train_model(prep, tmp_path / "grown.pt", TrainConfig(**{**TINY, "max_epochs": 3}), resume=True)
+    _assert_identical(_weights(whole.checkpoint), _weights(grown.checkpoint))
+
+
+def test_sigterm_mid_epoch_saves_state_and_resume_is_exact(prep, tmp_path):
+    config = TrainConfig(**{**TINY, "max_epochs": 2})
+    whole = train_model(prep, tmp_path / "whole.pt", config)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminate(event, info):
+        if event == "step" and info["epoch"] == 1 and info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at epoch 1 step 2; .*resume with --resume"):
+        train_model(prep, tmp_path / "cut.pt", config, progress=terminate)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert resume_path(tmp_path / "cut.pt").is_file()
+    resumed = train_model(prep, tmp_path / "cut.pt", config, resume=True)
+    _assert_identical(_weights(whole.checkpoint), _weights(resumed.checkpoint))
+    assert resumed.history[1]["train_loss"] == pytest.approx(whole.history[1]["train_loss"], rel=1e-12)
+
+
+def test_resume_refuses_other_settings(prep, tmp_path):
+    def crash(event, info):
+        if event == "epoch":
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        train_model(prep, tmp_path / "m.pt", TrainConfig(**TINY), progress=crash)
+    with pytest.raises(Exception, match="other training settings"):
+        train_model(prep, tmp_path / "m.pt", TrainConfig(**{**TINY, "learning_rate": 0.1}), resume=True)
+
+
+def test_history_written_as_json_and_csv(prep, tmp_path):
+    result = train_model(prep, tmp_path / "m.pt", TrainConfig(**TINY))
+    history = json.loads((tmp_path / "m.pt.history.json").read_text())
+    with open(tmp_path / "m.pt.history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(history) == len(result.history) == 2
+    assert [float(r["validation_loss"]) for r in rows] == [h["validation_loss"] for h in history]
+    assert list(rows[0]) == ["epoch", "train_loss", "validation_loss", "seconds", "patches_per_second"]
+
+
+def test_cli_sigterm_then_resume(prep, tmp_path):
+    model = tmp_path / "model.pt"
+    command = [sys.executable, "-m", "uadct", "train", str(prep), "-o", str(model), "--epochs", "200",
+               "--patience", "200", "--batch-size", "16", "--patches-per-epoch", "64", "--validation-patches", "32",
+               "--device", "cpu"]
+    env = {**os.environ, "UADCT_HOME": os.environ.get("UADCT_HOME", str(tmp_path / "home"))}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    deadline = time.monotonic() + 120
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if line.startswith("epoch 0 "):
+                break
+            assert time.monotonic() < deadline, "".join(seen)
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = "".join(seen) + rest
+    assert process.returncode == 2, stderr
+    assert "resume with --resume" in stderr
+    assert resume_path(model).is_file() and not model.exists()
+    # finish quickly: the epoch limit may change on resume
+    finished = CliRunner().invoke(app, ["train", str(prep), "-o", str(model), "--epochs", "3", "--patience", "200",
+                                        "--batch-size", "16", "--patches-per-epoch", "64", "--validation-patches", "32",
+                                        "--device", "cpu", "--resume"])
+    assert finished.exit_code == 0, finished.output
+    checkpoint = load_checkpoint(model)
+    assert checkpoint.metadata["training"]["epochs_run"] == 3
+    assert not resume_path(model).exists()
