@@ -127,3 +127,17 @@ def test_vectorised_accumulator_matches_a_patch_by_patch_loop(dims, size, sigma,
     np.testing.assert_allclose(accumulator.count, count, rtol=1e-12)
     assert count.min() == 0 or size >= 9  # small patches leave voxels uncovered: they stay 0
     np.testing.assert_array_equal(accumulator.result()[count == 0], 0)
+
+
+def test_training_positions_never_overlap_excluded_voxels(rng):
+    mask = np.ones((4, 40, 40), np.uint8)
+    lesion = np.zeros_like(mask)
+    lesion[2, 18:22, 25:27] = 1
+    spec = PatchSpec(8, 2)
+    kept = valid_training_positions(mask, spec, stride=1, exclude=lesion)
+    everything = valid_training_positions(mask, spec, stride=1)
+    assert 0 < len(kept) < len(everything)
+    assert not extract_patches(lesion, kept, spec).any()
+    # and only overlapping patches were dropped
+    dropped = len(everything) - len(kept)
+    assert dropped == sum(lesion[z, y : y + 8, x : x + 8].any() for z, y, x in everything)

@@ -171,3 +171,37 @@ def test_cli_sigterm_then_resume(prep, tmp_path):
     checkpoint = load_checkpoint(model)
     assert checkpoint.metadata["training"]["epochs_run"] == 3
     assert not resume_path(model).exists()
+
+
+def test_exclude_labels_keeps_patches_off_known_lesions(small_atlas_path, tmp_path):
+    """Subjects with known lesions contribute only their normal tissue (as the WMH study did)."""
+    from uadct.patches import PatchSpec, extract_patches
+    from uadct.preprocess.pipeline import find_prepared
+    from uadct.train import load_volumes
+
+    template = read_image(small_atlas_path)
+    array = sitk.GetArrayFromImage(template)
+    (tmp_path / "raw").mkdir()
+    for i in range(2):
+        image = sitk.GetImageFromArray((array * (1.0 + 0.1 * i)).astype(np.float32))
+        image.CopyInformation(template)
+        write_image(image, tmp_path / "raw" / f"sub-{i:02d}.nii.gz")
+    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"), "--atlas",
+                                      str(small_atlas_path), "--skull-strip", "none", "--registration", "none",
+                                      "--no-bias-correction"])
+    assert result.exit_code == 0, result.output
+    brain = np.argwhere(array > 0)
+    centre = brain[len(brain) // 2]
+    lesion = np.zeros(array.shape, np.uint8)
+    lesion[centre[0] - 2 : centre[0] + 3, centre[1] - 3 : centre[1] + 4, centre[2] - 3 : centre[2] + 4] = 1
+    label = sitk.GetImageFromArray(lesion)
+    label.CopyInformation(template)
+    (tmp_path / "labels").mkdir()
+    write_image(label, tmp_path / "labels" / "sub-00.nii.gz")
+    spec = PatchSpec(16, 2)
+    subjects = find_prepared(tmp_path / "prep")
+    plain, _ = load_volumes(subjects, spec, 0.5)
+    excluded, _ = load_volumes(subjects, spec, 0.5, tmp_path / "labels")
+    assert len(excluded[0].positions) < len(plain[0].positions)
+    assert not extract_patches(lesion, excluded[0].positions, spec).any()
+    assert np.array_equal(excluded[1].positions, plain[1].positions)  # no label: untouched

@@ -228,6 +228,7 @@ def train(
     validation_patches: int = typer.Option(2048),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    exclude_labels: Optional[Path] = typer.Option(None, help="Folder of <subject>.nii.gz lesion masks: patches overlapping them are never sampled."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.resume.pt (written every epoch and on SIGTERM/SIGINT) when it exists."),
 ) -> None:
     """Fit an anomaly model on patches of healthy prepared subjects."""
@@ -235,7 +236,8 @@ def train(
 
     config = TrainConfig(model=model, patch_size=patch_size, batch_size=batch_size, learning_rate=learning_rate,
                          max_epochs=epochs, patience=patience, patches_per_epoch=patches_per_epoch,
-                         validation_patches=validation_patches, seed=seed, device=device)
+                         validation_patches=validation_patches, seed=seed, device=device,
+                         exclude_labels=str(exclude_labels) if exclude_labels else None)
     with _progress() as bar:
         task = bar.add_task("train", total=epochs, info="")
 

@@ -47,25 +47,36 @@ def _axis_starts(length: int, patch: int, stride: int) -> np.ndarray:
     return starts
 
 
+def _summed_volume(mask: np.ndarray) -> np.ndarray:
+    """Zero-padded 3D summed-area table of ``mask > 0`` (int32)."""
+    padded = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int32)
+    padded[1:, 1:, 1:] = np.cumsum(np.cumsum(np.cumsum(mask > 0, 0, dtype=np.int32), 1), 2)
+    return padded
+
+
+def _box_sums(summed: np.ndarray, z0, y0, x0, shape: tuple[int, int, int]) -> np.ndarray:
+    """Voxel counts of the boxes of ``shape`` starting at (z0, y0, x0) (broadcastable index arrays)."""
+    dz, dy, dx = shape
+    z1, y1, x1 = z0 + dz, y0 + dy, x0 + dx
+    p = summed
+    return (
+        p[z1, y1, x1] - p[z0, y1, x1] - p[z1, y0, x1] - p[z1, y1, x0]
+        + p[z0, y0, x1] + p[z0, y1, x0] + p[z1, y0, x0] - p[z0, y0, x0]
+    )
+
+
 def _window_counts(mask: np.ndarray, shape: tuple[int, int, int], starts: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
     """Number of mask voxels in every patch window (indexed by the window's first voxel).
 
     ``starts``: per-axis first voxels to evaluate (an ``np.ix_`` grid); default all windows.
     """
-    padded = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.int32)
-    padded[1:, 1:, 1:] = np.cumsum(np.cumsum(np.cumsum(mask > 0, 0, dtype=np.int32), 1), 2)
     dz, dy, dx = shape
     D, H, W = mask.shape
     if starts is None:
         z0, y0, x0 = np.ogrid[0 : D - dz + 1, 0 : H - dy + 1, 0 : W - dx + 1]
     else:
         z0, y0, x0 = np.ix_(*starts)
-    z1, y1, x1 = z0 + dz, y0 + dy, x0 + dx
-    p = padded
-    return (
-        p[z1, y1, x1] - p[z0, y1, x1] - p[z1, y0, x1] - p[z1, y1, x0]
-        + p[z0, y0, x1] + p[z0, y1, x0] + p[z1, y0, x0] - p[z0, y0, x0]
-    )
+    return _box_sums(_summed_volume(mask), z0, y0, x0, shape)
 
 
 def grid_positions(mask: np.ndarray, spec: PatchSpec, stride: int = 4, min_foreground: float = 0.0) -> np.ndarray:
@@ -90,9 +101,25 @@ def grid_positions(mask: np.ndarray, spec: PatchSpec, stride: int = 4, min_foreg
     return np.stack([z[keep[:, 0]], y[keep[:, 1]], x[keep[:, 2]]], axis=1).astype(np.int32)
 
 
-def valid_training_positions(mask: np.ndarray, spec: PatchSpec, max_background: float = 0.5, stride: int = 2) -> np.ndarray:
-    """Positions of patches with at most ``max_background`` of their voxels outside the mask."""
-    return grid_positions(mask, spec, stride=stride, min_foreground=1.0 - max_background - 1e-9)
+def valid_training_positions(
+    mask: np.ndarray,
+    spec: PatchSpec,
+    max_background: float = 0.5,
+    stride: int = 2,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """Positions of patches with at most ``max_background`` of their voxels outside the mask.
+
+    ``exclude`` (same shape, e.g. known lesions): patches overlapping it are dropped, so
+    a subject with lesions contributes only its normal tissue.
+    """
+    positions = grid_positions(mask, spec, stride=stride, min_foreground=1.0 - max_background - 1e-9)
+    if exclude is not None and np.any(exclude):
+        if exclude.shape != mask.shape:
+            raise UadctError(f"exclusion mask shape {exclude.shape} differs from the volume's {mask.shape}")
+        z0, y0, x0 = positions[:, 0], positions[:, 1], positions[:, 2]
+        positions = positions[_box_sums(_summed_volume(exclude), z0, y0, x0, spec.shape) == 0]
+    return positions
 
 
 def extract_patches(volume: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:

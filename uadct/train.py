@@ -33,7 +33,7 @@ import torch
 
 from uadct.checkpoint import save_checkpoint
 from uadct.errors import UadctError
-from uadct.io import atomic_path, write_json
+from uadct.io import atomic_path, read_mask, write_json
 from uadct.models import AnomalyModel, build_model
 from uadct.patches import PatchSpec, extract_patches, valid_training_positions
 from uadct.preprocess.pipeline import find_prepared, library_versions, load_prepared
@@ -57,6 +57,7 @@ class TrainConfig:
     validation_fraction: float = 0.2
     statistics_patches: int = 4096
     max_background: float = 0.5
+    exclude_labels: str | None = None  # folder of <subject>.nii.gz lesion masks on each scan's own grid
     augment: tuple[str, ...] = ("flip",)
     seed: int = 0
     device: str = "auto"
@@ -282,8 +283,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def load_volumes(subject_dirs: list[Path], spec: PatchSpec, max_background: float) -> tuple[list[SubjectVolume], dict[str, Any]]:
-    """Read prepared subjects; all must share preprocessing parameters and atlas."""
+def load_volumes(
+    subject_dirs: list[Path],
+    spec: PatchSpec,
+    max_background: float,
+    exclude_labels: str | Path | None = None,
+) -> tuple[list[SubjectVolume], dict[str, Any]]:
+    """Read prepared subjects; all must share preprocessing parameters and atlas.
+
+    With ``exclude_labels``, a subject that has ``<subject>.nii.gz`` there (a lesion mask
+    on its own scan's grid) contributes only patches that do not overlap the lesion.
+    """
     volumes: list[SubjectVolume] = []
     reference: dict[str, Any] | None = None
     for folder in subject_dirs:
@@ -295,10 +305,23 @@ def load_volumes(subject_dirs: list[Path], spec: PatchSpec, max_background: floa
             raise UadctError(f"{folder}: preprocessed with other parameters or atlas than {subject_dirs[0]}; preprocess all subjects alike")
         image = sitk.GetArrayFromImage(prepared.image).astype(np.float32)
         mask = (sitk.GetArrayFromImage(prepared.mask) > 0).astype(np.float32)
-        positions = valid_training_positions(mask, spec, max_background)
+        lesion = _lesion_on_atlas_grid(prepared, exclude_labels) if exclude_labels else None
+        positions = valid_training_positions(mask, spec, max_background, exclude=lesion)
         volumes.append(SubjectVolume(prepared.subject, image, mask, positions))
     assert reference is not None
     return volumes, reference
+
+
+def _lesion_on_atlas_grid(prepared: Any, labels_dir: str | Path) -> np.ndarray | None:
+    """A subject's lesion mask carried onto the atlas grid (any partial overlap counts)."""
+    candidates = [Path(labels_dir) / f"{prepared.subject}{suffix}" for suffix in (".nii.gz", ".nii")]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        return None
+    label = read_mask(path, reference=prepared.native_reference)
+    warped = sitk.Resample(sitk.Cast(label, sitk.sitkFloat32), prepared.image, prepared.atlas_to_subject,
+                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(warped) > 0
 
 
 def split_subjects(subjects: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -357,8 +380,8 @@ def _train(
         raise UadctError(f"{prep_dir}: no prepared subjects (run `uadct preprocess` first)")
     spec = PatchSpec(config.patch_size, config.dims)
     train_dirs, val_dirs = split_subjects(subjects, config.validation_fraction, config.seed)
-    train_volumes, signature = load_volumes(train_dirs, spec, config.max_background)
-    val_volumes, val_signature = load_volumes(val_dirs, spec, config.max_background)
+    train_volumes, signature = load_volumes(train_dirs, spec, config.max_background, config.exclude_labels)
+    val_volumes, val_signature = load_volumes(val_dirs, spec, config.max_background, config.exclude_labels)
     if val_signature != signature:
         raise UadctError(f"{prep_dir}: subjects were preprocessed with different parameters; preprocess all subjects alike")
     device = resolve_device(config.device)
