@@ -48,3 +48,35 @@ def small_cohort(atlas, tmp_path_factory):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def atlas_grid_subjects(small_atlas_path):
+    """Factory: skull-stripped scans already on the 2 mm atlas grid, optionally prepared.
+
+    ``make(root, names, contrast_step=0.2, prepare=True)`` writes ``root/raw/<name>.nii.gz``
+    (the template brain times ``1 + contrast_step * i``) and, with ``prepare``, runs the
+    fast preprocessing (no skull-strip, no registration, no N4) into ``root/prep``.
+    Returns ``(raw_dir, prep_dir)``.
+    """
+    from uadct.io import read_image, write_image
+    from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+
+    template = read_image(small_atlas_path)
+    array = sitk.GetArrayFromImage(template)
+
+    def make(root: Path, names: list[str], contrast_step: float = 0.2, prepare: bool = True) -> tuple[Path, Path]:
+        raw, prep = root / "raw", root / "prep"
+        raw.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            image = sitk.GetImageFromArray((array * (1.0 + contrast_step * i)).astype(np.float32))
+            image.CopyInformation(template)
+            write_image(image, raw / f"{name}.nii.gz")
+        if prepare:
+            config = PreprocessConfig(atlas=str(small_atlas_path), skull_strip="none", registration="none",
+                                      bias_correction=False)
+            outcome = preprocess_many(sorted(raw.glob("*.nii.gz")), prep, config)
+            assert not outcome.failed, outcome.failed
+        return raw, prep
+
+    return make

@@ -21,19 +21,10 @@ FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction
 
 
 @pytest.fixture(scope="module")
-def threshold_model(small_atlas_path, tmp_path_factory):
+def threshold_model(atlas_grid_subjects, tmp_path_factory):
     """A `threshold` (intensity) model trained on two prepared 2 mm subjects, and their folders."""
     root = tmp_path_factory.mktemp("scoring")
-    template = read_image(small_atlas_path)
-    array = sitk.GetArrayFromImage(template)
-    (root / "raw").mkdir()
-    for i in range(2):
-        image = sitk.GetImageFromArray((array * (1.0 + 0.2 * i)).astype(np.float32))
-        image.CopyInformation(template)
-        write_image(image, root / "raw" / f"case-{i}.nii.gz")
-    prep = root / "prep"
-    done = runner.invoke(app, ["preprocess", str(root / "raw"), "-o", str(prep), "--atlas", str(small_atlas_path), *FAST])
-    assert done.exit_code == 0, done.output
+    _, prep = atlas_grid_subjects(root, ["case-0", "case-1"])
     model = root / "threshold.pt"
     trained = runner.invoke(app, ["train", str(prep), "-o", str(model), "--model", "threshold", "--validation-patches", "256"])
     assert trained.exit_code == 0, trained.output

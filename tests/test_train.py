@@ -21,26 +21,14 @@ from uadct.cli import app
 from uadct.io import read_image, write_image
 from uadct.train import TrainConfig, TrainingInterrupted, resume_path, train_model
 
-FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction"]
 TINY = dict(model="cae", patch_size=16, batch_size=16, patches_per_epoch=64, validation_patches=32,
             statistics_patches=64, max_epochs=2, patience=10, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def prep(small_atlas_path, tmp_path_factory):
+def prep(atlas_grid_subjects, tmp_path_factory):
     """Three prepared subjects (skull-stripped, already on the 2 mm atlas grid)."""
-    root = tmp_path_factory.mktemp("train")
-    template = read_image(small_atlas_path)
-    array = sitk.GetArrayFromImage(template)
-    (root / "raw").mkdir()
-    for i in range(3):
-        image = sitk.GetImageFromArray((array * (1.0 + 0.2 * i)).astype(np.float32))
-        image.CopyInformation(template)
-        write_image(image, root / "raw" / f"sub-{i:02d}.nii.gz")
-    result = CliRunner().invoke(app, ["preprocess", str(root / "raw"), "-o", str(root / "prep"),
-                                      "--atlas", str(small_atlas_path), *FAST])
-    assert result.exit_code == 0, result.output
-    return root / "prep"
+    return atlas_grid_subjects(tmp_path_factory.mktemp("train"), ["sub-00", "sub-01", "sub-02"])[1]
 
 
 def _weights(path):
@@ -173,23 +161,15 @@ def test_cli_sigterm_then_resume(prep, tmp_path):
     assert not resume_path(model).exists()
 
 
-def test_exclude_labels_keeps_patches_off_known_lesions(small_atlas_path, tmp_path):
+def test_exclude_labels_keeps_patches_off_known_lesions(atlas_grid_subjects, tmp_path):
     """Subjects with known lesions contribute only their normal tissue (as the WMH study did)."""
     from uadct.patches import PatchSpec, extract_patches
     from uadct.preprocess.pipeline import find_prepared
     from uadct.train import load_volumes
 
-    template = read_image(small_atlas_path)
+    raw, prep = atlas_grid_subjects(tmp_path, ["sub-00", "sub-01"], contrast_step=0.1)
+    template = read_image(raw / "sub-00.nii.gz")
     array = sitk.GetArrayFromImage(template)
-    (tmp_path / "raw").mkdir()
-    for i in range(2):
-        image = sitk.GetImageFromArray((array * (1.0 + 0.1 * i)).astype(np.float32))
-        image.CopyInformation(template)
-        write_image(image, tmp_path / "raw" / f"sub-{i:02d}.nii.gz")
-    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"), "--atlas",
-                                      str(small_atlas_path), "--skull-strip", "none", "--registration", "none",
-                                      "--no-bias-correction"])
-    assert result.exit_code == 0, result.output
     brain = np.argwhere(array > 0)
     centre = brain[len(brain) // 2]
     lesion = np.zeros(array.shape, np.uint8)
@@ -199,7 +179,7 @@ def test_exclude_labels_keeps_patches_off_known_lesions(small_atlas_path, tmp_pa
     (tmp_path / "labels").mkdir()
     write_image(label, tmp_path / "labels" / "sub-00.nii.gz")
     spec = PatchSpec(16, 2)
-    subjects = find_prepared(tmp_path / "prep")
+    subjects = find_prepared(prep)
     plain, _ = load_volumes(subjects, spec, 0.5)
     excluded, _ = load_volumes(subjects, spec, 0.5, tmp_path / "labels")
     assert len(excluded[0].positions) < len(plain[0].positions)

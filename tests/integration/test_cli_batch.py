@@ -4,31 +4,29 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import SimpleITK as sitk
+import pytest
 from typer.testing import CliRunner
 
 from uadct.cli import app
-from uadct.io import read_image, write_image
+from uadct.io import read_image
 
 runner = CliRunner()
 FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction"]
 
 
-def _brains(small_atlas_path, folder, count=3):
-    """Skull-stripped scans already on the (2 mm) atlas grid, with different contrasts."""
-    template = read_image(small_atlas_path)
-    array = sitk.GetArrayFromImage(template)
-    folder.mkdir()
-    for i in range(count):
-        image = sitk.GetImageFromArray((array * (1.0 + 0.2 * i)).astype(np.float32))
-        image.CopyInformation(template)
-        write_image(image, folder / f"sub-{i:02d}.nii.gz")
-    return sorted(folder.iterdir())
+@pytest.fixture
+def brains(atlas_grid_subjects, tmp_path):
+    """``brains(count)``: skull-stripped scans on the 2 mm atlas grid in tmp_path/raw."""
+
+    def make(count: int = 3) -> list:
+        raw, _ = atlas_grid_subjects(tmp_path, [f"sub-{i:02d}" for i in range(count)], prepare=False)
+        return sorted(raw.iterdir())
+
+    return make
 
 
-def test_preprocess_shards_and_json(small_atlas_path, tmp_path, monkeypatch):
-    scans = _brains(small_atlas_path, tmp_path / "raw")
+def test_preprocess_shards_and_json(brains, small_atlas_path, tmp_path, monkeypatch):
+    scans = brains()
     common = ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"), "--atlas", str(small_atlas_path), *FAST, "--json"]
     first = runner.invoke(app, common + ["--shard", "0/2"])
     assert first.exit_code == 0, first.output
@@ -43,8 +41,8 @@ def test_preprocess_shards_and_json(small_atlas_path, tmp_path, monkeypatch):
     assert len(json.loads(again.output)["skipped"]) == 3 and not json.loads(again.output)["done"]
 
 
-def test_batch_carries_on_past_a_bad_subject(small_atlas_path, tmp_path):
-    _brains(small_atlas_path, tmp_path / "raw", count=2)
+def test_batch_carries_on_past_a_bad_subject(brains, small_atlas_path, tmp_path):
+    brains(2)
     (tmp_path / "raw" / "sub-bad.nii.gz").write_bytes(b"\x1f\x8b broken")
     result = runner.invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"),
                                  "--atlas", str(small_atlas_path), *FAST, "--json"])
@@ -55,8 +53,8 @@ def test_batch_carries_on_past_a_bad_subject(small_atlas_path, tmp_path):
     assert not (tmp_path / "prep" / "sub-bad").exists()
 
 
-def test_score_prepared_folders_with_json_and_skip(small_atlas_path, tmp_path):
-    _brains(small_atlas_path, tmp_path / "raw")
+def test_score_prepared_folders_with_json_and_skip(brains, small_atlas_path, tmp_path):
+    brains()
     prep = tmp_path / "prep"
     assert runner.invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(prep), "--atlas", str(small_atlas_path), *FAST]).exit_code == 0
     model = tmp_path / "threshold.pt"
@@ -73,8 +71,8 @@ def test_score_prepared_folders_with_json_and_skip(small_atlas_path, tmp_path):
     assert [r["status"] for r in again] == ["skipped"] * 3
 
 
-def test_a_shard_with_one_subject_still_writes_into_the_folder(small_atlas_path, tmp_path):
-    _brains(small_atlas_path, tmp_path / "raw", count=2)
+def test_a_shard_with_one_subject_still_writes_into_the_folder(brains, small_atlas_path, tmp_path):
+    brains(2)
     prep = tmp_path / "prep"
     assert runner.invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(prep), "--atlas", str(small_atlas_path), *FAST]).exit_code == 0
     model = tmp_path / "threshold.pt"
