@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from uadct.models.base import AnomalyModel, ModelConfig
+from uadct.models.layers import conv_layer, deconv_layer, dropout_layer, norm_layer
 
 
 @dataclasses.dataclass
@@ -24,22 +25,6 @@ class CAEConfig(ModelConfig):
     dropout: float = 0.1
     loss: str = "mse"  # "mse" or "l1"
     top_k: int = 64
-
-
-def _conv(dims: int):
-    return nn.Conv2d if dims == 2 else nn.Conv3d
-
-
-def _deconv(dims: int):
-    return nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose3d
-
-
-def _norm(dims: int):
-    return nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
-
-
-def _dropout(dims: int):
-    return nn.Dropout2d if dims == 2 else nn.Dropout3d
 
 
 class ConvolutionalAutoencoder(AnomalyModel):
@@ -55,7 +40,7 @@ class ConvolutionalAutoencoder(AnomalyModel):
         channels = [config.in_channels] + [config.base_channels * 2**i for i in range(levels)]
         encoder: list[nn.Module] = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            encoder += [_conv(dims)(c_in, c_out, 4, 2, 1), _norm(dims)(c_out), nn.LeakyReLU(0.2), _dropout(dims)(config.dropout)]
+            encoder += [conv_layer(dims)(c_in, c_out, 4, 2, 1), norm_layer(dims)(c_out), nn.LeakyReLU(0.2), dropout_layer(dims)(config.dropout)]
         self.encoder = nn.Sequential(*encoder)
         self.bottom = size // 2**levels
         flat = channels[-1] * self.bottom**dims
@@ -64,9 +49,9 @@ class ConvolutionalAutoencoder(AnomalyModel):
         decoder: list[nn.Module] = []
         reversed_channels = channels[::-1]
         for i, (c_in, c_out) in enumerate(zip(reversed_channels[:-1], reversed_channels[1:])):
-            decoder.append(_deconv(dims)(c_in, c_out, 4, 2, 1))
+            decoder.append(deconv_layer(dims)(c_in, c_out, 4, 2, 1))
             if i < levels - 1:  # the last layer outputs intensities directly
-                decoder += [_norm(dims)(c_out), nn.LeakyReLU(0.2)]
+                decoder += [norm_layer(dims)(c_out), nn.LeakyReLU(0.2)]
         self.decoder = nn.Sequential(*decoder)
         self._feature_shape = (channels[-1],) + (self.bottom,) * dims
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from uadct.errors import UadctError
 from uadct.models.base import AnomalyModel, ModelConfig
-from uadct.models.cae import _conv, _deconv, _norm
+from uadct.models.layers import conv_layer, deconv_layer, norm_layer
 
 
 @dataclasses.dataclass
@@ -82,7 +82,7 @@ def coarse_noise(
 
 class _ConvBlock(nn.Sequential):
     def __init__(self, dims: int, c_in: int, c_out: int) -> None:
-        super().__init__(_conv(dims)(c_in, c_out, 3, 1, 1), _norm(dims)(c_out), nn.LeakyReLU(0.2))
+        super().__init__(conv_layer(dims)(c_in, c_out, 3, 1, 1), norm_layer(dims)(c_out), nn.LeakyReLU(0.2))
 
 
 class DenoisingAutoencoder(AnomalyModel):
@@ -103,12 +103,12 @@ class DenoisingAutoencoder(AnomalyModel):
         channels = [config.base_channels * 2**i for i in range(config.levels + 1)]
         self.stem = _ConvBlock(dims, config.in_channels, channels[0])
         self.down = nn.ModuleList(
-            nn.Sequential(_conv(dims)(c_in, c_out, 4, 2, 1), _norm(dims)(c_out), nn.LeakyReLU(0.2))
+            nn.Sequential(conv_layer(dims)(c_in, c_out, 4, 2, 1), norm_layer(dims)(c_out), nn.LeakyReLU(0.2))
             for c_in, c_out in zip(channels[:-1], channels[1:])
         )
-        self.up = nn.ModuleList(_deconv(dims)(c_out, c_in, 4, 2, 1) for c_in, c_out in zip(channels[:-1], channels[1:]))
+        self.up = nn.ModuleList(deconv_layer(dims)(c_out, c_in, 4, 2, 1) for c_in, c_out in zip(channels[:-1], channels[1:]))
         self.merge = nn.ModuleList(_ConvBlock(dims, 2 * c_in, c_in) for c_in in channels[:-1])
-        self.head = _conv(dims)(channels[0], config.in_channels, 1)
+        self.head = conv_layer(dims)(channels[0], config.in_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Restored patch ``(B, 1, *patch)``."""

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from uadct.errors import UadctError
 from uadct.models.base import AnomalyModel, ModelConfig, median_and_mad
-from uadct.models.cae import _conv, _deconv, _norm
+from uadct.models.layers import conv_layer, deconv_layer, norm_layer
 
 BOTTOM_SIZE = 4  # voxels per side where the pyramids meet the 4x4 latent convolution
 
@@ -62,9 +62,9 @@ def conv_pyramid(dims: int, in_channels: int, base_channels: int, patch_size: in
     channels = in_channels
     for level in range(pyramid_levels(patch_size)):
         out = base_channels * 2**level
-        layers.append(_conv(dims)(channels, out, 4, 2, 1, bias=not (batch_norm and level > 0)))
+        layers.append(conv_layer(dims)(channels, out, 4, 2, 1, bias=not (batch_norm and level > 0)))
         if batch_norm and level > 0:
-            layers.append(_norm(dims)(out))
+            layers.append(norm_layer(dims)(out))
         layers.append(nn.LeakyReLU(0.2))
         channels = out
     return nn.Sequential(*layers), channels
@@ -77,11 +77,11 @@ def deconv_pyramid(dims: int, latent_dim: int, base_channels: int, patch_size: i
     """
     levels = pyramid_levels(patch_size)
     channels = base_channels * 2 ** (levels - 1)
-    layers: list[nn.Module] = [_deconv(dims)(latent_dim, channels, BOTTOM_SIZE, 1, 0, bias=False), _norm(dims)(channels), nn.ReLU()]
+    layers: list[nn.Module] = [deconv_layer(dims)(latent_dim, channels, BOTTOM_SIZE, 1, 0, bias=False), norm_layer(dims)(channels), nn.ReLU()]
     for _ in range(levels - 1):
-        layers += [_deconv(dims)(channels, channels // 2, 4, 2, 1, bias=False), _norm(dims)(channels // 2), nn.ReLU()]
+        layers += [deconv_layer(dims)(channels, channels // 2, 4, 2, 1, bias=False), norm_layer(dims)(channels // 2), nn.ReLU()]
         channels //= 2
-    layers.append(_deconv(dims)(channels, out_channels, 4, 2, 1))
+    layers.append(deconv_layer(dims)(channels, out_channels, 4, 2, 1))
     return nn.Sequential(*layers)
 
 
@@ -102,7 +102,7 @@ class LatentEncoder(nn.Module):
     def __init__(self, dims: int, in_channels: int, base_channels: int, patch_size: int, latent_dim: int, batch_norm: bool = True) -> None:
         super().__init__()
         self.features, channels = conv_pyramid(dims, in_channels, base_channels, patch_size, batch_norm)
-        self.to_latent = _conv(dims)(channels, latent_dim, BOTTOM_SIZE, 1, 0)
+        self.to_latent = conv_layer(dims)(channels, latent_dim, BOTTOM_SIZE, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_latent(self.features(x)).flatten(1)
@@ -126,7 +126,7 @@ class Discriminator(nn.Module):
     def __init__(self, dims: int, in_channels: int, base_channels: int, patch_size: int, batch_norm: bool = True) -> None:
         super().__init__()
         self.features, channels = conv_pyramid(dims, in_channels, base_channels, patch_size, batch_norm)
-        self.classifier = _conv(dims)(channels, 1, BOTTOM_SIZE, 1, 0)
+        self.classifier = conv_layer(dims)(channels, 1, BOTTOM_SIZE, 1, 0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.features(x)
