@@ -141,3 +141,17 @@ def test_training_positions_never_overlap_excluded_voxels(rng):
     # and only overlapping patches were dropped
     dropped = len(everything) - len(kept)
     assert dropped == sum(lesion[z, y : y + 8, x : x + 8].any() for z, y, x in everything)
+
+
+def test_patch_centres_span_minus_one_to_one():
+    from uadct.patches import PatchSpec, patch_centres
+
+    spec = PatchSpec(size=4, dims=3)
+    shape = (8, 8, 8)
+    centres = patch_centres(np.array([[0, 0, 0], [4, 4, 4], [2, 0, 4]]), spec, shape)
+    assert centres.dtype == np.float32 and centres.shape == (3, 3)
+    np.testing.assert_allclose(centres[0], [-0.5, -0.5, -0.5])
+    np.testing.assert_allclose(centres[1], [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(centres[2], [0.0, -0.5, 0.5])
+    flat = patch_centres(np.array([[3, 0, 0]]), PatchSpec(size=4, dims=2), (8, 8, 8))
+    np.testing.assert_allclose(flat[0], [-0.125, -0.5, -0.5])

@@ -280,3 +280,17 @@ def sliding_window_map(
     result = accumulator.result()
     result[mask == 0] = 0.0
     return result
+
+
+def patch_centres(positions: np.ndarray, spec: PatchSpec, volume_shape: tuple[int, int, int]) -> np.ndarray:
+    """Patch centres as normalised grid coordinates: ``(N, 3)`` start indices -> ``(N, 3)`` float32.
+
+    Each axis ``(z, y, x)`` maps the centre ``start + patch / 2`` (voxels) linearly onto
+    ``[-1, 1]`` over the volume's extent, so a model conditioned on position sees the
+    same numbers for the same atlas location whatever the patch size. This is the only
+    definition of a patch's position shared by training and scoring.
+    """
+    starts = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    centres = starts + np.asarray(spec.shape, dtype=np.float64) / 2.0
+    extent = np.asarray(volume_shape, dtype=np.float64)
+    return (2.0 * centres / extent - 1.0).astype(np.float32)
