@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from uadct.errors import CheckpointError
-from uadct.io import atomic_path
+from uadct.io import atomic_path, sha256_of
 from uadct.models import AnomalyModel, build_model
 
 FORMAT = "uadct-checkpoint"
@@ -34,6 +34,7 @@ class Checkpoint:
     model: AnomalyModel
     metadata: dict[str, Any]
     extra_state: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # of the file it was read from (outputs record which model made them)
 
     @property
     def preprocess(self) -> dict[str, Any]:
@@ -97,5 +98,20 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: weights do not fit model {metadata['model']!r} ({str(exc).splitlines()[0][:160]})") from None
+    _check_patch_geometry(path, metadata)
     model.to(device).eval()
-    return Checkpoint(model, metadata, payload.get("extra", {}))
+    return Checkpoint(model, metadata, payload.get("extra", {}), sha256_of(path))
+
+
+def _check_patch_geometry(path: str | Path, metadata: dict[str, Any]) -> None:
+    """The patch geometry the scorer will cut must be the one the network was built for."""
+    patch = metadata.get("patch")
+    config = metadata.get("model_config") or {}
+    if not isinstance(patch, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata has no patch geometry ('patch': {{'size', 'dims'}})")
+    for key, config_key in (("size", "patch_size"), ("dims", "dims")):
+        if config_key in config and patch.get(key) != config[config_key]:
+            raise CheckpointError(
+                f"{path}: patch {key} {patch.get(key)!r} in the metadata disagrees with the model's {config_key} "
+                f"{config[config_key]!r}; the file was edited or mixes two trainings"
+            )

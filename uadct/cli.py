@@ -276,7 +276,9 @@ def score(
     inputs: list[str] = typer.Argument(..., help="Raw scans, prepared subject folders, a folder of scans, or -."),
     output: Path = typer.Option(..., "-o", "--output", help="Map file for one input; a folder for several."),
     stride: int = typer.Option(4, help="Patch stride in voxels."),
-    batch_size: int = typer.Option(2048, help="Patches per forward pass."),
+    batch_size: str = typer.Option("auto", help="Patches per forward pass, or auto: the largest batch that fits the memory budget."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE",
+                                             help="Memory budget for scoring beyond the loaded program, e.g. 2G (default: 60% of free GPU memory, 25% of available RAM)."),
     device: str = typer.Option("auto"),
     brain_mask_out: Optional[Path] = typer.Option(None, help="Also write the brain mask on the subject's grid (file, or folder for several)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing maps."),
@@ -291,8 +293,11 @@ def score(
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
     from uadct.checkpoint import load_checkpoint
-    from uadct.scoring import score_scan
+    from uadct.memory import parse_memory
+    from uadct.scoring import score_if_needed
 
+    batch = _parse_batch_size(batch_size)
+    budget = parse_memory(max_memory) if max_memory else None
     checkpoint = load_checkpoint(model)
     paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=_subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
@@ -302,6 +307,7 @@ def score(
     if not many and len(paths) > 1:
         raise InputError(f"{output}: {len(paths)} inputs need an output folder, not a single map file")
     failures: list[str] = []
+    busy: list[str] = []
     records: list[dict[str, Any]] = []
     table = Table("subject", "map", "image score", "seconds", title=f"score with {model.name}")
     with _progress() as bar:
@@ -314,35 +320,54 @@ def score(
             mask_target = None
             if brain_mask_out is not None:
                 mask_target = brain_mask_out / f"{name}.nii.gz" if many else brain_mask_out
-            if target.exists() and not force:
-                bar.update(task, advance=1, info=f"{name}: exists")
-                table.add_row(name, str(target), "(exists)", "-")
-                records.append({"subject": name, "input": str(path), "map": str(target), "status": "skipped"})
-                continue
             started = time.perf_counter()
+            record: dict[str, Any] = {"subject": name, "input": str(path), "map": str(target)}
             try:
-                result = score_scan(checkpoint, path, target, stride=stride, batch_size=batch_size, device=device,
-                                    brain_mask_path=mask_target, gaussian_sigma=gaussian, output_kind=output_kind, mood=mood)
+                outcome = score_if_needed(checkpoint, path, target, force=force, brain_mask_path=mask_target, stride=stride,
+                                          batch_size=batch, device=device, gaussian_sigma=gaussian, output_kind=output_kind,
+                                          mood=mood, max_memory=budget)
             except UadctError as exc:
                 if not many:
                     raise
                 failures.append(str(exc))
-                records.append({"subject": name, "input": str(path), "status": "failed", "error": str(exc)})
+                records.append({**record, "status": "failed", "error": str(exc)})
                 bar.update(task, advance=1, info=f"{name}: failed")
                 continue
             seconds = time.perf_counter() - started
-            bar.update(task, advance=1, info=f"{name}: {result.image_score:.4f}")
-            table.add_row(name, str(target), f"{result.image_score:.4f}", f"{seconds:.1f}")
-            records.append({"subject": name, "input": str(path), "map": str(target), "status": "done",
-                            "image_score": result.image_score, "seconds": round(seconds, 2)})
+            if outcome.result is None:
+                label = "(exists)" if outcome.status == "skipped" else "(busy: another task)"
+                if outcome.status == "busy":
+                    busy.append(outcome.message)
+                table.add_row(name, str(target), label, "-")
+                records.append({**record, "status": outcome.status})
+                bar.update(task, advance=1, info=f"{name}: {outcome.status}")
+                continue
+            bar.update(task, advance=1, info=f"{name}: {outcome.result.image_score:.4f}")
+            table.add_row(name, str(target), f"{outcome.result.image_score:.4f}", f"{seconds:.1f}")
+            records.append({**record, "status": "done", "image_score": outcome.result.image_score, "seconds": round(seconds, 2)})
     if as_json:
         print(json.dumps(records, indent=2))
     else:
         out.print(table)
+    for message in busy:
+        console.print(f"[yellow]skipped[/yellow] {message}")
     for failure in failures:
         console.print(f"[red]failed[/red] {failure}")
     if failures:
         raise typer.Exit(1)
+
+
+def _parse_batch_size(text: str) -> int | None:
+    """``auto`` -> None (sized from the memory budget); else a positive integer."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"--batch-size {text!r}: expected a number of patches or auto") from None
+    if value < 1:
+        raise InputError(f"--batch-size {text!r}: must be at least 1")
+    return value
 
 
 def _subject_name(path: Path) -> str:

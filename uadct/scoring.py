@@ -9,6 +9,7 @@ the input scan; float32; background 0).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from uadct.atlas import load_atlas
 from uadct.checkpoint import Checkpoint, load_checkpoint
 from uadct.errors import CheckpointError, InputError, UadctError
 from uadct.io import array_like, read_image, sha256_of, write_image, write_json, write_text
+from uadct.locks import output_lock, remove_stale_temporaries
+from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
 from uadct.patches import PatchSpec, sliding_window_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
 from uadct.train import resolve_device
@@ -76,28 +79,64 @@ def score_volume(
     image: np.ndarray,
     mask: np.ndarray,
     stride: int = 4,
-    batch_size: int = 2048,
+    batch_size: int | None = None,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
     gaussian_sigma: float | None = None,
     output_kind: str | None = None,
+    max_memory: int | None = None,
+    plan_out: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Anomaly map ``(D, H, W)`` float32 of a prepared volume on the atlas grid.
 
     ``gaussian_sigma``: gaussian-weighted overlap averaging (sigma as a fraction of the
     patch edge; None: plain mean). ``output_kind``: ``"voxel"`` or ``"scalar"`` (default:
-    the model's first declared output).
+    the model's first declared output). ``batch_size`` None picks the largest batch that
+    fits ``max_memory`` bytes (default: a share of the free memory, see
+    :mod:`uadct.memory`); a given batch that does not fit is a :class:`MemoryLimitError`.
+    A batch that runs out of memory anyway is split and retried. ``plan_out`` receives
+    the batch plan (for sidecars and logs).
     """
     patch = checkpoint.metadata.get("patch", {})
     spec = PatchSpec(int(patch.get("size", 16)), int(patch.get("dims", 2)))
     if gaussian_sigma is not None and not gaussian_sigma > 0:
         raise UadctError(f"gaussian sigma must be a positive fraction of the patch size, got {gaussian_sigma}")
+    if batch_size is not None and batch_size < 1:
+        raise UadctError(f"batch size must be at least 1 patch, got {batch_size}")
     torch_device = resolve_device(device)
     model = checkpoint.model.to(torch_device).eval()
     predictor = patch_predictor(model, torch_device, output_kind)
-    return sliding_window_map(
-        image.astype(np.float32), mask, predictor, spec, stride, batch_size, gaussian_sigma=gaussian_sigma, progress=progress
+    plan = plan_scoring_batch(model, spec, image.shape, torch_device, batch_size, max_memory)
+    log.info("scoring %s", plan.describe())
+    stats: dict[str, Any] = {}
+    result = sliding_window_map(
+        image.astype(np.float32), mask, predictor, spec, stride, plan.batch_size, gaussian_sigma=gaussian_sigma,
+        progress=progress, adapt_to_memory=True, stats=stats,
     )
+    if plan_out is not None:
+        plan_out.update({"batch_size": plan.batch_size, "memory_budget_bytes": plan.budget,
+                         "bytes_per_patch": plan.per_patch, "fixed_bytes": plan.fixed, **stats})
+    return result
+
+
+# bytes per atlas-grid voxel the scorer holds whatever the batch: the image (float32, and
+# its copy), the mask, the float64 sum and int32 count of the accumulator, the transient
+# int64 cumulative sums of the count, the position grid's box sums and the float32 result
+SCORING_BYTES_PER_VOXEL = 72
+# bytes per patch voxel outside the model: the cut patch (float32), its tensor copy, the
+# float64 values and int64 flat indices of the overlap-add
+SCORING_BYTES_PER_PATCH_VOXEL = 32
+
+
+def plan_scoring_batch(model: torch.nn.Module, spec: PatchSpec, volume_shape: tuple[int, ...], device: torch.device,
+                       batch_size: int | None = None, max_memory: int | None = None) -> BatchPlan:
+    """The scoring batch size for ``model`` on a volume of ``volume_shape`` within a memory budget."""
+    patch_voxels = int(np.prod(spec.shape))
+    model_shape = (1,) + tuple(spec.shape[1:] if spec.dims == 2 else spec.shape)
+    per_patch = inference_bytes_per_patch(model, model_shape, device) + SCORING_BYTES_PER_PATCH_VOXEL * patch_voxels
+    fixed = SCORING_BYTES_PER_VOXEL * int(np.prod(volume_shape)) + model_bytes(model)
+    budget = max_memory if max_memory is not None else default_budget(device)
+    return plan_batch(batch_size, per_patch, fixed, budget, "scoring")
 
 
 def mood_scaled(anomaly_map: np.ndarray, mask: np.ndarray, scale: float | None) -> tuple[np.ndarray, str]:
@@ -132,12 +171,24 @@ def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int = IM
     return float(np.partition(values, values.size - k)[-k:].mean())
 
 
+def score_settings(checkpoint: Checkpoint, stride: int = 4, gaussian_sigma: float | None = None,
+                   output_kind: str | None = None, mood: bool = False) -> dict[str, Any]:
+    """Everything that decides a map's values; a map made with other settings is not "done"."""
+    return {
+        "checkpoint_sha256": checkpoint.sha256,
+        "stride": int(stride),
+        "gaussian_sigma": gaussian_sigma,
+        "output_kind": resolve_output_kind(checkpoint.model, output_kind),
+        "mood": bool(mood),
+    }
+
+
 def score_scan(
     checkpoint: Checkpoint | str | Path,
     subject: str | Path,
     out_path: str | Path,
     stride: int = 4,
-    batch_size: int = 2048,
+    batch_size: int | None = None,
     device: str = "auto",
     atlas_map_path: str | Path | None = None,
     brain_mask_path: str | Path | None = None,
@@ -145,13 +196,16 @@ def score_scan(
     gaussian_sigma: float | None = None,
     output_kind: str | None = None,
     mood: bool = False,
+    max_memory: int | None = None,
 ) -> ScoreResult:
     """Score a raw scan (or a prepared subject folder) and write its native-space map.
 
-    Also writes ``<map>.json`` (image-level score, checkpoint, timings); optionally the
-    map on the atlas grid and the brain mask on the subject's grid. With ``mood`` the
-    map is scaled to [0, 1] (see :func:`mood_scaled`) and the image-level score of the
-    scaled map, also in [0, 1], is written alone to ``<map>.txt`` (MOOD sample score).
+    Also writes ``<map>.json`` (image-level score, checkpoint, settings, timings), always
+    last, so a map is complete only when its sidecar exists; optionally the map on the
+    atlas grid and the brain mask on the subject's grid. With ``mood`` the map is scaled
+    to [0, 1] (see :func:`mood_scaled`) and the image-level score of the scaled map, also
+    in [0, 1], is written alone to ``<map>.txt`` (MOOD sample score). ``batch_size`` None:
+    automatic within ``max_memory`` bytes (see :func:`score_volume`).
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint_path = Path(checkpoint)
@@ -160,6 +214,7 @@ def score_scan(
         checkpoint_path = None
     subject = Path(subject)
     out_path = Path(out_path)
+    settings = score_settings(checkpoint, stride, gaussian_sigma, output_kind, mood)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     if subject.is_dir():
@@ -178,6 +233,7 @@ def score_scan(
         expected = checkpoint.metadata.get("atlas", {}).get("sha256")
         if expected and expected != atlas.checksum:
             raise CheckpointError(f"the atlas {config.atlas!r} in the cache differs from the one the model was trained on (checksum)")
+        _check_memory_before_work(checkpoint, atlas.brain.GetSize()[::-1], device, batch_size, max_memory)
         try:
             result = run_preprocessing(image, config, atlas)
         except UadctError as exc:
@@ -187,9 +243,10 @@ def score_scan(
     timings["preprocess"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     mask_array = sitk.GetArrayFromImage(atlas_mask)
+    plan: dict[str, Any] = {}
     atlas_map = score_volume(
         checkpoint, sitk.GetArrayFromImage(atlas_image), mask_array, stride, batch_size, device, progress,
-        gaussian_sigma=gaussian_sigma, output_kind=output_kind,
+        gaussian_sigma=gaussian_sigma, output_kind=output_kind, max_memory=max_memory, plan_out=plan,
     )
     scaling = None
     if mood:
@@ -208,7 +265,7 @@ def score_scan(
     score = image_level_score(atlas_map, mask_array)
     write_image(native_map, out_path)
     if mood:
-        write_text(f"{score:.6f}\n", Path(str(out_path) + ".txt"))
+        write_text(f"{score:.6f}\n", mood_score_path(out_path))
     if atlas_map_path is not None:
         write_image(atlas_map_image, atlas_map_path)
     if brain_mask_path is not None:
@@ -224,14 +281,89 @@ def score_scan(
             "checkpoint": str(checkpoint_path) if checkpoint_path else None,
             "model": checkpoint.metadata.get("model"),
             "stride": stride,
-            "output_kind": resolve_output_kind(checkpoint.model, output_kind),
+            "output_kind": settings["output_kind"],
             "gaussian_sigma": gaussian_sigma,
             "mood_scaling": scaling,
+            "settings": settings,
+            "batch": plan,
             "timings_s": timings,
         },
         json_path,
     )
     return ScoreResult(out_path, json_path, score, timings)
+
+
+def _check_memory_before_work(checkpoint: Checkpoint, volume_shape: tuple[int, ...], device: str,
+                              batch_size: int | None, max_memory: int | None) -> None:
+    """Fail on a batch that cannot fit before minutes of preprocessing are spent."""
+    patch = checkpoint.metadata.get("patch", {})
+    spec = PatchSpec(int(patch.get("size", 16)), int(patch.get("dims", 2)))
+    torch_device = resolve_device(device)
+    plan_scoring_batch(checkpoint.model.to(torch_device).eval(), spec, tuple(volume_shape), torch_device, batch_size, max_memory)
+
+
+def mood_score_path(map_path: str | Path) -> Path:
+    """``case.nii.gz`` -> ``case.nii.gz.txt`` (the MOOD sample-score file)."""
+    return Path(str(map_path) + ".txt")
+
+
+def map_state(out_path: str | Path, settings: dict[str, Any]) -> str:
+    """``"done"`` (map and sidecar there, same settings), ``"different"`` (made with other
+    settings or another checkpoint) or ``"missing"`` (absent, or left incomplete by a killed run)."""
+    out_path = Path(out_path)
+    json_path = sidecar_path(out_path)
+    if not out_path.is_file() or not json_path.is_file():
+        return "missing"
+    if settings.get("mood") and not mood_score_path(out_path).is_file():
+        return "missing"
+    try:
+        recorded = json.loads(json_path.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return "missing"
+    return "done" if recorded == settings else "different"
+
+
+@dataclass
+class ScoreOutcome:
+    """What happened to one subject in a batch: ``status`` is done, skipped, busy or failed."""
+
+    status: str
+    result: ScoreResult | None = None
+    message: str = ""
+
+
+def score_if_needed(
+    checkpoint: Checkpoint,
+    subject: str | Path,
+    out_path: str | Path,
+    force: bool = False,
+    brain_mask_path: str | Path | None = None,
+    **options: Any,
+) -> ScoreOutcome:
+    """Score one subject unless its map is complete; safe beside other tasks writing the same folder.
+
+    Holds the map's lock (:mod:`uadct.locks`) while deciding and writing, so two array
+    tasks never write one map; a map another live task holds is reported ``busy``.
+    Temporary files left by a killed run are removed; a map whose sidecar is missing
+    (the run died between the two writes) is redone. A complete map made with other
+    settings is an error unless ``force``. ``options`` go to :func:`score_scan`.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    settings = score_settings(checkpoint, options.get("stride", 4), options.get("gaussian_sigma"),
+                              options.get("output_kind"), options.get("mood", False))
+    with output_lock(out_path.parent, out_path.name) as mine:
+        if not mine:
+            return ScoreOutcome("busy", message=f"{out_path}: another task is writing this map")
+        for written in (out_path, sidecar_path(out_path), mood_score_path(out_path), brain_mask_path):
+            if written is not None:
+                remove_stale_temporaries(written)
+        state = map_state(out_path, settings)
+        if state == "done" and not force:
+            return ScoreOutcome("skipped", message=f"{out_path}: done")
+        if state == "different" and not force:
+            raise UadctError(f"{out_path}: exists, made with another checkpoint or other settings; use --force to overwrite")
+        return ScoreOutcome("done", score_scan(checkpoint, subject, out_path, brain_mask_path=brain_mask_path, **options))
 
 
 def sidecar_path(map_path: str | Path) -> Path:
