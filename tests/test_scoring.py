@@ -99,11 +99,33 @@ def test_mood_layout_names_maps_like_inputs_with_sample_scores(threshold_model, 
         values = sitk.GetArrayFromImage(image)
         brain = sitk.GetArrayFromImage(reference) > 0
         assert values.min() >= 0.0 and values.max() <= 1.0
-        assert values.max() > 0.99  # per-case min-max: the brightest brain voxel reaches 1
+        assert values.max() > 0.99  # the brightest 0.1 % of healthy voxels reach the scale
         assert not values[~brain].any()
         sample = float((out / f"{name}.txt").read_text())
         assert 0.0 <= sample <= 1.0 and sample > 0.5  # mean of the top voxels of a [0, 1] map
-    assert json.loads((out / "case-0.json").read_text())["mood_scaling"] == "per-case min-max inside the brain"
+    assert json.loads((out / "case-0.json").read_text())["mood_scaling"].endswith("(checkpoint score_scale)")
+
+
+def test_training_stores_a_healthy_score_scale_that_mood_maps_divide_by(threshold_model, tmp_path):
+    """The scale is the 99.9th percentile of held-out healthy scores; every MOOD map is clip(map / scale)."""
+    from uadct.preprocess.pipeline import load_prepared
+
+    model, prep, _ = threshold_model
+    checkpoint = load_checkpoint(model)
+    scale = checkpoint.metadata["score_scale"]
+    validation = checkpoint.metadata["training"]["validation_subjects"]
+    prepared = load_prepared(prep / validation[0])
+    brain = sitk.GetArrayFromImage(prepared.image)[sitk.GetArrayFromImage(prepared.mask) > 0]
+    # the intensity model scores a voxel by its intensity: the scale is a high healthy intensity
+    assert np.quantile(brain, 0.99) < scale <= brain.max() + 1e-6
+    plain = runner.invoke(app, ["score", str(model), str(prep / "case-1"), "-o", str(tmp_path / "plain.nii.gz")])
+    mood = runner.invoke(app, ["score", str(model), str(prep / "case-1"), "-o", str(tmp_path / "mood"), "--mood"])
+    assert plain.exit_code == 0 and mood.exit_code == 0, mood.output
+    raw_map = sitk.GetArrayFromImage(read_image(tmp_path / "plain.nii.gz", allow_empty=True))
+    scaled = sitk.GetArrayFromImage(read_image(tmp_path / "mood" / "case-1.nii.gz", allow_empty=True))
+    below = (raw_map > 0.05 * scale) & (raw_map < 0.95 * scale)  # clipping before or after interpolation agree away from 0 and 1
+    np.testing.assert_allclose(scaled[below], raw_map[below] / scale, atol=1e-5)
+    assert np.all(scaled[raw_map >= scale] >= 0.999)
 
 
 def _oblique_lps_scan(brain: sitk.Image, spacing=(1.8, 2.2, 3.0), degrees=(6.0, -4.0, 3.0)) -> sitk.Image:

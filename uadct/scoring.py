@@ -162,6 +162,35 @@ def mood_scaled(anomaly_map: np.ndarray, mask: np.ndarray, scale: float | None) 
     return out, "per-case min-max inside the brain"
 
 
+SCORE_SCALE_QUANTILE = 0.999
+
+
+def estimate_score_scale(model: torch.nn.Module, patches: np.ndarray, masks: np.ndarray, batch_size: int,
+                         device: torch.device, output_kind: str | None = None, quantile: float = SCORE_SCALE_QUANTILE) -> float | None:
+    """A robust maximum of healthy scores: the ``quantile`` of the model's outputs on held-out
+    healthy patches ``(N, 1, *patch)`` (voxel outputs inside the brain masks, or the
+    per-patch scalars). Stored in checkpoints as ``score_scale`` so MOOD maps are scaled by
+    one fixed, case-independent factor. None when nothing was scored or the value is not positive.
+    """
+    key = resolve_output_kind(model, output_kind)
+    values = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(patches), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)).to(device)
+            mask = torch.from_numpy(np.ascontiguousarray(masks[start : start + batch_size], dtype=np.float32)).to(device)
+            output = model.score_patches(batch, mask)[key].float()
+            if key == "voxel":
+                output = output.reshape(mask.shape)[mask > 0]
+            values.append(output.reshape(-1).cpu().numpy())
+    flat = np.concatenate(values) if values else np.zeros(0)
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return None
+    scale = float(np.quantile(flat, quantile))
+    return scale if scale > 0 else None
+
+
 def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int = IMAGE_SCORE_TOP_K) -> float:
     """Mean of the ``top_k`` highest map values inside the mask."""
     values = anomaly_map[mask > 0]

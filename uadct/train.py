@@ -422,6 +422,9 @@ def _train(
     statistics_images, statistics_masks = sampler.sample(config.statistics_patches)
     with torch.no_grad():
         model.fit_statistics(torch.from_numpy(statistics_images).to(device), torch.from_numpy(statistics_masks).to(device))
+    from uadct.scoring import MOOD_SCALE_KEY, estimate_score_scale
+
+    score_scale = estimate_score_scale(model, val_images, val_masks, config.batch_size, device)
     seconds = time.perf_counter() - started
     metadata = {
         "patch": {"size": spec.size, "dims": spec.dims},
@@ -439,6 +442,7 @@ def _train(
         },
         "history": history,
         "versions": library_versions(),
+        MOOD_SCALE_KEY: score_scale,
     }
     checkpoint = save_checkpoint(out_path, model.cpu(), metadata)
     write_json(history, Path(str(out_path) + ".history.json"))
