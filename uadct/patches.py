@@ -206,10 +206,12 @@ class OverlapAccumulator:
 
     def _add_by_slices(self, positions: np.ndarray, values: np.ndarray) -> None:
         """One slice-add per patch: for big patches the per-patch Python cost is negligible and
-        contiguous block adds beat np.add.at's per-element scatter (measured ~4x for 32^3)."""
+        contiguous block adds beat np.add.at's per-element scatter (measured ~4x for 32^3).
+        Blocks are added in their own dtype (float32 -> float64 is exact inside the ufunc):
+        converting each block first cost 3x (measured 935 vs 3083 patches/s for 32^3)."""
         dz, dy, dx = self.spec.shape
-        for (z, y, x), value in zip(positions, values):
-            block = value.reshape(self.spec.shape).astype(np.float64)
+        blocks = values.reshape((len(values),) + self.spec.shape)
+        for (z, y, x), block in zip(positions.tolist(), blocks):  # Python ints slice faster than numpy scalars
             if self.uniform:
                 self.total[z : z + dz, y : y + dy, x : x + dx] += block
             else:
