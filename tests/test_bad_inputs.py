@@ -378,3 +378,31 @@ def test_geometry_matches_simpleitk(tmp_path):
     np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin())
     np.testing.assert_allclose(image.GetDirection(), reference.GetDirection())
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(reference))
+
+
+@pytest.fixture(scope="module")
+def intensity_model(atlas_grid_subjects, tmp_path_factory) -> Path:
+    """A `threshold` checkpoint trained on two prepared 2 mm subjects."""
+    from typer.testing import CliRunner
+
+    from uadct.cli import app
+
+    root = tmp_path_factory.mktemp("bad-inputs-model")
+    _, prep = atlas_grid_subjects(root, ["case-0", "case-1"])
+    model = root / "threshold.pt"
+    trained = CliRunner().invoke(app, ["train", str(prep), "-o", str(model), "--model", "threshold", "--validation-patches", "128"])
+    assert trained.exit_code == 0, trained.output
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_cli_score_exits_2_with_one_line_and_no_output(tmp_path, monkeypatch, capsys, intensity_model, name):
+    path, _ = _build(tmp_path, name)
+    out_map = tmp_path / "out" / "map.nii.gz"
+    code = _run_cli(monkeypatch, "score", str(intensity_model), str(path), "-o", str(out_map))
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], captured.err
+    assert not [p for p in out_map.parent.rglob("*") if p.is_file()] if out_map.parent.exists() else True

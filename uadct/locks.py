@@ -5,8 +5,8 @@ shards or overlapping ones by mistake. Before a subject is (re)written its task 
 exclusive, non-blocking POSIX lock (``fcntl.lockf``, which NFSv4 and Lustre honour) on
 ``<folder>/.uadct-locks/<name>.lock``. A task that cannot take the lock skips the subject
 (another live task is writing it). The kernel drops the lock when its holder dies, even
-under ``kill -9``, so a crashed task never blocks a rerun; lock files themselves are empty
-and harmless. While holding the lock, a task also removes the temporary files a killed
+under ``kill -9``, so a crashed task never blocks a rerun; the empty lock file it leaves
+is reused and removed by the next run. While holding the lock, a task also removes the temporary files a killed
 predecessor left behind for that subject (see :func:`remove_stale_temporaries`).
 """
 
@@ -33,27 +33,52 @@ except ImportError:  # pragma: no cover - Windows
 def output_lock(folder: str | Path, name: str) -> Iterator[bool]:
     """Try to lock output ``name`` in ``folder``; yields True when this process holds it.
 
-    Non-blocking: yields False at once when another process holds the lock. The lock is
-    released when the block ends (or the process dies).
+    Non-blocking: yields False at once when another process holds the lock. On release
+    the lock file is deleted (and the lock folder, once empty), so finished runs leave
+    nothing behind. A process that locked a file another one had just deleted notices
+    that the path no longer names its file and tries again on the new one.
     """
     lock_dir = Path(folder) / LOCK_FOLDER
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    path = lock_dir / f"{name}.lock"
     if fcntl is None:  # pragma: no cover - Windows
         yield True
         return
-    descriptor = os.open(lock_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    for _ in range(100):
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed between mkdir and open
+            continue
         try:
             fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            os.close(descriptor)
             yield False
             return
-        try:
-            yield True
-        finally:
-            fcntl.lockf(descriptor, fcntl.LOCK_UN)
+        if _same_file(descriptor, path):
+            break
+        os.close(descriptor)  # locked a file that was deleted meanwhile: take the current one
+    else:  # pragma: no cover - needs a pathological race
+        yield False
+        return
+    try:
+        yield True
     finally:
-        os.close(descriptor)
+        path.unlink(missing_ok=True)
+        try:
+            lock_dir.rmdir()
+        except OSError:
+            pass  # other locks live there
+        os.close(descriptor)  # closing releases the lock
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino)
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
