@@ -136,8 +136,13 @@ def test_evaluate_folder_numbers_and_files(cohort: dict[str, Path]) -> None:
     assert result.pooled["best_dice_threshold"] == pytest.approx(0.5)
 
     out = cohort["out"]
-    assert result.files == {"json": out / "metrics.json", "csv": out / "metrics.csv", "markdown": out / "report.md"}
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json", "report.md"]  # no temp files
+    names = {"json": "metrics.json", "csv": "metrics.csv", "markdown": "report.md", "roc": "roc.png", "pr": "pr.png",
+             "image_roc": "image_roc.png"}
+    assert result.files == {kind: out / name for kind, name in names.items()}
+    assert sorted(p.name for p in out.iterdir()) == sorted(names.values())  # no temp files
+    for kind in ("roc", "pr", "image_roc"):
+        assert result.files[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert result.files[kind].stat().st_size > 10_000
 
     saved = strict_json(out / "metrics.json")
     assert [row["subject"] for row in saved["per_subject"]] == ["sub-a", "sub-b", "sub-c"]
