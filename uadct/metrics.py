@@ -171,7 +171,7 @@ def threshold_at_fpr(sorted_positives: np.ndarray, sorted_negatives: np.ndarray,
             candidates.append(float(values[index]))
     if candidates:
         return min(candidates)
-    return float(np.nextafter(np.float32(below), np.float32(np.inf)))
+    return float(np.nextafter(float(below), math.inf))
 
 
 def counts_at_threshold(sorted_positives: np.ndarray, sorted_negatives: np.ndarray, threshold: float) -> tuple[int, int]:
