@@ -333,3 +333,33 @@ def test_html_page_embeds_every_subject_and_lists_the_bad_ones(case, tmp_path):
     assert len(images) == 2
     assert all(base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
     assert "sub-bad.nii.gz: not on the grid" in page and "label" in page
+
+
+def test_cli_heatmap_png_and_html_exit_codes(case, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "uadct", "heatmap", *args], capture_output=True, text=True, timeout=300)
+
+    png = tmp_path / "one.png"
+    done = run(str(case.subject), str(case.anomaly_map), "-o", str(png), "--label", str(case.label), "--slices", "3",
+               "--threshold", "0.2", "--unit", "test units")
+    assert done.returncode == 0, done.stderr
+    assert png.stat().st_size > 50_000 and _overlay_pixels(_panel_region(_pixels(png), 3)) > 200
+
+    scans, maps = tmp_path / "scans", tmp_path / "maps"
+    scans.mkdir()
+    maps.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(case.subject, scans / f"{name}.nii.gz")
+    shutil.copy(case.anomaly_map, maps / "a.nii.gz")
+    write_image(_resample(case.map_image, (3.0, 3.0, 3.0)), maps / "b.nii.gz")
+    page = tmp_path / "page.html"
+    partly = run("--html", str(scans), str(maps), "-o", str(page), "--slices", "2")
+    assert partly.returncode == 1 and "b" in partly.stderr and "Traceback" not in partly.stderr
+    assert page.read_text().count("data:image/png;base64,") == 1
+    fixed = run("--html", str(scans), str(maps), "-o", str(page), "--slices", "2", "--resample")
+    assert fixed.returncode == 0, fixed.stderr
+    assert page.read_text().count("data:image/png;base64,") == 2

@@ -171,13 +171,24 @@ def threshold_at_fpr(sorted_positives: np.ndarray, sorted_negatives: np.ndarray,
             candidates.append(float(values[index]))
     if candidates:
         return min(candidates)
-    return float(np.nextafter(float(below), math.inf))
+    # one step up in the scores' own precision, so the threshold compares the same in float32 and float64
+    dtype = below.dtype if below.dtype.kind == "f" else np.dtype(np.float64)
+    return float(np.nextafter(below.astype(dtype), dtype.type(np.inf)))
 
 
 def counts_at_threshold(sorted_positives: np.ndarray, sorted_negatives: np.ndarray, threshold: float) -> tuple[int, int]:
-    """(true positives, false positives) with ``score >= threshold``, from ascending-sorted scores."""
-    true_positives = int(sorted_positives.size - np.searchsorted(sorted_positives, threshold, side="left"))
-    false_positives = int(sorted_negatives.size - np.searchsorted(sorted_negatives, threshold, side="left"))
+    """(true positives, false positives) with ``score >= threshold``, from ascending-sorted scores.
+
+    The threshold is compared in the scores' precision (as ``scores >= threshold`` does for a
+    float32 array and a Python float).
+    """
+
+    def at_or_above(values: np.ndarray) -> int:
+        value = values.dtype.type(threshold) if values.dtype.kind == "f" else threshold
+        return int(values.size - np.searchsorted(values, value, side="left"))
+
+    true_positives = at_or_above(sorted_positives)
+    false_positives = at_or_above(sorted_negatives)
     return true_positives, false_positives
 
 
