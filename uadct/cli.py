@@ -472,7 +472,8 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     try:
-        return f"{float(value):.3f}"
+        number = float(value)
+        return "n/a" if number != number else f"{number:.3f}"
     except (TypeError, ValueError):
         return str(value)
 

@@ -484,7 +484,7 @@ def _pooled(
     elif validation is not None and validation["voxel_threshold"] is not None:
         lesion_threshold, source = validation["voxel_threshold"], f"validation report {options.threshold_from}"
     else:
-        lesion_threshold, source = pooled["best_dice_threshold"], "pooled best-Dice threshold of this set (optimistic)"
+        lesion_threshold, source = pooled["best_dice_threshold"], "pooled best-Dice threshold of this set, optimistic"
     for s, row in zip(loaded, per_subject):
         if math.isnan(lesion_threshold):
             counts = {"n_lesions": 0, "n_detected": 0, "n_predicted_clusters": 0, "n_fp_clusters": 0}
@@ -553,7 +553,7 @@ def _image_level(
     if validation is not None:
         applied, source, optimistic = validation["image_threshold"], f"validation report {options.threshold_from}", False
     else:
-        applied, source, optimistic = f1_threshold, "F1-optimal on this set (optimistic)", True
+        applied, source, optimistic = f1_threshold, "F1-optimal on this set, optimistic", True
     result.update({"threshold": applied, "threshold_source": source, "optimistic": optimistic})
     if math.isnan(applied):
         result.update({name: math.nan for name in IMAGE_METRIC_FIELDS})
@@ -682,7 +682,7 @@ def _markdown_text(
             if options.min_component_size > 1 else []
         ),
         "",
-        "## Means over subjects (95% bootstrap interval)" if options.bootstrap else "## Means over subjects",
+        f"## Means over subjects ({options.confidence:.0%} bootstrap interval)" if options.bootstrap else "## Means over subjects",
         "",
         *(f"- {name}: {_number(value)}{_interval(pooled, 'mean_' + name)}" for name, value in mean.items()),
         "",

@@ -553,13 +553,13 @@ def plot_voxel_curves(
         raise UadctError(f"kind must be 'roc' or 'pr', got {kind!r}")
     figure, axes = _curve_figure()
     x_key, y_key = ("fpr", "tpr") if kind == "roc" else ("tpr", "precision")
-    for points in subjects.values():
-        if points[x_key].size:
-            axes.plot(points[x_key], points[y_key], color="0.6", linewidth=0.6, alpha=0.7)
+    drawn = [points for points in subjects.values() if points[x_key].size]  # subjects with both classes
+    for points in drawn:
+        axes.plot(points[x_key], points[y_key], color="0.6", linewidth=0.6, alpha=0.7)
     name = "AUROC" if kind == "roc" else "AUPRC"
     axes.plot(pooled[x_key], pooled[y_key], color="#c0392b", linewidth=2.0, label=f"pooled ({name} {area:.3f})")
-    if subjects:
-        axes.plot([], [], color="0.6", linewidth=0.6, label=f"per subject ({len(subjects)})")
+    if drawn:
+        axes.plot([], [], color="0.6", linewidth=0.6, label=f"per subject ({len(drawn)} with lesions)")
     if kind == "roc":
         axes.plot([0, 1], [0, 1], color="0.3", linestyle=":", linewidth=0.8, label="chance")
         axes.set(xlabel="false-positive rate (normal brain voxels)", ylabel="true-positive rate (lesion voxels)",
