@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -488,3 +487,37 @@ def test_cli_end_to_end_files_and_exit_codes(cohort: dict[str, Path]) -> None:
 
     bad = run_cli("evaluate", str(cohort["maps"]), str(cohort["labels"]), "-o", str(out), "--fpr", "one")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "--fpr" in bad.stderr
+
+
+def test_slice_level_image_metrics(tmp_path: Path) -> None:
+    """Axial slices as samples: slice scores and flags follow the anatomy, not the stored array order."""
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[8:10, 5:15, 5:15] = 1  # lesion on array slices 8, 9 (axis 0)
+    score = brain_map()
+    score[label == 1] = 1.0
+    score[12, 5:10, 5:10] = 0.7  # a hot patch on normal slice 12
+    write_volume(score, tmp_path / "maps" / "s.nii.gz")
+    write_volume(label, tmp_path / "labels" / "s.nii.gz")
+    result = evaluate_folder(tmp_path / "maps", tmp_path / "labels", tmp_path / "out",
+                             options=options(image_level="slice", bootstrap=50))
+    image = result.pooled["image_level"]
+    assert image["unit"] == "slice" and (image["n_abnormal"], image["n_normal"]) == (2, 14)  # 16 brain slices
+    # each slice has 256 brain voxels; its score is the mean of the top 13 (5 %): 1.0 on lesion slices,
+    # 0.7 on slice 12, 0.1 elsewhere -> perfect separation, F1-optimal threshold 1.0
+    assert image["auroc"] == 1.0 and image["f1_optimal_threshold"] == pytest.approx(1.0) and image["f1"] == 1.0
+
+    # the same volume stored with axial along the last array axis: the same slices are found
+    moved = tmp_path / "moved"
+    for name, array in (("maps", score), ("labels", label)):
+        image_ = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(array, 0, 2)))
+        image_.SetDirection((0, 0, 1, 0, 1, 0, 1, 0, 0))  # index x runs along z (superior)
+        (moved / name).mkdir(parents=True)
+        sitk.WriteImage(image_, str(moved / name / "s.nii.gz"))
+    again = evaluate_folder(moved / "maps", moved / "labels", moved / "out", options=options(image_level="slice", bootstrap=0))
+    assert (again.pooled["image_level"]["n_abnormal"], again.pooled["image_level"]["n_normal"]) == (2, 14)
+
+    # a subject-level validation threshold does not apply to slices
+    subject_report = evaluate_folder(tmp_path / "maps", tmp_path / "labels", tmp_path / "subject", options=options())
+    with pytest.raises(InputError, match=r"per subject.*per slice"):
+        evaluate_folder(tmp_path / "maps", tmp_path / "labels", tmp_path / "out",
+                        options=options(image_level="slice", threshold_from=subject_report.files["json"]))

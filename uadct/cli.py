@@ -426,6 +426,7 @@ def evaluate(
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples over subjects for confidence intervals (0: none)."),
     seed: int = typer.Option(0, help="Bootstrap seed."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write roc.png, pr.png and image_roc.png."),
+    image_level: str = typer.Option("subject", metavar="subject|slice", help="Samples of the image-level metrics: subjects or axial slices."),
 ) -> None:
     """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
     from uadct.evaluate import EvaluationOptions, evaluate_folder, fpr_key
@@ -437,7 +438,7 @@ def evaluate(
     options = EvaluationOptions(
         fprs=fprs, median_filter=median_filter, min_component_size=min_component_size, threshold=threshold,
         lesion_overlap=lesion_overlap, image_top_k=top_k, unlabelled_are_normal=unlabelled_normal,
-        threshold_from=threshold_from, bootstrap=bootstrap, seed=seed, plots=plots,
+        threshold_from=threshold_from, bootstrap=bootstrap, seed=seed, plots=plots, image_level=image_level,
     )
     with _progress() as bar:
         task = bar.add_task("evaluate", total=None, info="")
@@ -458,7 +459,7 @@ def evaluate(
                       _fmt(row.get("image_score")), style="bold" if row["subject"] == "pooled" else None)
     out.print(table)
     image = result.pooled["image_level"]
-    out.print(f"image level: AUROC {_fmt(image['auroc'])}, F1 {_fmt(image['f1'])} at threshold {_fmt(image['threshold'])} "
+    out.print(f"image level ({image['unit']}s): AUROC {_fmt(image['auroc'])}, F1 {_fmt(image['f1'])} at threshold {_fmt(image['threshold'])} "
               f"({image['threshold_source']})", highlight=False)
     for kind, path in result.files.items():
         out.print(f"{kind}: {path}")

@@ -36,7 +36,11 @@ What is measured (every threshold ``t`` calls a voxel anomalous when ``score >= 
   every metric as subjects without lesions). AUROC over subjects, the F1-optimal threshold
   on this set, and accuracy, sensitivity, specificity, precision and F1 at the threshold
   read from ``threshold_from`` (the ``metrics.json`` of an earlier run on a validation
-  set) or, without it, at this set's F1-optimal threshold (flagged optimistic).
+  set) or, without it, at this set's F1-optimal threshold (flagged optimistic). With
+  ``image_level="slice"`` the samples are the axial slices (the array axis closest to
+  superior-inferior) holding brain voxels instead: a slice's score is the mean of its top
+  ``SLICE_TOP_FRACTION`` (5 %) brain voxels of the map as read, and it is abnormal when it
+  holds a lesion voxel; AUROC and thresholds then pool the slices of all subjects.
 - **Bootstrap** percentile intervals (``bootstrap`` resamples of the subjects, seeded)
   for the means over subjects, the pooled Dice at the pooled fixed-FPR thresholds and
   the pooled detection rate (thresholds held fixed), and the image-level AUROC. The pooled
@@ -98,6 +102,8 @@ ROC_NAME = "roc.png"
 PR_NAME = "pr.png"
 IMAGE_ROC_NAME = "image_roc.png"
 LESION_FIELDS = ("n_lesions", "n_detected", "detection_rate", "n_predicted_clusters", "n_fp_clusters")
+IMAGE_LEVELS = ("subject", "slice")
+SLICE_TOP_FRACTION = 0.05  # a slice's score: mean of its top 5 % brain voxels
 
 ProgressCallback = Callable[[int, int, str], None]
 """Called after each subject with (subjects done, subjects to do, subject id)."""
@@ -117,7 +123,8 @@ class EvaluationOptions:
     subjects instead of being skipped; ``threshold_from``: ``metrics.json`` of a validation
     run whose image threshold (and voxel threshold) are applied; ``bootstrap``: resamples
     (0: no intervals); ``confidence``: interval coverage; ``seed``: bootstrap seed;
-    ``plots``: write the ROC/PR PNGs.
+    ``plots``: write the ROC/PR PNGs; ``image_level``: ``"subject"`` or ``"slice"`` (axial
+    slices as the samples of the image-level metrics).
     """
 
     fprs: tuple[float, ...] = (0.01, 0.05)
@@ -132,6 +139,7 @@ class EvaluationOptions:
     confidence: float = 0.95
     seed: int = 0
     plots: bool = True
+    image_level: str = "subject"
 
     def __post_init__(self) -> None:
         self.fprs = tuple(float(f) for f in self.fprs)
@@ -148,6 +156,8 @@ class EvaluationOptions:
             raise UadctError(f"lesion_overlap must lie in [0, 1], got {self.lesion_overlap!r}")
         if not 0.0 < self.confidence < 1.0:
             raise UadctError(f"confidence must lie strictly between 0 and 1, got {self.confidence!r}")
+        if self.image_level not in IMAGE_LEVELS:
+            raise UadctError(f"image_level must be one of {', '.join(IMAGE_LEVELS)}, got {self.image_level!r}")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise UadctError(f"threshold must be a finite number, got {self.threshold!r}")
 
@@ -188,6 +198,8 @@ class _Subject:
     negatives: np.ndarray  # (N,) sorted scores of normal voxels
     image_score: float
     image_score_source: str
+    slice_scores: np.ndarray | None = None  # (S,) axial slices holding brain voxels (image_level="slice")
+    slice_abnormal: np.ndarray | None = None  # (S,) bool
 
 
 def evaluate_folder(
@@ -378,6 +390,10 @@ def _load_subject(
         image_score = float(np.partition(values, values.size - k)[-k:].mean(dtype=np.float64))
         source = f"top-{options.image_top_k} mean"
 
+    slice_scores = slice_abnormal = None
+    if options.image_level == "slice":
+        slice_scores, slice_abnormal = _slice_samples(scores, brain_crop, lesion, _axial_axis(map_image))
+
     if options.median_filter > 1:
         from scipy import ndimage
 
@@ -385,7 +401,30 @@ def _load_subject(
         scores = ndimage.median_filter(scores, size=options.median_filter, mode="constant", cval=0.0)
     positives = np.sort(scores[lesion])
     negatives = np.sort(scores[brain_crop & ~lesion])
-    return _Subject(subject, scores, brain_crop, lesion, positives, negatives, image_score, source)
+    return _Subject(subject, scores, brain_crop, lesion, positives, negatives, image_score, source, slice_scores, slice_abnormal)
+
+
+def _axial_axis(image: sitk.Image) -> int:
+    """The numpy array axis of ``image`` closest to the superior-inferior direction."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    index_axis = int(np.argmax(np.abs(direction[2])))  # image index axis with the largest z component
+    return 2 - index_axis  # numpy arrays are (z, y, x) in index order
+
+
+def _slice_samples(
+    scores: np.ndarray, brain: np.ndarray, lesion: np.ndarray, axis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(S,) slice scores (mean of the top 5 % brain voxels) and (S,) lesion flags of slices along ``axis``."""
+    slice_scores, abnormal = [], []
+    for index in range(scores.shape[axis]):
+        inside = np.take(brain, index, axis=axis)
+        if not inside.any():
+            continue
+        values = np.take(scores, index, axis=axis)[inside]
+        k = max(1, int(round(SLICE_TOP_FRACTION * values.size)))
+        slice_scores.append(float(np.partition(values, values.size - k)[-k:].mean(dtype=np.float64)))
+        abnormal.append(bool(np.take(lesion, index, axis=axis).any()))
+    return np.array(slice_scores), np.array(abnormal, dtype=bool)
 
 
 def _bounding_box(region: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
@@ -404,6 +443,7 @@ def _read_validation(path: Path) -> dict[str, float | None]:
         data = json.loads(path.read_text())
         pooled = data["pooled"]
         image = pooled["image_level"]["f1_optimal_threshold"]
+        unit = pooled["image_level"].get("unit", "subject")
         voxel = pooled.get("best_dice_threshold")
     except FileNotFoundError:
         raise InputError(f"{path}: no such validation report (give the metrics.json of `uadct evaluate`)") from None
@@ -411,7 +451,7 @@ def _read_validation(path: Path) -> dict[str, float | None]:
         raise InputError(f"{path}: not a metrics.json written by `uadct evaluate` ({type(exc).__name__}: {exc})") from None
     if image is None:
         raise InputError(f"{path}: holds no image-level threshold (its set had no abnormal subject)")
-    return {"image_threshold": float(image), "voxel_threshold": None if voxel is None else float(voxel)}
+    return {"image_threshold": float(image), "image_unit": unit, "voxel_threshold": None if voxel is None else float(voxel)}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -515,8 +555,14 @@ def _pooled(
         name: float(np.nanmean(values)) if np.isfinite(values).any() else math.nan for name, values in columns.items()
     }
 
-    image_scores = np.array([s.image_score for s in loaded], dtype=np.float64)
-    abnormal = np.array([row["abnormal"] for row in per_subject], dtype=bool)
+    if options.image_level == "slice":
+        image_scores = np.concatenate([s.slice_scores for s in loaded])
+        abnormal = np.concatenate([s.slice_abnormal for s in loaded])
+        owner = np.repeat(np.arange(len(loaded)), [s.slice_scores.size for s in loaded])  # sample -> subject
+    else:
+        image_scores = np.array([s.image_score for s in loaded], dtype=np.float64)
+        abnormal = np.array([row["abnormal"] for row in per_subject], dtype=bool)
+        owner = np.arange(len(loaded))
     pooled["image_level"] = _image_level(image_scores, abnormal, validation, options)
     curves["image"] = (image_scores, abnormal)
 
@@ -528,8 +574,9 @@ def _pooled(
         for name, (numerators, denominators) in ratio_parts.items():
             intervals[name] = list(percentile_interval(bootstrap_ratio(numerators, denominators, weights), options.confidence))
         if abnormal.any() and (~abnormal).any():
+            # a subject drawn twice brings all its slices twice (cluster bootstrap)
             intervals["image_auroc"] = list(
-                percentile_interval(bootstrap_auroc(image_scores, abnormal, weights), options.confidence)
+                percentile_interval(bootstrap_auroc(image_scores, abnormal, weights[:, owner]), options.confidence)
             )
     pooled["confidence_intervals"] = {
         "method": f"percentile bootstrap over subjects, {options.bootstrap} resamples, seed {options.seed}, "
@@ -545,12 +592,18 @@ def _image_level(
     """Image-level AUROC, the F1-optimal threshold here, and the classification at the applied threshold."""
     f1_threshold = f1_optimal_threshold(scores, abnormal)
     result: dict[str, Any] = {
+        "unit": options.image_level,
         "n_abnormal": int(abnormal.sum()),
         "n_normal": int((~abnormal).sum()),
         "auroc": auroc(scores, abnormal),
         "f1_optimal_threshold": f1_threshold,
     }
     if validation is not None:
+        if validation["image_unit"] != options.image_level:
+            raise InputError(
+                f"{options.threshold_from}: its image threshold is per {validation['image_unit']}, "
+                f"this evaluation is per {options.image_level} (--image-level)"
+            )
         applied, source, optimistic = validation["image_threshold"], f"validation report {options.threshold_from}", False
     else:
         applied, source, optimistic = f1_threshold, "F1-optimal on this set, optimistic", True
@@ -574,7 +627,8 @@ def _write_plots(
         files["pr"] = plot_voxel_curves(curves["pooled"], curves["subjects"], out_dir / PR_NAME, "pr", pooled["auprc"])
     scores, abnormal = curves["image"]
     if abnormal.any() and (~abnormal).any():
-        files["image_roc"] = plot_image_roc(scores, abnormal, out_dir / IMAGE_ROC_NAME, pooled["image_level"]["auroc"])
+        image = pooled["image_level"]
+        files["image_roc"] = plot_image_roc(scores, abnormal, out_dir / IMAGE_ROC_NAME, image["auroc"], image["unit"])
     return files
 
 
@@ -695,7 +749,7 @@ def _markdown_text(
         "",
         "## Image level",
         "",
-        f"- {image['n_abnormal']} abnormal and {image['n_normal']} normal subject(s); "
+        f"- {image['n_abnormal']} abnormal and {image['n_normal']} normal {image['unit']}(s); "
         f"AUROC {_number(image['auroc'])}{_interval(pooled, 'image_auroc')}.",
         f"- Threshold {_number(image['threshold'], '.4g')} ({image['threshold_source']}): "
         + ", ".join(f"{name} {_number(image[name])}" for name in IMAGE_METRIC_FIELDS)

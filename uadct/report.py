@@ -165,10 +165,10 @@ def map_unit(anomaly_map: str | Path) -> str:
     scaling)"; otherwise the model and output kind are named. Without a readable sidecar:
     "anomaly score (map units)".
     """
-    path = Path(anomaly_map)
-    sidecar = path.with_name(strip_nifti_suffix(path) + ".json")
+    from uadct.evaluate import sidecar_of
+
     try:
-        data = json.loads(sidecar.read_text())
+        data = json.loads(sidecar_of(Path(anomaly_map)).read_text())
     except (OSError, ValueError):
         return GENERIC_UNIT
     if not isinstance(data, dict):
@@ -571,19 +571,23 @@ def plot_voxel_curves(
     return _save_curve(figure, out_png)
 
 
-def plot_image_roc(scores: np.ndarray, abnormal: np.ndarray, out_png: str | Path, area: float) -> Path:
-    """Write the image-level ROC curve of ``(N,)`` subject scores against ``(N,)`` bool truth."""
+def plot_image_roc(
+    scores: np.ndarray, abnormal: np.ndarray, out_png: str | Path, area: float, unit: str = "subject"
+) -> Path:
+    """Write the image-level ROC curve of ``(N,)`` scores against ``(N,)`` bool truth (``unit``: subject or slice)."""
     scores = np.asarray(scores, dtype=np.float64)
     abnormal = np.asarray(abnormal, dtype=bool)
+    positives, negatives = np.sort(scores[abnormal]), np.sort(scores[~abnormal])
     thresholds = np.concatenate(([np.inf], np.unique(scores)[::-1]))
-    tpr = [(scores[abnormal] >= t).mean() for t in thresholds]
-    fpr = [(scores[~abnormal] >= t).mean() for t in thresholds]
+    tpr = (positives.size - np.searchsorted(positives, thresholds, side="left")) / positives.size
+    fpr = (negatives.size - np.searchsorted(negatives, thresholds, side="left")) / negatives.size
     figure, axes = _curve_figure()
-    axes.step(fpr, tpr, where="post", color="#2c3e50", linewidth=2.0,
-              label=f"{int(abnormal.sum())} abnormal / {int((~abnormal).sum())} normal (AUROC {area:.3f})")
+    # straight lines between the points: tied scores give the diagonal segment AUROC counts as one half
+    axes.plot(fpr, tpr, color="#2c3e50", linewidth=2.0,
+              label=f"{positives.size} abnormal / {negatives.size} normal {unit}s (AUROC {area:.3f})")
     axes.plot([0, 1], [0, 1], color="0.3", linestyle=":", linewidth=0.8, label="chance")
-    axes.set(xlabel="false-positive rate (normal subjects)", ylabel="true-positive rate (abnormal subjects)",
-             title="Image-level ROC")
+    axes.set(xlabel=f"false-positive rate (normal {unit}s)", ylabel=f"true-positive rate (abnormal {unit}s)",
+             title=f"Image-level ROC ({unit}s)")
     axes.legend(loc="lower right", fontsize=8)
     return _save_curve(figure, out_png)
 
