@@ -15,8 +15,7 @@ import SimpleITK as sitk
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import uadct.io
-from uadct.errors import InputError
-from uadct.errors import UadctError
+from uadct.errors import InputError, UadctError
 from uadct.evaluate import EvaluationOptions, EvaluationResult, evaluate_folder
 
 SHAPE = (20, 20, 20)
