@@ -8,9 +8,28 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
-from uadct.metrics import VOXEL_METRIC_FIELDS, dice, voxel_metrics, voxel_metrics_from_groups
+from uadct.metrics import (
+    VOXEL_METRIC_FIELDS,
+    auroc,
+    bootstrap_auroc,
+    bootstrap_mean,
+    bootstrap_ratio,
+    bootstrap_weights,
+    classification_metrics,
+    counts_at_threshold,
+    curve_points,
+    dice,
+    dice_from_counts,
+    f1_optimal_threshold,
+    lesion_detection,
+    percentile_interval,
+    remove_small_components,
+    threshold_at_fpr,
+    voxel_metrics,
+    voxel_metrics_from_groups,
+)
 
 
 def brute_force_best_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -146,3 +165,179 @@ def test_dice() -> None:
     assert dice(np.zeros(5), np.ones(5)) == 0.0
     with pytest.raises(ValueError, match="same shape"):
         dice(np.zeros(3), np.zeros(4))
+
+
+# ----------------------------------------------------------------------------- fixed FPR
+def test_threshold_at_fpr_on_a_constructed_case() -> None:
+    negatives = np.arange(100, dtype=np.float64)  # 0 .. 99
+    positives = np.array([50.0, 97.5, 200.0])
+    # 5 % of 100 normal voxels may be flagged: 95 .. 99; the lowest such threshold is 95
+    threshold = threshold_at_fpr(positives, negatives, 0.05)
+    assert threshold == 95.0
+    tp, fp = counts_at_threshold(positives, negatives, threshold)
+    assert (tp, fp) == (2, 5)
+    assert dice_from_counts(tp, fp, positives.size) == pytest.approx(2 * 2 / (2 + 5 + 3))
+    # 4.5 %: only 4 may be flagged -> the next distinct score above 95 is 96
+    assert threshold_at_fpr(positives, negatives, 0.045) == 96.0
+    # a positive between two negatives is the lowest qualifying threshold
+    assert threshold_at_fpr(np.array([94.5]), negatives, 0.05) == 94.5
+    assert threshold_at_fpr(np.array([95.5]), negatives, 0.05) == 95.0
+    # no normal voxel may be flagged: the lesion voxel above them all still is
+    assert threshold_at_fpr(positives, negatives, 0.0) == 200.0
+    # ... and without one, the threshold lies just above the highest score, flagging nothing
+    top = threshold_at_fpr(np.array([50.0]), negatives, 0.0)
+    assert top > 99.0 and counts_at_threshold(np.array([50.0]), negatives, top) == (0, 0)
+    assert threshold_at_fpr(positives, negatives, 1.0) == 0.0
+    assert math.isnan(threshold_at_fpr(positives, np.zeros(0), 0.05))
+    with pytest.raises(ValueError, match="fpr"):
+        threshold_at_fpr(positives, negatives, 1.5)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=2, max_size=60),
+    st.sampled_from([0.0, 0.01, 0.1, 0.25, 0.5, 0.9]),
+)
+@settings(max_examples=200, deadline=None)
+def test_threshold_at_fpr_equals_brute_force(pairs: list[tuple[int, bool]], fpr: float) -> None:
+    scores = np.array([p[0] for p in pairs], dtype=np.float64)
+    labels = np.array([p[1] for p in pairs])
+    negatives, positives = np.sort(scores[~labels]), np.sort(scores[labels])
+    if negatives.size == 0:
+        return
+    threshold = threshold_at_fpr(positives, negatives, fpr)
+    # brute force: the lowest observed score meeting the budget, else "above everything"
+    meeting = [t for t in np.unique(scores) if np.mean(negatives >= t) <= fpr + 1e-12]
+    if meeting:
+        assert threshold == min(meeting)
+    else:
+        assert threshold > scores.max()
+
+
+def test_curve_points_run_from_nothing_flagged_to_everything() -> None:
+    rng = np.random.default_rng(3)
+    positives = np.sort(rng.normal(2.0, 1.0, 500))
+    negatives = np.sort(rng.normal(0.0, 1.0, 5000))
+    points = curve_points(positives, negatives)
+    assert points["fpr"][0] == 0.0 and points["tpr"][0] == 0.0
+    assert points["fpr"][-1] == 1.0 and points["tpr"][-1] == 1.0
+    assert np.all(np.diff(points["fpr"]) >= 0) and np.all(np.diff(points["tpr"]) >= 0)
+    assert points["precision"][-1] == pytest.approx(500 / 5500)
+    # the trapezoid under the sampled curve is close to the exact AUROC
+    area = np.trapezoid(points["tpr"], points["fpr"])
+    assert area == pytest.approx(roc_auc_score(np.r_[np.ones(500), np.zeros(5000)], np.r_[positives, negatives]), abs=0.005)
+    assert curve_points(positives, np.zeros(0))["fpr"].size == 0
+
+
+# ----------------------------------------------------------------------------- components
+def test_small_components_are_removed_with_26_connectivity() -> None:
+    binary = np.zeros((10, 10, 10), dtype=bool)
+    binary[1, 1, 1] = binary[2, 2, 2] = True  # diagonal neighbours: one component of 2
+    binary[5, 5, 2:7] = True  # a line of 5
+    binary[8, 8, 8] = True  # a single voxel
+    kept = remove_small_components(binary, 2)
+    assert kept.sum() == 7 and not kept[8, 8, 8]
+    kept = remove_small_components(binary, 3)
+    assert kept.sum() == 5 and kept[5, 5, 2:7].all()
+    assert remove_small_components(binary, 0).sum() == 8
+    assert remove_small_components(binary, 6).sum() == 0
+
+
+def test_lesion_detection_counts_on_constructed_components() -> None:
+    lesions = np.zeros((20, 20, 20), dtype=bool)
+    lesions[2:5, 2:5, 2:5] = True  # lesion A, 27 voxels
+    lesions[10:12, 10:12, 10:12] = True  # lesion B, 8 voxels
+    lesions[16:18, 2:4, 2:4] = True  # lesion C, 8 voxels: missed
+    predicted = np.zeros_like(lesions)
+    predicted[2:5, 2:5, 4:7] = True  # covers 9 voxels of A (one third) and spills outside it
+    predicted[11, 11, 11] = True  # one voxel of B
+    predicted[15, 15, 15] = True  # false-positive cluster 1
+    predicted[7:9, 15:17, 2] = True  # false-positive cluster 2
+    counts = lesion_detection(predicted, lesions)
+    assert counts == {"n_lesions": 3, "n_detected": 2, "n_predicted_clusters": 4, "n_fp_clusters": 2}
+    # a third of A is covered, 1/8 of B
+    assert lesion_detection(predicted, lesions, min_overlap=0.3)["n_detected"] == 1
+    assert lesion_detection(predicted, lesions, min_overlap=0.34)["n_detected"] == 0
+    # diagonal contact is contact (26-connectivity): a cluster touching A's corner is not a false positive
+    predicted[5, 5, 0] = True
+    assert lesion_detection(predicted, lesions)["n_fp_clusters"] == 3
+    assert lesion_detection(np.zeros_like(lesions), lesions)["n_detected"] == 0
+    with pytest.raises(ValueError, match="shapes"):
+        lesion_detection(predicted[:5], lesions)
+
+
+# ----------------------------------------------------------------------------- image level
+@pytest.mark.parametrize("seed", [0, 1])
+def test_classification_metrics_equal_scikit_learn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    abnormal = rng.random(60) < 0.4
+    scores = np.round(rng.normal(abnormal * 1.0, 1.0), 1)
+    metrics = classification_metrics(scores, abnormal, 0.5)
+    called = scores >= 0.5
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(abnormal, called))
+    assert metrics["sensitivity"] == pytest.approx(recall_score(abnormal, called))
+    assert metrics["specificity"] == pytest.approx(recall_score(~abnormal, ~called))
+    assert metrics["precision"] == pytest.approx(precision_score(abnormal, called))
+    assert metrics["f1"] == pytest.approx(f1_score(abnormal, called))
+    assert auroc(scores, abnormal) == pytest.approx(roc_auc_score(abnormal, scores))
+
+
+def test_classification_metrics_undefined_ratios_are_nan() -> None:
+    metrics = classification_metrics(np.array([1.0, 2.0]), np.array([True, True]), 1.5)
+    assert math.isnan(metrics["specificity"]) and metrics["sensitivity"] == 0.5 and metrics["precision"] == 1.0
+    assert math.isnan(auroc(np.array([1.0, 2.0]), np.array([True, True])))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_f1_optimal_threshold_equals_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    abnormal = rng.random(40) < 0.5
+    scores = np.round(rng.normal(abnormal * 1.0, 1.0), 1)
+    threshold = f1_optimal_threshold(scores, abnormal)
+    candidates = np.unique(scores)
+    f1 = np.array([f1_score(abnormal, scores >= t) for t in candidates])
+    assert f1_score(abnormal, scores >= threshold) == pytest.approx(f1.max())
+    assert threshold == candidates[np.flatnonzero(f1 == f1.max())[-1]]  # the highest among ties
+    assert math.isnan(f1_optimal_threshold(scores, np.zeros(40, dtype=bool)))
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def test_bootstrap_weights_are_resamples_with_replacement() -> None:
+    weights = bootstrap_weights(7, 500, seed=1)
+    assert weights.shape == (500, 7) and np.all(weights.sum(axis=1) == 7)
+    assert np.array_equal(weights, bootstrap_weights(7, 500, seed=1))
+    assert not np.array_equal(weights, bootstrap_weights(7, 500, seed=2))
+    # each subject is drawn on average once per resample
+    assert weights.mean() == pytest.approx(1.0, abs=0.05)
+
+
+def test_bootstrap_statistics_equal_explicit_resamples() -> None:
+    rng = np.random.default_rng(0)
+    n = 12
+    values = rng.normal(size=n)
+    values[3] = np.nan  # undefined for one subject: left out of each mean
+    scores = rng.normal(size=n)
+    labels = np.arange(n) % 3 == 0
+    numerators, denominators = rng.integers(0, 5, n), rng.integers(5, 10, n)
+    weights = bootstrap_weights(n, 20, seed=4)
+    means, ratios, aurocs = bootstrap_mean(values, weights), bootstrap_ratio(numerators, denominators, weights), bootstrap_auroc(scores, labels, weights)
+    for b in range(20):
+        drawn = np.repeat(np.arange(n), weights[b].astype(int))
+        assert means[b] == pytest.approx(np.nanmean(values[drawn]))
+        assert ratios[b] == pytest.approx(numerators[drawn].sum() / denominators[drawn].sum())
+        if labels[drawn].any() and (~labels[drawn]).any():
+            assert aurocs[b] == pytest.approx(roc_auc_score(labels[drawn], scores[drawn]))
+        else:
+            assert math.isnan(aurocs[b])
+
+
+def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_more_subjects() -> None:
+    rng = np.random.default_rng(5)
+    widths = []
+    for n in (10, 40, 160):
+        values = rng.beta(8, 2, size=n)  # e.g. per-subject AUROCs
+        low, high = percentile_interval(bootstrap_mean(values, bootstrap_weights(n, 1000, seed=0)))
+        assert low < values.mean() < high
+        widths.append(high - low)
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[2] < 0.6 * widths[0]
+    assert all(math.isnan(v) for v in percentile_interval(np.array([np.nan, np.nan])))

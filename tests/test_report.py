@@ -12,7 +12,20 @@ import SimpleITK as sitk
 
 from uadct.errors import InputError, UadctError
 from uadct.io import array_like, write_image
-from uadct.report import COLORBAR_INCHES, DPI, PANEL_INCHES, TITLE_INCHES, choose_slices, render_heatmap
+from uadct.report import (
+    COLORBAR_INCHES,
+    DEFAULT_SLICES,
+    DPI,
+    GENERIC_UNIT,
+    PANEL_INCHES,
+    TITLE_INCHES,
+    VIEWS,
+    choose_slices,
+    heatmap_montage,
+    map_unit,
+    render_heatmap,
+    render_html,
+)
 
 BLOB_CENTRE_MM = (90.0, -110.0, 90.0)  # LPS point in the right hemisphere (the head spans x 0..239 mm)
 BLOB_SIGMA_MM = 6.0
@@ -120,7 +133,7 @@ def _contour_pixels(pixels: np.ndarray) -> int:
 def test_writes_a_valid_png_of_the_expected_size(rendered, case):
     assert rendered == case.folder / "out" / "heatmap.png"
     pixels = _pixels(rendered)
-    columns, rows = 4, 3  # 12 slices
+    columns, rows = DEFAULT_SLICES, len(VIEWS)  # one row per view
     expected = (round((rows * PANEL_INCHES + TITLE_INCHES) * DPI), round((columns * PANEL_INCHES + COLORBAR_INCHES) * DPI))
     assert pixels.shape[:2] == expected
     panels = _panel_region(pixels, columns)
@@ -201,8 +214,8 @@ def test_all_zero_map_renders_without_overlay(case, tmp_path):
     zeros = write_image(array_like(np.zeros(case.head.GetSize()[::-1], np.float32), case.head), tmp_path / "zeros.nii.gz")
     png = render_heatmap(case.subject, zeros, tmp_path / "zeros.png", n_slices=5, title="no findings")
     pixels = _pixels(png)
-    assert pixels.shape[:2] == (round((2 * PANEL_INCHES + TITLE_INCHES) * DPI), round((4 * PANEL_INCHES + COLORBAR_INCHES) * DPI))
-    panels = _panel_region(pixels, 4)
+    assert pixels.shape[:2] == (round((3 * PANEL_INCHES + TITLE_INCHES) * DPI), round((5 * PANEL_INCHES + COLORBAR_INCHES) * DPI))
+    panels = _panel_region(pixels, 5)
     assert panels.std() > 0.1
     assert _overlay_pixels(panels) == 0
 
@@ -239,8 +252,114 @@ def test_display_is_radiological_with_anterior_at_the_top(case, tmp_path):
         subject_path = write_image(subject, tmp_path / name / "subject.nii.gz")
         map_path = write_image(map_image, tmp_path / name / "map.nii.gz")
         pixels = _panel_region(_pixels(render_heatmap(subject_path, map_path, tmp_path / name / "h.png", n_slices=1)), 1)
+        panel = int(PANEL_INCHES * DPI)
         red, green, blue = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-        rows, columns = np.nonzero((red > 0.5) & (red - blue > 0.3) & (red - green > 0.15))
-        panel = PANEL_INCHES * DPI
+        overlay = (red > 0.5) & (red - blue > 0.3) & (red - green > 0.15)
+        axial, coronal, sagittal = (overlay[row * panel:(row + 1) * panel] for row in range(3))
+        rows, columns = np.nonzero(axial)
         assert rows.size > 50, name
-        assert rows.mean() < 0.45 * panel and columns.mean() < 0.45 * panel, name
+        assert rows.mean() < 0.45 * panel and columns.mean() < 0.45 * panel, name  # right + anterior: upper left
+        assert np.nonzero(coronal)[1].mean() < 0.45 * panel, name  # right: left half
+        assert np.nonzero(sagittal)[1].mean() < 0.45 * panel, name  # anterior: left half
+
+
+def test_each_view_shows_the_slice_holding_the_map_maximum(case):
+    montage = heatmap_montage(case.subject, case.anomaly_map, n_slices=4)
+    display = sitk.DICOMOrient(case.map_image, "LPS")
+    peak = np.unravel_index(np.argmax(sitk.GetArrayViewFromImage(display)), display.GetSize()[::-1])  # (z, y, x)
+    assert montage.slices["axial"].count(int(peak[0])) == 1
+    assert montage.slices["coronal"].count(int(peak[1])) == 1
+    assert montage.slices["sagittal"].count(int(peak[2])) == 1
+    assert all(len(s) == 4 and s == sorted(s) for s in montage.slices.values())
+
+
+def test_resample_puts_a_map_from_another_grid_on_the_scan(case, tmp_path):
+    coarse = write_image(_resample(case.map_image, (3.0, 3.0, 3.0)), tmp_path / "map_3mm.nii.gz")
+    label = write_image(sitk.Cast(_resample(sitk.Cast(case.label_image, sitk.sitkFloat32), (3.0, 3.0, 3.0)) > 0.5,
+                                  sitk.sitkUInt8), tmp_path / "label_3mm.nii.gz")
+    montage = heatmap_montage(case.subject, coarse, label=label, n_slices=4, resample=True)
+    display = sitk.DICOMOrient(case.map_image, "LPS")
+    blob = display.TransformPhysicalPointToIndex(BLOB_CENTRE_MM)  # (x, y, z) on the scan's grid
+    assert blob[2] in montage.slices["axial"] and blob[0] in montage.slices["sagittal"]
+    png = render_heatmap(case.subject, coarse, tmp_path / "coarse.png", label=label, n_slices=4, resample=True)
+    panels = _panel_region(_pixels(png), 4)
+    assert _overlay_pixels(panels) > 500 and _contour_pixels(panels) > 50
+
+    far = sitk.Image(case.map_image)
+    far.SetOrigin(tuple(o + 1000.0 for o in far.GetOrigin()))
+    far_path = write_image(far, tmp_path / "far.nii.gz")
+    with pytest.raises(InputError, match=r"far\.nii\.gz.*does not overlap"):
+        render_heatmap(case.subject, far_path, tmp_path / "far.png", resample=True)
+    assert not (tmp_path / "far.png").exists()
+
+
+def test_colour_bar_unit_comes_from_the_score_sidecar(tmp_path):
+    map_path = tmp_path / "sub-1.nii.gz"
+    assert map_unit(map_path) == GENERIC_UNIT
+    (tmp_path / "sub-1.json").write_text('{"model": "ganomaly", "output_kind": "scalar", "mood_scaling": null}')
+    assert map_unit(map_path) == "anomaly score (ganomaly, scalar output)"
+    (tmp_path / "sub-1.json").write_text('{"model": "vae", "mood_scaling": "per-case min-max inside the brain"}')
+    assert map_unit(map_path) == "anomaly score (0-1, MOOD scaling)"
+    (tmp_path / "sub-1.json").write_text('{"unit": "MAD units"}')
+    assert map_unit(map_path) == "MAD units"
+    (tmp_path / "sub-1.json").write_text("not json")
+    assert map_unit(map_path) == GENERIC_UNIT
+
+
+def test_html_page_embeds_every_subject_and_lists_the_bad_ones(case, tmp_path):
+    import base64
+    import re
+    import shutil
+
+    scans, maps, labels = tmp_path / "scans", tmp_path / "maps", tmp_path / "labels"
+    for folder in (scans, maps, labels):
+        folder.mkdir()
+    for name in ("sub-1", "sub-2", "sub-bad"):
+        shutil.copy(case.subject, scans / f"{name}.nii.gz")
+    for name in ("sub-1", "sub-2", "sub-orphan"):
+        shutil.copy(case.anomaly_map, maps / f"{name}.nii.gz")
+    shutil.copy(case.label, labels / "sub-1.nii.gz")
+    write_image(_resample(case.map_image, (3.0, 3.0, 3.0)), maps / "sub-bad.nii.gz")  # another grid
+    calls = []
+    result = render_html(scans, maps, tmp_path / "page.html", labels_dir=labels, n_slices=2,
+                         progress=lambda *a: calls.append(a))
+    assert result.subjects == ["sub-1", "sub-2"]
+    assert [s for s, _ in result.failed] == ["sub-orphan", "sub-bad"]
+    assert calls[-1] == (3, 3, "sub-bad")
+    page = result.path.read_text()
+    for name in ("sub-1", "sub-2", "sub-bad", "sub-orphan"):
+        assert name in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 2
+    assert all(base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
+    assert "sub-bad.nii.gz: not on the grid" in page and "label" in page
+
+
+def test_cli_heatmap_png_and_html_exit_codes(case, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "uadct", "heatmap", *args], capture_output=True, text=True, timeout=300)
+
+    png = tmp_path / "one.png"
+    done = run(str(case.subject), str(case.anomaly_map), "-o", str(png), "--label", str(case.label), "--slices", "3",
+               "--threshold", "0.2", "--unit", "test units")
+    assert done.returncode == 0, done.stderr
+    assert png.stat().st_size > 50_000 and _overlay_pixels(_panel_region(_pixels(png), 3)) > 200
+
+    scans, maps = tmp_path / "scans", tmp_path / "maps"
+    scans.mkdir()
+    maps.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(case.subject, scans / f"{name}.nii.gz")
+    shutil.copy(case.anomaly_map, maps / "a.nii.gz")
+    write_image(_resample(case.map_image, (3.0, 3.0, 3.0)), maps / "b.nii.gz")
+    page = tmp_path / "page.html"
+    partly = run("--html", str(scans), str(maps), "-o", str(page), "--slices", "2")
+    assert partly.returncode == 1 and "b" in partly.stderr and "Traceback" not in partly.stderr
+    assert page.read_text().count("data:image/png;base64,") == 1
+    fixed = run("--html", str(scans), str(maps), "-o", str(page), "--slices", "2", "--resample")
+    assert fixed.returncode == 0, fixed.stderr
+    assert page.read_text().count("data:image/png;base64,") == 2

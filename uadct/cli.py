@@ -398,47 +398,108 @@ def _collect_score_inputs(inputs: list[str]) -> list[Path]:
 # ----------------------------------------------------------------------------- heatmap
 @app.command()
 def heatmap(
-    subject: Path = typer.Argument(..., help="The subject's scan (the grid the map lies on)."),
-    anomaly_map: Path = typer.Argument(..., help="Map written by `uadct score`."),
-    output: Path = typer.Option(..., "-o", "--output", help="PNG file to write."),
-    label: Optional[Path] = typer.Option(None, help="Lesion mask to outline."),
-    slices: int = typer.Option(12, help="Number of axial slices in the montage."),
+    subject: Path = typer.Argument(..., help="The subject's scan (the grid the map is drawn on); with --html a folder of scans."),
+    anomaly_map: Path = typer.Argument(..., help="Map written by `uadct score`; with --html a folder of maps (<id>.nii.gz)."),
+    output: Path = typer.Option(..., "-o", "--output", help="PNG file to write (with --html: the HTML page)."),
+    label: Optional[Path] = typer.Option(None, help="Lesion mask to outline (with --html: a folder of masks named like the maps)."),
+    slices: int = typer.Option(6, help="Slices per view (rows: axial, coronal, sagittal)."),
     threshold: Optional[float] = typer.Option(None, help="Show the map only above this value (default: its 95th percentile)."),
+    unit: Optional[str] = typer.Option(None, help="Colour-bar label (default: from the map's score sidecar)."),
+    resample: bool = typer.Option(False, "--resample", help="Resample a map/label on another grid onto the scan through the affines."),
+    as_html: bool = typer.Option(False, "--html", help="Draw every subject of the folders into one self-contained HTML page."),
 ) -> None:
-    """Overlay the anomaly map on the scan: axial montage, colour bar, lesion outline."""
-    from uadct.report import render_heatmap
+    """Overlay the anomaly map on the scan: 3-view montage (radiological), colour bar, lesion outline."""
+    from uadct.report import render_heatmap, render_html
 
-    path = render_heatmap(subject, anomaly_map, output, label=label, n_slices=slices, threshold=threshold)
-    out.print(f"heatmap: {path}")
+    if not as_html:
+        path = render_heatmap(subject, anomaly_map, output, label=label, n_slices=slices, threshold=threshold,
+                              unit=unit, resample=resample)
+        out.print(f"heatmap: {path}")
+        return
+    if unit is not None:
+        raise InputError("--unit applies to one map; with --html each map's unit comes from its sidecar")
+    with _progress() as bar:
+        task = bar.add_task("heatmap", total=None, info="")
+
+        def report(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, info=name)
+
+        result = render_html(subject, anomaly_map, output, labels_dir=label, n_slices=slices, threshold=threshold,
+                             resample=resample, progress=report)
+    out.print(f"html: {result.path} ({len(result.subjects)} subject(s))")
+    for name, error in result.failed:
+        console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(
-    maps: Path = typer.Argument(..., help="Folder of anomaly maps (<id>.nii.gz)."),
+    maps: Path = typer.Argument(..., help="Folder of anomaly maps (<id>.nii.gz), with their score sidecars (<id>.json) if any."),
     labels: Path = typer.Argument(..., help="Folder of lesion masks with the same names, on the same grids."),
     output: Path = typer.Option(..., "-o", "--output", help="Report folder."),
     brain_masks: Optional[Path] = typer.Option(None, help="Folder of brain masks (default: the maps' nonzero voxels)."),
+    fpr: str = typer.Option("0.01,0.05", help="Voxel false-positive rates at which to report Dice and threshold (comma-separated)."),
+    median_filter: int = typer.Option(0, help="3D median filter size in voxels applied to the maps before scoring (0: off)."),
+    min_component_size: int = typer.Option(0, help="Remove predicted clusters smaller than this many voxels after thresholding (0: off)."),
+    threshold: Optional[float] = typer.Option(None, help="Voxel threshold for the lesion level (default: validation or pooled best-Dice threshold)."),
+    lesion_overlap: float = typer.Option(0.0, help="Fraction of a lesion's voxels to flag for a detection (0: one voxel)."),
+    top_k: int = typer.Option(1000, help="Image score without a sidecar: mean of the top K map voxels."),
+    unlabelled_normal: bool = typer.Option(False, "--unlabelled-normal", help="Maps without a label file are normal subjects (default: skipped)."),
+    threshold_from: Optional[Path] = typer.Option(None, help="metrics.json of a validation run: apply its F1-optimal image threshold (and its voxel threshold)."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples over subjects for confidence intervals (0: none)."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write roc.png, pr.png and image_roc.png."),
+    image_level: str = typer.Option("subject", metavar="subject|slice", help="Samples of the image-level metrics: subjects or axial slices."),
 ) -> None:
-    """Voxel-level AUROC, AUPRC and best Dice inside the brain, per subject and pooled."""
-    from uadct.evaluate import evaluate_folder
+    """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
+    from uadct.evaluate import EvaluationOptions, evaluate_folder, fpr_key
 
-    result = evaluate_folder(maps, labels, output, brain_masks_dir=brain_masks)
-    table = Table("subject", "AUROC", "AUPRC", "best Dice", "threshold", "lesion voxels", title="voxel-level evaluation (inside the brain)")
-    for row in result.per_subject + [{"subject": "pooled", **result.pooled}]:
+    try:
+        fprs = tuple(float(item) for item in fpr.split(",") if item.strip())
+    except ValueError:
+        raise InputError(f"--fpr must be comma-separated numbers, got {fpr!r}") from None
+    options = EvaluationOptions(
+        fprs=fprs, median_filter=median_filter, min_component_size=min_component_size, threshold=threshold,
+        lesion_overlap=lesion_overlap, image_top_k=top_k, unlabelled_are_normal=unlabelled_normal,
+        threshold_from=threshold_from, bootstrap=bootstrap, seed=seed, plots=plots, image_level=image_level,
+    )
+    with _progress() as bar:
+        task = bar.add_task("evaluate", total=None, info="")
+
+        def report(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, info=name)
+
+        result = evaluate_folder(maps, labels, output, brain_masks_dir=brain_masks, progress=report, options=options)
+    columns = ["subject", "AUROC", "AUPRC", "best Dice", *(f"Dice@FPR {f:g}" for f in fprs), "lesions found", "FP clusters", "image score"]
+    table = Table(*columns, title="evaluation (inside the brain)")
+    pooled_row = {"subject": "pooled", **result.pooled, "n_detected": result.pooled["lesion"]["n_detected"],
+                  "n_lesions": result.pooled["lesion"]["n_lesions"], "n_fp_clusters": result.pooled["lesion"]["fp_clusters_per_subject"],
+                  "image_score": None}
+    for row in result.per_subject + [pooled_row]:
         table.add_row(str(row["subject"]), _fmt(row.get("auroc")), _fmt(row.get("auprc")), _fmt(row.get("best_dice")),
-                      _fmt(row.get("best_dice_threshold")), str(row.get("n_positive", "")),
-                      style="bold" if row["subject"] == "pooled" else None)
+                      *(_fmt(row.get(fpr_key("dice", f))) for f in fprs), f"{row['n_detected']}/{row['n_lesions']}",
+                      _fmt(row["n_fp_clusters"]) if row["subject"] == "pooled" else str(row["n_fp_clusters"]),
+                      _fmt(row.get("image_score")), style="bold" if row["subject"] == "pooled" else None)
     out.print(table)
+    image = result.pooled["image_level"]
+    out.print(f"image level ({image['unit']}s): AUROC {_fmt(image['auroc'])}, F1 {_fmt(image['f1'])} at threshold {_fmt(image['threshold'])} "
+              f"({image['threshold_source']})", highlight=False)
     for kind, path in result.files.items():
         out.print(f"{kind}: {path}")
+    for name, error in result.failed:
+        console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     try:
-        return f"{float(value):.3f}"
+        number = float(value)
+        return "n/a" if number != number else f"{number:.3f}"
     except (TypeError, ValueError):
         return str(value)
 

@@ -1,25 +1,69 @@
-"""Evaluate a folder of anomaly maps against lesion labels: voxel AUROC, AUPRC, best Dice.
+"""Evaluate a folder of anomaly maps against lesion labels: voxel, lesion and image level.
 
 Subjects are matched by file name (``<id>.nii.gz`` or ``<id>.nii``) between the maps
 folder and the labels folder. Each subject's metrics are measured over its brain
 voxels: the brain mask ``<brain_masks_dir>/<id>.nii[.gz]`` when a folder is given,
 otherwise the voxels where the map is nonzero or the label is set (maps have their
-background set to 0 when scored). The pooled metrics treat the brain voxels of all
-subjects as one sample, so subjects without a lesion add normal voxels to the pooled
-numbers while their own AUROC/AUPRC are undefined (NaN).
+background set to 0 when scored). Labels (and masks) must lie on their map's grid.
+
+What is measured (every threshold ``t`` calls a voxel anomalous when ``score >= t``):
+
+- **Voxel level**, per subject and pooled (all subjects' brain voxels as one sample):
+  AUROC, AUPRC, best Dice with its threshold, and for each false-positive rate ``f`` in
+  ``options.fprs`` the lowest threshold flagging at most a fraction ``f`` of the normal
+  brain voxels, with the Dice there. A subject's own thresholds come from its own voxels;
+  the pooled ones from the pooled voxels (one threshold for the whole cohort).
+- **Post-processing** (optional, as in the comparative studies of Baur et al.):
+  ``median_filter`` (a 3D median of that many voxels per side) smooths the map before
+  *everything*; the filter runs over the brain's bounding box with voxels outside the
+  brain at 0 and only brain voxels are kept. ``min_component_size`` applies to
+  *binarised* maps only: after thresholding, 26-connected predicted clusters smaller
+  than that are removed before any Dice at a threshold and before lesion counting. The
+  thresholds themselves (best Dice, fixed FPR) are chosen on the continuous map, so
+  ``best_dice`` stays the exact maximum before removal and ``dice_cc_at_best_threshold``
+  is the Dice at that threshold after removal.
+- **Lesion level**, at one voxel threshold for the cohort (``options.threshold``, else the
+  pooled best-Dice threshold of the ``threshold_from`` validation report, else this set's
+  pooled best-Dice threshold, which is optimistic): lesions are the 26-connected
+  components of the label inside the brain; one is detected when the binarised map covers
+  at least ``max(1, lesion_overlap * size)`` of its voxels; predicted clusters touching no
+  lesion are false-positive clusters.
+- **Image level**: a subject's image score is the ``image_score`` of the map's sidecar
+  JSON (``<id>.json`` next to the map, written by ``uadct score``), else the mean of the
+  top ``image_top_k`` map voxels inside the brain. A subject is *abnormal* when its label
+  has at least one lesion voxel inside the brain; subjects with an empty label are normal,
+  and with ``unlabelled_are_normal`` so are maps without a label file (they then count in
+  every metric as subjects without lesions). AUROC over subjects, the F1-optimal threshold
+  on this set, and accuracy, sensitivity, specificity, precision and F1 at the threshold
+  read from ``threshold_from`` (the ``metrics.json`` of an earlier run on a validation
+  set) or, without it, at this set's F1-optimal threshold (flagged optimistic). With
+  ``image_level="slice"`` the samples are the axial slices (the array axis closest to
+  superior-inferior) holding brain voxels instead: a slice's score is the mean of its top
+  ``SLICE_TOP_FRACTION`` (5 %) brain voxels of the map as read, and it is abnormal when it
+  holds a lesion voxel; AUROC and thresholds then pool the slices of all subjects.
+- **Bootstrap** percentile intervals (``bootstrap`` resamples of the subjects, seeded)
+  for the means over subjects, the pooled Dice at the pooled fixed-FPR thresholds and
+  the pooled detection rate (thresholds held fixed), and the image-level AUROC. The pooled
+  voxel AUROC/AUPRC/best Dice get none (a resample would need every voxel again).
+
+A subject that cannot be read (unreadable file, another grid, empty mask) is left out and
+listed in ``EvaluationResult.failed``; when none is left :class:`InputError` is raised.
 
 Outputs in ``out_dir`` (written atomically, replacing earlier ones): ``metrics.json``
-(per subject, pooled, inputs), ``metrics.csv`` (one row per subject) and ``report.md``.
+(per subject, pooled, options, inputs), ``metrics.csv`` (one row per subject),
+``report.md``, and the plots ``roc.png``, ``pr.png`` (pooled curve and one thin line per
+subject) and ``image_roc.png`` (when both normal and abnormal subjects are present).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,35 +71,135 @@ import numpy as np
 import SimpleITK as sitk
 
 from uadct import __version__
-from uadct.errors import InputError
+from uadct.errors import InputError, UadctError
 from uadct.io import grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix, write_json, write_text
-from uadct.metrics import VOXEL_METRIC_FIELDS, voxel_metrics_from_groups
+from uadct.metrics import (
+    IMAGE_METRIC_FIELDS,
+    VOXEL_METRIC_FIELDS,
+    auroc,
+    bootstrap_auroc,
+    bootstrap_mean,
+    bootstrap_ratio,
+    bootstrap_weights,
+    classification_metrics,
+    counts_at_threshold,
+    curve_points,
+    dice_from_counts,
+    f1_optimal_threshold,
+    lesion_detection,
+    percentile_interval,
+    remove_small_components,
+    threshold_at_fpr,
+    voxel_metrics_from_groups,
+)
 
 log = logging.getLogger(__name__)
 
 JSON_NAME = "metrics.json"
 CSV_NAME = "metrics.csv"
 MARKDOWN_NAME = "report.md"
-CSV_COLUMNS = ("subject", *VOXEL_METRIC_FIELDS)
+ROC_NAME = "roc.png"
+PR_NAME = "pr.png"
+IMAGE_ROC_NAME = "image_roc.png"
+LESION_FIELDS = ("n_lesions", "n_detected", "detection_rate", "n_predicted_clusters", "n_fp_clusters")
+IMAGE_LEVELS = ("subject", "slice")
+SLICE_TOP_FRACTION = 0.05  # a slice's score: mean of its top 5 % brain voxels
 
 ProgressCallback = Callable[[int, int, str], None]
 """Called after each subject with (subjects done, subjects to do, subject id)."""
 
 
 @dataclass
+class EvaluationOptions:
+    """How :func:`evaluate_folder` scores the maps (see the module docstring for the rules).
+
+    ``fprs``: voxel false-positive rates for the fixed-FPR operating points (fractions);
+    ``median_filter``: median filter size in voxels (0 or 1: off); ``min_component_size``:
+    predicted clusters smaller than this many voxels are removed after thresholding (0 or
+    1: off); ``threshold``: voxel threshold for the lesion level (None: see module doc);
+    ``lesion_overlap``: fraction of a lesion's voxels that must be flagged to detect it
+    (0: one voxel is enough); ``image_top_k``: voxels averaged for an image score when no
+    sidecar gives one; ``unlabelled_are_normal``: maps without a label file are normal
+    subjects instead of being skipped; ``threshold_from``: ``metrics.json`` of a validation
+    run whose image threshold (and voxel threshold) are applied; ``bootstrap``: resamples
+    (0: no intervals); ``confidence``: interval coverage; ``seed``: bootstrap seed;
+    ``plots``: write the ROC/PR PNGs; ``image_level``: ``"subject"`` or ``"slice"`` (axial
+    slices as the samples of the image-level metrics).
+    """
+
+    fprs: tuple[float, ...] = (0.01, 0.05)
+    median_filter: int = 0
+    min_component_size: int = 0
+    threshold: float | None = None
+    lesion_overlap: float = 0.0
+    image_top_k: int = 1000
+    unlabelled_are_normal: bool = False
+    threshold_from: Path | None = None
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    plots: bool = True
+    image_level: str = "subject"
+
+    def __post_init__(self) -> None:
+        self.fprs = tuple(float(f) for f in self.fprs)
+        for fpr in self.fprs:
+            if not 0.0 < fpr < 1.0:
+                raise UadctError(f"a false-positive rate must lie strictly between 0 and 1, got {fpr!r}")
+        for name in ("median_filter", "min_component_size", "image_top_k", "bootstrap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise UadctError(f"{name} must be a whole number >= 0, got {value!r}")
+        if self.image_top_k < 1:
+            raise UadctError(f"image_top_k must be >= 1, got {self.image_top_k!r}")
+        if not 0.0 <= self.lesion_overlap <= 1.0:
+            raise UadctError(f"lesion_overlap must lie in [0, 1], got {self.lesion_overlap!r}")
+        if not 0.0 < self.confidence < 1.0:
+            raise UadctError(f"confidence must lie strictly between 0 and 1, got {self.confidence!r}")
+        if self.image_level not in IMAGE_LEVELS:
+            raise UadctError(f"image_level must be one of {', '.join(IMAGE_LEVELS)}, got {self.image_level!r}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise UadctError(f"threshold must be a finite number, got {self.threshold!r}")
+
+
+def fpr_key(kind: str, fpr: float) -> str:
+    """Column name of a fixed-FPR quantity: ``fpr_key("dice", 0.01) == "dice_at_fpr_0.01"``."""
+    return f"{kind}_at_fpr_{fpr:g}"
+
+
+@dataclass
 class EvaluationResult:
     """What :func:`evaluate_folder` measured and wrote.
 
-    ``per_subject``: one dict per evaluated subject, ``{"subject": id, **voxel_metrics}``,
-    sorted by id; ``pooled``: the voxel metrics over all subjects' brain voxels together;
-    ``files``: ``"json"``, ``"markdown"``, ``"csv"`` -> written paths; ``missing``: ids of
-    maps that have no label (skipped).
+    ``per_subject``: one dict per evaluated subject (``subject``, ``abnormal``,
+    ``image_score``, voxel metrics, fixed-FPR Dice and thresholds, lesion counts), sorted
+    by id; ``pooled``: the pooled voxel metrics plus ``lesion``, ``mean_over_subjects``,
+    ``image_level`` and ``confidence_intervals`` dicts; ``files``: kind -> written path;
+    ``missing``: ids of maps that have no label (skipped); ``failed``: (id, message) of
+    subjects left out because of a problem with their files.
     """
 
     per_subject: list[dict]
     pooled: dict
     files: dict[str, Path]
     missing: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Subject:
+    """One subject's brain region, cropped to its bounding box (``(d, h, w)`` arrays)."""
+
+    subject: str
+    scores: np.ndarray  # float32 map values (after the median filter)
+    brain: np.ndarray  # bool
+    lesion: np.ndarray  # bool, inside the brain only
+    positives: np.ndarray  # (P,) sorted scores of lesion voxels
+    negatives: np.ndarray  # (N,) sorted scores of normal voxels
+    image_score: float
+    image_score_source: str
+    slice_scores: np.ndarray | None = None  # (S,) axial slices holding brain voxels (image_level="slice")
+    slice_abnormal: np.ndarray | None = None  # (S,) bool
 
 
 def evaluate_folder(
@@ -64,27 +208,29 @@ def evaluate_folder(
     out_dir: str | Path,
     brain_masks_dir: str | Path | None = None,
     progress: ProgressCallback | None = None,
+    options: EvaluationOptions | None = None,
 ) -> EvaluationResult:
-    """Measure voxel AUROC, AUPRC and best Dice of every map in ``maps_dir`` against its label.
+    """Measure every map in ``maps_dir`` against its label; write the report to ``out_dir``.
 
-    Labels must lie on their map's grid, and so must brain masks. Maps without a label are
-    skipped (logged, listed in ``EvaluationResult.missing``); when a brain mask folder is
-    given every evaluated subject needs a mask there. Each volume is read once; memory
-    holds one subject plus the pooled brain-voxel scores (float32, 4 bytes per voxel).
-
-    Raises :class:`InputError` naming the folder or file when a folder has no NIfTI files,
-    no map has a label, a grid differs, a mask is missing, or a brain region is empty.
+    Each volume is read once. Memory holds, per subject, its brain bounding box (6 bytes
+    per voxel) and its sorted brain-voxel scores (4 bytes per voxel): about 100 MB per
+    1 mm subject, 12 MB at 2 mm. Raises :class:`InputError` naming the folder or file
+    when a folder has no NIfTI files, no map has a label, a mask is missing, the
+    validation report is unusable, or no subject could be evaluated.
     """
+    options = options or EvaluationOptions()
     maps_dir, labels_dir, out_dir = Path(maps_dir), Path(labels_dir), Path(out_dir)
     masks_dir = Path(brain_masks_dir) if brain_masks_dir is not None else None
+    validation = _read_validation(options.threshold_from) if options.threshold_from is not None else None
 
     maps = _niftis_by_subject(maps_dir)
     labels = _niftis_by_subject(labels_dir)
     masks = _niftis_by_subject(masks_dir) if masks_dir is not None else {}
     if not maps:
         raise InputError(f"{maps_dir}: no anomaly maps (.nii or .nii.gz files) found")
-    subjects = sorted(set(maps) & set(labels))
-    missing = sorted(set(maps) - set(labels))
+    without_label = sorted(set(maps) - set(labels))
+    subjects = sorted(maps) if options.unlabelled_are_normal else sorted(set(maps) & set(labels))
+    missing = [] if options.unlabelled_are_normal else without_label
     unused_labels = sorted(set(labels) - set(maps))
     if not subjects:
         raise InputError(
@@ -105,39 +251,37 @@ def evaluate_folder(
                 f"(expected <subject>.nii.gz or <subject>.nii)"
             )
 
-    per_subject: list[dict[str, Any]] = []
+    loaded: list[_Subject] = []
     inputs: list[dict[str, Any]] = []
-    pooled_lesion: list[np.ndarray] = []
-    pooled_normal: list[np.ndarray] = []
+    failed: list[tuple[str, str]] = []
     for done, subject in enumerate(subjects, start=1):
-        mask_path = masks.get(subject)
-        scores, is_lesion = _brain_voxels(maps[subject], labels[subject], mask_path)
-        lesion_scores, normal_scores = scores[is_lesion], scores[~is_lesion]
-        del scores, is_lesion
-        # sorting the subject's copies in place is harmless: the pooled metrics sort anyway
-        metrics = voxel_metrics_from_groups(lesion_scores, normal_scores, overwrite_input=True)
-        per_subject.append({"subject": subject, **metrics})
-        inputs.append(
-            {
-                "subject": subject,
-                "map": str(maps[subject]),
-                "label": str(labels[subject]),
-                "brain_mask": str(mask_path) if mask_path is not None else None,
-            }
-        )
-        pooled_lesion.append(lesion_scores)
-        pooled_normal.append(normal_scores)
-        log.debug("%s: %s", subject, metrics)
+        try:
+            loaded.append(_load_subject(subject, maps[subject], labels.get(subject), masks.get(subject), options))
+        except InputError as exc:
+            log.warning("%s: left out: %s", subject, exc)
+            failed.append((subject, str(exc)))
+        else:
+            inputs.append(
+                {
+                    "subject": subject,
+                    "map": str(maps[subject]),
+                    "label": str(labels[subject]) if subject in labels else None,
+                    "brain_mask": str(masks[subject]) if subject in masks else None,
+                    "image_score_source": loaded[-1].image_score_source,
+                }
+            )
         if progress is not None:
             progress(done, len(subjects), subject)
+    if not loaded:
+        if len(failed) == 1:
+            raise InputError(failed[0][1])
+        raise InputError(f"{maps_dir}: none of the {len(failed)} subject(s) could be evaluated; first: {failed[0][1]}")
 
-    pooled = _pooled_metrics(pooled_lesion, pooled_normal)
+    per_subject = [_subject_metrics(s, options) for s in loaded]
+    pooled, curves = _pooled(loaded, per_subject, options, validation)
     log.info(
         "evaluated %d subject(s): pooled AUROC %.4f, AUPRC %.4f, best Dice %.4f",
-        len(subjects),
-        pooled["auroc"],
-        pooled["auprc"],
-        pooled["best_dice"],
+        len(loaded), pooled["auroc"], pooled["auprc"], pooled["best_dice"],
     )
 
     description = {
@@ -145,23 +289,28 @@ def evaluate_folder(
         "labels_dir": str(labels_dir),
         "brain_masks_dir": str(masks_dir) if masks_dir is not None else None,
         "brain_region": _brain_region_text(masks_dir),
-        "threshold_rule": "a voxel is called anomalous when its score >= threshold",
+        "threshold_rule": "a voxel (or image) is called anomalous when its score >= threshold",
         "subjects": inputs,
-        "maps_without_label": missing,
+        "maps_without_label": without_label,
         "labels_without_map": unused_labels,
+        "failed": [{"subject": s, "error": e} for s, e in failed],
         "uadct_version": __version__,
     }
-    files = {
+    settings = {**asdict(options), "threshold_from": str(options.threshold_from) if options.threshold_from else None}
+    files: dict[str, Path] = {
         "json": write_json(
-            _nan_to_none({"per_subject": per_subject, "pooled": pooled, "inputs": description}),
+            _nan_to_none({"per_subject": per_subject, "pooled": pooled, "options": settings, "inputs": description}),
             out_dir / JSON_NAME,
         ),
-        "csv": write_text(_csv_text(per_subject), out_dir / CSV_NAME),
-        "markdown": write_text(_markdown_text(per_subject, pooled, description), out_dir / MARKDOWN_NAME),
+        "csv": write_text(_csv_text(per_subject, options), out_dir / CSV_NAME),
+        "markdown": write_text(_markdown_text(per_subject, pooled, description, options), out_dir / MARKDOWN_NAME),
     }
-    return EvaluationResult(per_subject=per_subject, pooled=pooled, files=files, missing=missing)
+    if options.plots:
+        files.update(_write_plots(curves, pooled, per_subject, out_dir))
+    return EvaluationResult(per_subject=per_subject, pooled=pooled, files=files, missing=missing, failed=failed)
 
 
+# ----------------------------------------------------------------------------- reading
 def _niftis_by_subject(folder: Path) -> dict[str, Path]:
     """Subject id -> NIfTI file in ``folder``; two files with the same id are an error."""
     found: dict[str, Path] = {}
@@ -173,18 +322,44 @@ def _niftis_by_subject(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _brain_voxels(map_path: Path, label_path: Path, mask_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """The map's scores ``(N,) float32`` and lesion flags ``(N,) bool`` over the brain voxels."""
+def sidecar_of(map_path: Path) -> Path:
+    """The JSON sidecar ``uadct score`` writes next to a map: ``<id>.nii.gz`` -> ``<id>.json``."""
+    return map_path.with_name(strip_nifti_suffix(map_path) + ".json")
+
+
+def _sidecar_image_score(map_path: Path) -> float | None:
+    path = sidecar_of(map_path)
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("image_score")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"{path}: not a readable score sidecar ({exc})") from None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{path}: image_score must be a finite number, found {value!r}")
+    return float(value)
+
+
+def _load_subject(
+    subject: str, map_path: Path, label_path: Path | None, mask_path: Path | None, options: EvaluationOptions
+) -> _Subject:
+    """Read one subject's map, label and mask, check the grids, filter and crop to the brain."""
     map_image = read_image(map_path, allow_empty=True)
-    label_image = read_mask(label_path)
-    if not same_grid(label_image, map_image):
-        raise InputError(
-            f"{label_path}: the label is not on the grid of its map {map_path} ({grid_difference(label_image, map_image)})"
-        )
-    scores_volume = sitk.GetArrayViewFromImage(map_image)
-    lesion_volume = sitk.GetArrayViewFromImage(label_image) != 0
+    scores_volume = sitk.GetArrayFromImage(map_image).astype(np.float32, copy=False)
+    if label_path is not None:
+        label_image = read_mask(label_path)
+        if not same_grid(label_image, map_image):
+            raise InputError(
+                f"{label_path}: the label is not on the grid of its map {map_path} "
+                f"({grid_difference(label_image, map_image)})"
+            )
+        lesion_volume = sitk.GetArrayViewFromImage(label_image) != 0
+    else:
+        lesion_volume = np.zeros(scores_volume.shape, dtype=bool)
     if mask_path is not None:
-        mask_image = read_mask(mask_path, reference=map_image)  # keep a reference: the view below borrows its buffer
+        mask_image = read_mask(mask_path, reference=map_image)
         brain = sitk.GetArrayViewFromImage(mask_image) != 0
         if not brain.any():
             raise InputError(f"{mask_path}: the brain mask is empty")
@@ -196,20 +371,272 @@ def _brain_voxels(map_path: Path, label_path: Path, mask_path: Path | None) -> t
     else:
         brain = (scores_volume != 0) | lesion_volume
         if not brain.any():
-            raise InputError(
-                f"{map_path}: the map is all zero and its label {label_path} is empty, "
-                "so there is no brain region to evaluate"
+            where = f"its label {label_path} is empty" if label_path is not None else "it has no label"
+            raise InputError(f"{map_path}: the map is all zero and {where}, so there is no brain region to evaluate")
+
+    box = _bounding_box(brain, margin=options.median_filter // 2)
+    scores = np.ascontiguousarray(scores_volume[box])
+    brain_crop = np.ascontiguousarray(brain[box])
+    lesion = np.ascontiguousarray(lesion_volume[box]) & brain_crop
+    if not np.isfinite(scores[brain_crop]).all():
+        raise InputError(f"{map_path}: the map holds NaN or infinite values inside the brain")
+
+    sidecar_score = _sidecar_image_score(map_path)
+    if sidecar_score is not None:
+        image_score, source = sidecar_score, "sidecar"
+    else:
+        values = scores[brain_crop]
+        k = min(options.image_top_k, values.size)
+        image_score = float(np.partition(values, values.size - k)[-k:].mean(dtype=np.float64))
+        source = f"top-{options.image_top_k} mean"
+
+    slice_scores = slice_abnormal = None
+    if options.image_level == "slice":
+        slice_scores, slice_abnormal = _slice_samples(scores, brain_crop, lesion, _axial_axis(map_image))
+
+    if options.median_filter > 1:
+        from scipy import ndimage
+
+        scores = np.where(brain_crop, scores, np.float32(0.0))
+        scores = ndimage.median_filter(scores, size=options.median_filter, mode="constant", cval=0.0)
+    positives = np.sort(scores[lesion])
+    negatives = np.sort(scores[brain_crop & ~lesion])
+    return _Subject(subject, scores, brain_crop, lesion, positives, negatives, image_score, source, slice_scores, slice_abnormal)
+
+
+def _axial_axis(image: sitk.Image) -> int:
+    """The numpy array axis of ``image`` closest to the superior-inferior direction."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    index_axis = int(np.argmax(np.abs(direction[2])))  # image index axis with the largest z component
+    return 2 - index_axis  # numpy arrays are (z, y, x) in index order
+
+
+def _slice_samples(
+    scores: np.ndarray, brain: np.ndarray, lesion: np.ndarray, axis: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(S,) slice scores (mean of the top 5 % brain voxels) and (S,) lesion flags of slices along ``axis``."""
+    slice_scores, abnormal = [], []
+    for index in range(scores.shape[axis]):
+        inside = np.take(brain, index, axis=axis)
+        if not inside.any():
+            continue
+        values = np.take(scores, index, axis=axis)[inside]
+        k = max(1, int(round(SLICE_TOP_FRACTION * values.size)))
+        slice_scores.append(float(np.partition(values, values.size - k)[-k:].mean(dtype=np.float64)))
+        abnormal.append(bool(np.take(lesion, index, axis=axis).any()))
+    return np.array(slice_scores), np.array(abnormal, dtype=bool)
+
+
+def _bounding_box(region: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    box = []
+    for axis in range(region.ndim):
+        other = tuple(a for a in range(region.ndim) if a != axis)
+        inside = np.flatnonzero(region.any(axis=other))
+        box.append(slice(max(0, int(inside[0]) - margin), min(region.shape[axis], int(inside[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def _read_validation(path: Path) -> dict[str, float | None]:
+    """The image and voxel thresholds stored in an earlier run's ``metrics.json``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        pooled = data["pooled"]
+        image = pooled["image_level"]["f1_optimal_threshold"]
+        unit = pooled["image_level"].get("unit", "subject")
+        voxel = pooled.get("best_dice_threshold")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such validation report (give the metrics.json of `uadct evaluate`)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a metrics.json written by `uadct evaluate` ({type(exc).__name__}: {exc})") from None
+    if image is None:
+        raise InputError(f"{path}: holds no image-level threshold (its set had no abnormal subject)")
+    return {"image_threshold": float(image), "image_unit": unit, "voxel_threshold": None if voxel is None else float(voxel)}
+
+
+# ----------------------------------------------------------------------------- metrics
+def _binarised(s: _Subject, threshold: float, min_size: int) -> np.ndarray:
+    """The subject's brain voxels with ``score >= threshold``, small clusters removed."""
+    predicted = (s.scores >= threshold) & s.brain
+    return remove_small_components(predicted, min_size) if min_size > 1 else predicted
+
+
+def _dice_at(s: _Subject, threshold: float, min_size: int) -> tuple[float, int, int]:
+    """(Dice, TP, FP) of the subject at ``threshold`` after component removal."""
+    if math.isnan(threshold):
+        return math.nan, 0, 0
+    if min_size > 1:
+        predicted = _binarised(s, threshold, min_size)
+        tp = int(np.count_nonzero(predicted & s.lesion))
+        fp = int(np.count_nonzero(predicted)) - tp
+    else:
+        tp, fp = counts_at_threshold(s.positives, s.negatives, threshold)
+    return dice_from_counts(tp, fp, int(s.positives.size)), tp, fp
+
+
+def _subject_metrics(s: _Subject, options: EvaluationOptions) -> dict[str, Any]:
+    """Per-subject voxel metrics at the subject's own thresholds (lesion level added later)."""
+    metrics: dict[str, Any] = {
+        "subject": s.subject,
+        "abnormal": bool(s.positives.size),
+        "image_score": s.image_score,
+        # already sorted: the in-place sort is a cheap pass and saves a copy of each
+        **voxel_metrics_from_groups(s.positives, s.negatives, overwrite_input=True),
+    }
+    for fpr in options.fprs:
+        threshold = threshold_at_fpr(s.positives, s.negatives, fpr)
+        metrics[fpr_key("dice", fpr)] = _dice_at(s, threshold, options.min_component_size)[0]
+        metrics[fpr_key("threshold", fpr)] = threshold
+    if options.min_component_size > 1:
+        metrics["dice_cc_at_best_threshold"] = _dice_at(s, metrics["best_dice_threshold"], options.min_component_size)[0]
+    return metrics
+
+
+def _pooled(
+    loaded: list[_Subject], per_subject: list[dict[str, Any]], options: EvaluationOptions, validation: dict | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pooled voxel metrics, lesion level (adds per-subject columns), image level and intervals."""
+    positives = np.sort(np.concatenate([s.positives for s in loaded]))
+    negatives = np.sort(np.concatenate([s.negatives for s in loaded]))
+    pooled: dict[str, Any] = voxel_metrics_from_groups(positives, negatives, overwrite_input=True)
+    n_positive = int(positives.size)
+    min_size = options.min_component_size
+    ratio_parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for fpr in options.fprs:
+        threshold = threshold_at_fpr(positives, negatives, fpr)
+        counts = np.array([_dice_at(s, threshold, min_size)[1:] for s in loaded], dtype=np.float64).reshape(-1, 2)
+        tp, fp = counts[:, 0].sum(), counts[:, 1].sum()
+        pooled[fpr_key("dice", fpr)] = dice_from_counts(int(tp), int(fp), n_positive)
+        pooled[fpr_key("threshold", fpr)] = threshold
+        lesion_sizes = np.array([s.positives.size for s in loaded], dtype=np.float64)
+        ratio_parts[f"pooled_{fpr_key('dice', fpr)}"] = (2 * counts[:, 0], counts.sum(axis=1) + lesion_sizes)
+    if min_size > 1:
+        counts = np.array([_dice_at(s, pooled["best_dice_threshold"], min_size)[1:] for s in loaded]).reshape(-1, 2)
+        pooled["dice_cc_at_best_threshold"] = dice_from_counts(int(counts[:, 0].sum()), int(counts[:, 1].sum()), n_positive)
+    curves = {
+        "pooled": curve_points(positives, negatives),
+        "subjects": {s.subject: curve_points(s.positives, s.negatives, n_points=64) for s in loaded},
+    }
+    del positives, negatives
+
+    # lesion level at one voxel threshold for the cohort
+    if options.threshold is not None:
+        lesion_threshold, source = options.threshold, "given (--threshold)"
+    elif validation is not None and validation["voxel_threshold"] is not None:
+        lesion_threshold, source = validation["voxel_threshold"], f"validation report {options.threshold_from}"
+    else:
+        lesion_threshold, source = pooled["best_dice_threshold"], "pooled best-Dice threshold of this set, optimistic"
+    for s, row in zip(loaded, per_subject):
+        if math.isnan(lesion_threshold):
+            counts = {"n_lesions": 0, "n_detected": 0, "n_predicted_clusters": 0, "n_fp_clusters": 0}
+        else:
+            counts = lesion_detection(_binarised(s, lesion_threshold, min_size), s.lesion, options.lesion_overlap)
+        row.update(counts)
+        row["detection_rate"] = counts["n_detected"] / counts["n_lesions"] if counts["n_lesions"] else math.nan
+    n_lesions = np.array([row["n_lesions"] for row in per_subject], dtype=np.float64)
+    n_detected = np.array([row["n_detected"] for row in per_subject], dtype=np.float64)
+    fp_clusters = np.array([row["n_fp_clusters"] for row in per_subject], dtype=np.float64)
+    pooled["lesion"] = {
+        "threshold": lesion_threshold,
+        "threshold_source": source,
+        "min_overlap": options.lesion_overlap,
+        "n_lesions": int(n_lesions.sum()),
+        "n_detected": int(n_detected.sum()),
+        "detection_rate": float(n_detected.sum() / n_lesions.sum()) if n_lesions.sum() else math.nan,
+        "fp_clusters_per_subject": float(fp_clusters.mean()),
+    }
+    ratio_parts["pooled_detection_rate"] = (n_detected, n_lesions)
+
+    # means over subjects (each subject counts once)
+    mean_fields = ["auroc", "auprc", "best_dice", *(fpr_key("dice", f) for f in options.fprs), "detection_rate", "n_fp_clusters"]
+    if min_size > 1:
+        mean_fields.append("dice_cc_at_best_threshold")
+    columns = {name: np.array([row[name] for row in per_subject], dtype=np.float64) for name in mean_fields}
+    pooled["mean_over_subjects"] = {
+        name: float(np.nanmean(values)) if np.isfinite(values).any() else math.nan for name, values in columns.items()
+    }
+
+    if options.image_level == "slice":
+        image_scores = np.concatenate([s.slice_scores for s in loaded])
+        abnormal = np.concatenate([s.slice_abnormal for s in loaded])
+        owner = np.repeat(np.arange(len(loaded)), [s.slice_scores.size for s in loaded])  # sample -> subject
+    else:
+        image_scores = np.array([s.image_score for s in loaded], dtype=np.float64)
+        abnormal = np.array([row["abnormal"] for row in per_subject], dtype=bool)
+        owner = np.arange(len(loaded))
+    pooled["image_level"] = _image_level(image_scores, abnormal, validation, options)
+    curves["image"] = (image_scores, abnormal)
+
+    intervals: dict[str, list[float]] = {}
+    if options.bootstrap > 0:
+        weights = bootstrap_weights(len(loaded), options.bootstrap, options.seed)
+        for name, values in columns.items():
+            intervals[f"mean_{name}"] = list(percentile_interval(bootstrap_mean(values, weights), options.confidence))
+        for name, (numerators, denominators) in ratio_parts.items():
+            intervals[name] = list(percentile_interval(bootstrap_ratio(numerators, denominators, weights), options.confidence))
+        if abnormal.any() and (~abnormal).any():
+            # a subject drawn twice brings all its slices twice (cluster bootstrap)
+            intervals["image_auroc"] = list(
+                percentile_interval(bootstrap_auroc(image_scores, abnormal, weights[:, owner]), options.confidence)
             )
-    return scores_volume[brain], lesion_volume[brain]
+    pooled["confidence_intervals"] = {
+        "method": f"percentile bootstrap over subjects, {options.bootstrap} resamples, seed {options.seed}, "
+        f"{options.confidence:.0%} coverage; thresholds held fixed",
+        **intervals,
+    }
+    return pooled, curves
 
 
-def _pooled_metrics(lesion_chunks: list[np.ndarray], normal_chunks: list[np.ndarray]) -> dict[str, float | int]:
-    """Voxel metrics over all subjects; empties the chunk lists to free memory early."""
-    lesion = np.concatenate(lesion_chunks)
-    lesion_chunks.clear()
-    normal = np.concatenate(normal_chunks)
-    normal_chunks.clear()
-    return voxel_metrics_from_groups(lesion, normal, overwrite_input=True)
+def _image_level(
+    scores: np.ndarray, abnormal: np.ndarray, validation: dict | None, options: EvaluationOptions
+) -> dict[str, Any]:
+    """Image-level AUROC, the F1-optimal threshold here, and the classification at the applied threshold."""
+    f1_threshold = f1_optimal_threshold(scores, abnormal)
+    result: dict[str, Any] = {
+        "unit": options.image_level,
+        "n_abnormal": int(abnormal.sum()),
+        "n_normal": int((~abnormal).sum()),
+        "auroc": auroc(scores, abnormal),
+        "f1_optimal_threshold": f1_threshold,
+    }
+    if validation is not None:
+        if validation["image_unit"] != options.image_level:
+            raise InputError(
+                f"{options.threshold_from}: its image threshold is per {validation['image_unit']}, "
+                f"this evaluation is per {options.image_level} (--image-level)"
+            )
+        applied, source, optimistic = validation["image_threshold"], f"validation report {options.threshold_from}", False
+    else:
+        applied, source, optimistic = f1_threshold, "F1-optimal on this set, optimistic", True
+    result.update({"threshold": applied, "threshold_source": source, "optimistic": optimistic})
+    if math.isnan(applied):
+        result.update({name: math.nan for name in IMAGE_METRIC_FIELDS})
+    else:
+        result.update(classification_metrics(scores, abnormal, applied))
+    return result
+
+
+# ----------------------------------------------------------------------------- outputs
+def _write_plots(
+    curves: dict[str, Any], pooled: dict[str, Any], per_subject: list[dict[str, Any]], out_dir: Path
+) -> dict[str, Path]:
+    from uadct.report import plot_image_roc, plot_voxel_curves
+
+    files: dict[str, Path] = {}
+    if curves["pooled"]["fpr"].size:
+        files["roc"] = plot_voxel_curves(curves["pooled"], curves["subjects"], out_dir / ROC_NAME, "roc", pooled["auroc"])
+        files["pr"] = plot_voxel_curves(curves["pooled"], curves["subjects"], out_dir / PR_NAME, "pr", pooled["auprc"])
+    scores, abnormal = curves["image"]
+    if abnormal.any() and (~abnormal).any():
+        image = pooled["image_level"]
+        files["image_roc"] = plot_image_roc(scores, abnormal, out_dir / IMAGE_ROC_NAME, image["auroc"], image["unit"])
+    return files
+
+
+def _csv_columns(options: EvaluationOptions) -> tuple[str, ...]:
+    fixed = tuple(f"{kind}_at_fpr_{f:g}" for f in options.fprs for kind in ("dice", "threshold"))
+    cc = ("dice_cc_at_best_threshold",) if options.min_component_size > 1 else ()
+    return ("subject", "abnormal", "image_score", *VOXEL_METRIC_FIELDS, *fixed, *cc, *LESION_FIELDS)
 
 
 def _preview(names: list[str], limit: int = 5) -> str:
@@ -229,29 +656,41 @@ def _nan_to_none(value: Any) -> Any:
     """JSON has no NaN: write undefined metrics as null."""
     if isinstance(value, dict):
         return {key: _nan_to_none(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_nan_to_none(item) for item in value]
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
 
 
-def _csv_text(per_subject: list[dict[str, Any]]) -> str:
+def _csv_text(per_subject: list[dict[str, Any]], options: EvaluationOptions) -> str:
+    columns = _csv_columns(options)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(columns)
     for row in per_subject:
-        writer.writerow([_csv_cell(row[column]) for column in CSV_COLUMNS])
+        writer.writerow([_csv_cell(row[column]) for column in columns])
     return buffer.getvalue()
 
 
 def _csv_cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
     if isinstance(value, float):
         return "NaN" if math.isnan(value) else repr(value)
     return str(value)
 
 
-def _markdown_text(per_subject: list[dict[str, Any]], pooled: dict[str, Any], description: dict[str, Any]) -> str:
+def _interval(pooled: dict[str, Any], name: str) -> str:
+    bounds = pooled["confidence_intervals"].get(name)
+    if not bounds or any(b is None or math.isnan(b) for b in bounds):
+        return ""
+    return f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+
+
+def _markdown_text(
+    per_subject: list[dict[str, Any]], pooled: dict[str, Any], description: dict[str, Any], options: EvaluationOptions
+) -> str:
     header = "| subject | AUROC | AUPRC | best Dice | threshold | brain voxels | lesion voxels |"
     rule = "|---|---:|---:|---:|---:|---:|---:|"
 
@@ -261,23 +700,73 @@ def _markdown_text(per_subject: list[dict[str, Any]], pooled: dict[str, Any], de
             f"| {_number(metrics['best_dice_threshold'], '.4g')} | {metrics['n_voxels']} | {metrics['n_positive']} |"
         )
 
+    fpr_header = "| subject | " + " | ".join(f"Dice @ FPR {f:g} | threshold" for f in options.fprs)
+    fpr_header += " | lesions detected | FP clusters | image score | abnormal |"
+    fpr_rule = "|---|" + "---:|---:|" * len(options.fprs) + "---:|---:|---:|---|"
+
+    def operating_row(name: str, metrics: dict[str, Any]) -> str:
+        cells = [f"{_number(metrics[fpr_key('dice', f)])} | {_number(metrics[fpr_key('threshold', f)], '.4g')}" for f in options.fprs]
+        return (
+            f"| {name} | {' | '.join(cells)} | {metrics['n_detected']}/{metrics['n_lesions']} | {metrics['n_fp_clusters']} "
+            f"| {_number(metrics['image_score'], '.4g')} | {'yes' if metrics['abnormal'] else 'no'} |"
+        )
+
+    mean = pooled["mean_over_subjects"]
+    lesion = pooled["lesion"]
+    image = pooled["image_level"]
     lines = [
-        "# Voxel-level evaluation",
+        "# Evaluation report",
         "",
         f"Anomaly maps from `{description['maps_dir']}` against lesion labels from `{description['labels_dir']}` "
         f"({len(per_subject)} subject(s), uadct {description['uadct_version']}).",
         "",
-        "## Pooled over all subjects",
+        "## Voxel level, pooled over all subjects",
         "",
         header,
         rule,
         row("all (pooled)", pooled),
+        "",
+        *(
+            f"- Dice at voxel FPR {f:g}: {_number(pooled[fpr_key('dice', f)])}"
+            f"{_interval(pooled, 'pooled_' + fpr_key('dice', f))} (threshold {_number(pooled[fpr_key('threshold', f)], '.4g')})"
+            for f in options.fprs
+        ),
+        *(
+            [f"- Dice at the best-Dice threshold after removing clusters < {options.min_component_size} voxels: "
+             f"{_number(pooled['dice_cc_at_best_threshold'])}"]
+            if options.min_component_size > 1 else []
+        ),
+        "",
+        f"## Means over subjects ({options.confidence:.0%} bootstrap interval)" if options.bootstrap else "## Means over subjects",
+        "",
+        *(f"- {name}: {_number(value)}{_interval(pooled, 'mean_' + name)}" for name, value in mean.items()),
+        "",
+        "## Lesion level",
+        "",
+        f"- Voxel threshold {_number(lesion['threshold'], '.4g')} ({lesion['threshold_source']}).",
+        f"- Lesions detected: {lesion['n_detected']} of {lesion['n_lesions']} "
+        f"(rate {_number(lesion['detection_rate'])}{_interval(pooled, 'pooled_detection_rate')}).",
+        f"- False-positive clusters per subject: {_number(lesion['fp_clusters_per_subject'], '.2f')}.",
+        "",
+        "## Image level",
+        "",
+        f"- {image['n_abnormal']} abnormal and {image['n_normal']} normal {image['unit']}(s); "
+        f"AUROC {_number(image['auroc'])}{_interval(pooled, 'image_auroc')}.",
+        f"- Threshold {_number(image['threshold'], '.4g')} ({image['threshold_source']}): "
+        + ", ".join(f"{name} {_number(image[name])}" for name in IMAGE_METRIC_FIELDS)
+        + ".",
+        f"- F1-optimal threshold on this set: {_number(image['f1_optimal_threshold'], '.4g')} "
+        "(pass this report's metrics.json to `--threshold-from` when this set is a validation set).",
         "",
         "## Per subject",
         "",
         header,
         rule,
         *(row(metrics["subject"], metrics) for metrics in per_subject),
+        "",
+        fpr_header,
+        fpr_rule,
+        *(operating_row(metrics["subject"], metrics) for metrics in per_subject),
         "",
         "## What was measured and how",
         "",
@@ -291,17 +780,29 @@ def _markdown_text(per_subject: list[dict[str, Any]], pooled: dict[str, Any], de
         "- **Best Dice**: the highest Dice overlap `2 TP / (TP + FP + lesion voxels)` between the label and the "
         "voxels with `score >= threshold`, over every threshold (all distinct scores); the threshold column gives "
         "the highest threshold reaching it. Voxels with equal scores are always on the same side of a threshold.",
+        "- **Dice @ FPR f**: Dice at the lowest threshold that flags at most a fraction f of the normal brain voxels "
+        "(per subject: its own threshold; pooled: one threshold for all subjects).",
         "- **Pooled**: the brain voxels of all subjects taken as one sample (not an average of subject values); "
         "subjects without a lesion add normal voxels to it.",
+        "- **Lesions**: 26-connected components of the label; detected when the binarised map overlaps "
+        f"at least max(1, {options.lesion_overlap:g} x size) of their voxels; FP clusters are predicted components "
+        "touching no lesion.",
+        "- **Image score**: the `image_score` of the map's sidecar JSON when present, else the mean of the top "
+        f"{options.image_top_k} map voxels; a subject is abnormal when its label has a lesion voxel in the brain.",
+        f"- **Post-processing**: median filter {options.median_filter or 'off'} (voxels, before all metrics); "
+        f"small-cluster removal {options.min_component_size or 'off'} (voxels, binarised maps only).",
         "- **n/a**: AUROC and AUPRC are undefined when a subject has only normal (or only lesion) voxels; "
-        "best Dice is undefined without lesion voxels.",
+        "Dice values are undefined without lesion voxels.",
     ]
     if description["maps_without_label"]:
-        lines.append(f"- **Skipped** (map without a label): {', '.join(description['maps_without_label'])}.")
+        verb = "Normal (map without a label)" if options.unlabelled_are_normal else "Skipped (map without a label)"
+        lines.append(f"- **{verb}**: {', '.join(description['maps_without_label'])}.")
     if description["labels_without_map"]:
         lines.append(f"- **Ignored** (label without a map): {', '.join(description['labels_without_map'])}.")
+    for failure in description["failed"]:
+        lines.append(f"- **Failed** {failure['subject']}: {failure['error']}")
     return "\n".join(lines) + "\n"
 
 
-def _number(value: float, spec: str = ".4f") -> str:
-    return "n/a" if math.isnan(value) else format(value, spec)
+def _number(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)

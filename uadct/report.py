@@ -1,18 +1,36 @@
-"""Heatmap overlays: an axial montage of an anomaly map on the subject's scan.
+"""Figures: heatmap montages of anomaly maps, an HTML page for a cohort, ROC/PR curves.
 
 :func:`render_heatmap` reorients the scan, the map and an optional lesion label to
 LPS (``SimpleITK.DICOMOrient``), so a volume stored in any orientation (RAS, LPS,
-permuted axes) gives the same picture: axial slices in radiological convention
-(patient's right on the viewer's left, anterior at the top), drawn with the voxel
-spacing as aspect ratio. The slices are those where the map is highest, spread out
-and sorted from inferior to superior. Drawing uses a bare ``matplotlib`` Figure with
+permuted axes) gives the same picture. The montage has three rows, one per view, all
+in **radiological convention** (the patient's right on the viewer's left):
+
+- axial: anterior at the top, right on the left;
+- coronal: superior at the top, right on the left;
+- sagittal: superior at the top, anterior on the left.
+
+Panels are drawn with the voxel spacing as aspect ratio. In each view the slices are
+those where the map is highest (inside the head), spread out and sorted by position.
+The map and the label must lie on the scan's grid, or with ``resample=True`` they are
+resampled onto it through their own affines (linear for the map, nearest neighbour for
+the label). The colour bar names the map's unit, read from the ``uadct score`` sidecar
+(``<map id>.json``) when there is one. Drawing uses a bare ``matplotlib`` Figure with
 the Agg canvas, so no pyplot state is touched and no display is needed.
+
+:func:`render_html` draws every subject of a folder into one self-contained HTML page
+(PNG images base64-embedded), carrying on past a bad subject and listing it.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import json
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +38,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from uadct.errors import InputError, UadctError
-from uadct.io import atomic_path, grid_difference, read_image, read_mask, same_grid
+from uadct.io import atomic_path, grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix, write_text
 
 if TYPE_CHECKING:
     from matplotlib.colors import Colormap
@@ -29,17 +47,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DISPLAY_ORIENTATION = "LPS"  # array (z, y, x): x towards Left, y towards Posterior, z towards Superior
+VIEWS = ("axial", "coronal", "sagittal")  # montage rows, top to bottom
+VIEW_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # array axis the view slices along
 PANEL_INCHES = 2.5  # each slice panel is a square of this size
 COLORBAR_INCHES = 1.2  # strip on the right holding the colour bar and its label
 TITLE_INCHES = 0.5  # strip at the top holding the title
-DPI = 100  # a 12-slice montage is 1120 x 800 pixels
-MAX_COLUMNS = 4  # montage columns (more when n_slices > 16: ceil(sqrt(n)))
+DPI = 100  # a 6-slice montage is 1620 x 800 pixels
+DEFAULT_SLICES = 6  # per view
 DEFAULT_THRESHOLD_PERCENTILE = 95.0  # of the nonzero map values
 WINDOW_PERCENTILES = (1.0, 99.0)  # grey window of the subject scan, over its nonzero voxels
 TOP_FRACTION = 0.005  # a slice's score: sum of its top 0.5 % map values
 OVERLAY_ALPHA = 0.65
 CONTOUR_COLOUR = "#00e5ff"  # cyan: stands out against the grey scan and the red-yellow overlay
 CROP_MARGIN_VOXELS = 3
+FILL_MARGIN = 0.1  # fraction of the head's slice range left out at each end when filling slices
+GENERIC_UNIT = "anomaly score (map units)"
 TEXT_BOX = {"facecolor": "black", "alpha": 0.55, "edgecolor": "none", "pad": 1.5}  # keeps captions readable on anatomy
 
 
@@ -48,32 +70,62 @@ def render_heatmap(
     anomaly_map: str | Path,
     out_png: str | Path,
     label: str | Path | None = None,
-    n_slices: int = 12,
+    n_slices: int = DEFAULT_SLICES,
     threshold: float | None = None,
     title: str | None = None,
+    unit: str | None = None,
+    resample: bool = False,
 ) -> Path:
-    """Write an axial montage of ``anomaly_map`` over ``subject`` to ``out_png``; return its path.
+    """Write a 3-view montage of ``anomaly_map`` over ``subject`` to ``out_png``; return its path.
 
-    ``anomaly_map`` and ``label`` (a lesion mask, drawn as an outline) must lie on the
-    subject's grid. The map is shown where it exceeds ``threshold`` (default: the
-    95th percentile of its nonzero values); an all-zero map gives the scan alone.
-    ``title`` defaults to the subject's file name. The PNG is written atomically.
-    Raises :class:`InputError` naming the file for unreadable inputs or grid mismatches.
+    ``n_slices`` panels per view (axial, coronal, sagittal rows). The map is shown where it
+    exceeds ``threshold`` (default: the 95th percentile of its nonzero values) and is
+    transparent below; an all-zero map gives the scan alone. ``label`` (a lesion mask) is
+    drawn as an outline. ``unit`` labels the colour bar (default: from the map's sidecar,
+    see :func:`map_unit`); ``title`` defaults to the subject's file name. The PNG is
+    written atomically. Raises :class:`InputError` naming the file for unreadable inputs,
+    a grid mismatch (unless ``resample``) or a map that does not overlap the scan.
     """
+    figure = heatmap_montage(subject, anomaly_map, label, n_slices, threshold, title, unit, resample).figure
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI, facecolor=figure.get_facecolor())
+    return out_png
+
+
+@dataclass
+class HeatmapMontage:
+    """What :func:`heatmap_montage` drew: the figure and the chosen slice indices per view (LPS array)."""
+
+    figure: Figure
+    slices: dict[str, list[int]]
+    threshold: float | None
+    unit: str
+
+
+def heatmap_montage(
+    subject: str | Path,
+    anomaly_map: str | Path,
+    label: str | Path | None = None,
+    n_slices: int = DEFAULT_SLICES,
+    threshold: float | None = None,
+    title: str | None = None,
+    unit: str | None = None,
+    resample: bool = False,
+) -> HeatmapMontage:
+    """Read, check, reorient and draw (no file written); see :func:`render_heatmap` for the arguments."""
     if isinstance(n_slices, bool) or not isinstance(n_slices, (int, np.integer)) or n_slices < 1:
         raise UadctError(f"n_slices must be a whole number >= 1, got {n_slices!r}")
     if threshold is not None and not math.isfinite(threshold):
         raise UadctError(f"threshold must be a finite number, got {threshold!r}")
-    subject, anomaly_map, out_png = Path(subject), Path(anomaly_map), Path(out_png)
+    subject, anomaly_map = Path(subject), Path(anomaly_map)
 
     subject_image = read_image(subject)
-    map_image = read_image(anomaly_map, allow_empty=True)
-    _check_grid(map_image, subject_image, anomaly_map, subject)
+    map_image = _on_grid(read_image(anomaly_map, allow_empty=True), subject_image, anomaly_map, subject, resample, False)
     label_image = None
     if label is not None:
         label = Path(label)
-        label_image = read_mask(label)
-        _check_grid(label_image, subject_image, label, subject)
+        label_image = _on_grid(read_mask(label), subject_image, label, subject, resample, True)
 
     scan = _to_display(subject_image)
     values = sitk.GetArrayFromImage(_to_display(map_image))
@@ -84,8 +136,12 @@ def render_heatmap(
         threshold = default_threshold(values)
     window = _grey_window(scan_array)
     foreground = scan_array > window[0] + 0.1 * (window[1] - window[0])
-    slices = choose_slices(values, n_slices, threshold, foreground)
+    # slices are picked inside the map's support (the brain of a scored map), else inside the head
+    support = values != 0
+    region = support if support.any() else foreground
+    slices = {view: choose_slices(values, n_slices, threshold, region, axis=VIEW_AXIS[view]) for view in VIEWS}
     log.info("heatmap %s: slices %s, threshold %s", subject.name, slices, threshold)
+    unit = unit if unit is not None else map_unit(anomaly_map)
 
     figure = _draw_montage(
         scan=scan,
@@ -97,10 +153,32 @@ def render_heatmap(
         threshold=threshold,
         crop=_crop_box(foreground, values, threshold, outline),
         title=subject.name if title is None else title,
+        unit=unit,
     )
-    with atomic_path(out_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI, facecolor=figure.get_facecolor())
-    return out_png
+    return HeatmapMontage(figure, slices, threshold, unit)
+
+
+def map_unit(anomaly_map: str | Path) -> str:
+    """Colour-bar label for a map, from its ``uadct score`` sidecar ``<id>.json`` when present.
+
+    The sidecar's ``unit`` field wins; a MOOD-scaled map is "anomaly score (0-1, MOOD
+    scaling)"; otherwise the model and output kind are named. Without a readable sidecar:
+    "anomaly score (map units)".
+    """
+    from uadct.evaluate import sidecar_of
+
+    try:
+        data = json.loads(sidecar_of(Path(anomaly_map)).read_text())
+    except (OSError, ValueError):
+        return GENERIC_UNIT
+    if not isinstance(data, dict):
+        return GENERIC_UNIT
+    if data.get("unit"):
+        return str(data["unit"])
+    if data.get("mood_scaling"):
+        return "anomaly score (0-1, MOOD scaling)"
+    details = ", ".join(str(data[k]) + (" output" if k == "output_kind" else "") for k in ("model", "output_kind") if data.get(k))
+    return f"anomaly score ({details})" if details else GENERIC_UNIT
 
 
 def default_threshold(values: np.ndarray) -> float | None:
@@ -112,15 +190,24 @@ def default_threshold(values: np.ndarray) -> float | None:
 
 
 def choose_slices(
-    values: np.ndarray, n_slices: int, threshold: float | None, foreground: np.ndarray | None = None
+    values: np.ndarray,
+    n_slices: int,
+    threshold: float | None,
+    foreground: np.ndarray | None = None,
+    axis: int = 0,
 ) -> list[int]:
-    """Axial slice indices where a ``(D, H, W)`` map is highest, spread out, sorted by position.
+    """Slice indices along ``axis`` where a ``(D, H, W)`` map is highest, spread out, sorted by position.
 
     Slices holding values above ``threshold`` are ranked by the sum of their top 0.5 %
-    values and taken greedily, at least ``depth / (2 n_slices)`` slices apart; the rest
-    are filled by farthest-point sampling inside the ``foreground`` (the head's
-    slice range), so an all-zero map gives evenly spaced slices.
+    values and taken greedily, at least ``depth / (2 n_slices)`` slices apart (so the
+    slice holding the map maximum is always first chosen); the rest are filled by
+    farthest-point sampling inside the ``foreground`` (the head's slice range), so an
+    all-zero map gives evenly spaced slices. Fill slices come from the inner 80 % of
+    that range (its ends hold little anatomy) until it is used up.
     """
+    values = np.moveaxis(values, axis, 0)
+    if foreground is not None:
+        foreground = np.moveaxis(foreground, axis, 0)
     depth = values.shape[0]
     n_slices = min(n_slices, depth)
     first, last = 0, depth - 1
@@ -137,15 +224,19 @@ def choose_slices(
         top = max(1, int(math.ceil(TOP_FRACTION * flat.shape[1])))
         scores = np.partition(flat, flat.shape[1] - top, axis=1)[:, -top:].sum(axis=1, dtype=np.float64)
         has_overlay = (flat > threshold).any(axis=1)
-        for index in np.argsort(-scores, kind="stable"):
+        peak = int(np.argmax(flat.max(axis=1)))
+        order = [peak] + [int(i) for i in np.argsort(-scores, kind="stable") if int(i) != peak]
+        for index in order:
             if len(chosen) == n_slices:
                 break
-            if has_overlay[index] and all(abs(int(index) - c) >= separation for c in chosen):
-                chosen.append(int(index))
+            if has_overlay[index] and all(abs(index - c) >= separation for c in chosen):
+                chosen.append(index)
 
     if not chosen:
         chosen = sorted({int(round(z)) for z in np.linspace(first, last, n_slices + 2)[1:-1]})
-    candidates = np.arange(first, last + 1)
+    # fill from the inner 80 % of the head's range: its extreme slices hold little anatomy
+    inner = int(round(FILL_MARGIN * (last - first)))
+    candidates = np.arange(first + inner, last - inner + 1)
     while len(chosen) < n_slices:
         distance = np.min(np.abs(candidates[:, None] - np.array(chosen)[None, :]), axis=1)
         best = int(np.argmax(distance))  # first of the farthest: deterministic
@@ -161,9 +252,38 @@ def _to_display(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, DISPLAY_ORIENTATION)
 
 
-def _check_grid(image: sitk.Image, reference: sitk.Image, path: Path, reference_path: Path) -> None:
-    if not same_grid(image, reference):
-        raise InputError(f"{path}: not on the grid of {reference_path} ({grid_difference(image, reference)})")
+def _on_grid(
+    image: sitk.Image, reference: sitk.Image, path: Path, reference_path: Path, resample: bool, is_label: bool
+) -> sitk.Image:
+    """``image`` on the reference grid: as is when it already is, resampled when allowed, else an error."""
+    if same_grid(image, reference):
+        return image
+    if not resample:
+        raise InputError(
+            f"{path}: not on the grid of {reference_path} ({grid_difference(image, reference)}); "
+            "pass --resample to resample it through its affine"
+        )
+    if not _overlaps(image, reference):
+        raise InputError(f"{path}: does not overlap {reference_path} in physical space (check the affines)")
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    pixel = sitk.sitkUInt8 if is_label else sitk.sitkFloat32
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, pixel)
+
+
+def _overlaps(image: sitk.Image, reference: sitk.Image) -> bool:
+    """Whether the physical bounding boxes of two images intersect."""
+
+    def box(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+        size = img.GetSize()
+        corners = np.array(
+            [img.TransformContinuousIndexToPhysicalPoint([c * (n - 1) for c, n in zip(corner, size)])
+             for corner in np.ndindex(2, 2, 2)]
+        )
+        return corners.min(axis=0), corners.max(axis=0)
+
+    low_a, high_a = box(image)
+    low_b, high_b = box(reference)
+    return bool(np.all(low_a <= high_b) and np.all(low_b <= high_a))
 
 
 def _grey_window(array: np.ndarray) -> tuple[float, float]:
@@ -173,6 +293,8 @@ def _grey_window(array: np.ndarray) -> tuple[float, float]:
     sample = sample[sample != 0]
     if sample.size == 0:
         sample = array[array != 0]
+    if sample.size == 0:
+        return 0.0, 1.0
     low, high = (float(v) for v in np.percentile(sample, WINDOW_PERCENTILES))
     if high <= low:
         low, high = float(sample.min()), float(sample.max())
@@ -183,22 +305,43 @@ def _grey_window(array: np.ndarray) -> tuple[float, float]:
 
 def _crop_box(
     foreground: np.ndarray, values: np.ndarray, threshold: float | None, outline: np.ndarray | None
-) -> tuple[slice, slice]:
-    """In-plane (rows, columns) box around the head, the overlay and the label, plus a margin."""
-    keep = foreground.any(axis=0)
+) -> tuple[slice, slice, slice]:
+    """(z, y, x) box around the head, the overlay and the label, plus a margin."""
+    keep = foreground.copy()
     if threshold is not None:
-        keep |= (values > threshold).any(axis=0)
+        keep |= values > threshold
     if outline is not None:
-        keep |= outline.any(axis=0)
+        keep |= outline
     if not keep.any():
-        return slice(None), slice(None)
+        return slice(None), slice(None), slice(None)
     boxes = []
-    for axis in (1, 0):
-        inside = np.flatnonzero(keep.any(axis=axis))
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        inside = np.flatnonzero(keep.any(axis=other))
         start = max(0, int(inside[0]) - CROP_MARGIN_VOXELS)
-        stop = min(keep.shape[1 - axis], int(inside[-1]) + 1 + CROP_MARGIN_VOXELS)
+        stop = min(keep.shape[axis], int(inside[-1]) + 1 + CROP_MARGIN_VOXELS)
         boxes.append(slice(start, stop))
-    return boxes[0], boxes[1]
+    return boxes[0], boxes[1], boxes[2]
+
+
+def _panel(volume: np.ndarray, view: str, index: int, crop: tuple[slice, slice, slice]) -> np.ndarray:
+    """The 2D panel of an LPS ``(z, y, x)`` volume as displayed (rows top to bottom, columns left to right)."""
+    z, y, x = crop
+    if view == "axial":
+        return volume[index, y, x]  # rows anterior -> posterior, columns right -> left
+    if view == "coronal":
+        return volume[z, index, x][::-1]  # rows superior -> inferior, columns right -> left
+    return volume[z, y, index][::-1]  # sagittal: rows superior -> inferior, columns anterior -> posterior
+
+
+def _panel_aspect(spacing: tuple[float, float, float], view: str) -> float:
+    """Row spacing / column spacing of a panel (imshow's aspect)."""
+    sx, sy, sz = spacing
+    return {"axial": sy / sx, "coronal": sz / sx, "sagittal": sz / sy}[view]
+
+
+# letters at (left, right, top) of the first panel of each row
+VIEW_LETTERS = {"axial": ("R", "L", "A"), "coronal": ("R", "L", "S"), "sagittal": ("A", "P", "S")}
 
 
 def _overlay_colormap() -> Colormap:
@@ -215,20 +358,21 @@ def _draw_montage(
     scan_array: np.ndarray,
     values: np.ndarray,
     outline: np.ndarray | None,
-    slices: list[int],
+    slices: dict[str, list[int]],
     window: tuple[float, float],
     threshold: float | None,
-    crop: tuple[slice, slice],
+    crop: tuple[slice, slice, slice],
     title: str,
+    unit: str,
 ) -> Figure:
-    """Build the montage Figure (grid of square panels, colour bar on the right, title on top)."""
+    """Build the montage Figure (one row of square panels per view, colour bar on the right, title on top)."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    n_columns = min(len(slices), max(MAX_COLUMNS, math.ceil(math.sqrt(len(slices)))))
-    n_rows = math.ceil(len(slices) / n_columns)
+    n_columns = max(len(s) for s in slices.values())
+    n_rows = len(VIEWS)
     width = n_columns * PANEL_INCHES + COLORBAR_INCHES
     height = n_rows * PANEL_INCHES + TITLE_INCHES
     figure = Figure(figsize=(width, height), dpi=DPI, facecolor="black")
@@ -240,51 +384,45 @@ def _draw_montage(
     else:
         norm = Normalize(vmin=threshold, vmax=map_max if shows_overlay else threshold + max(abs(threshold), 1.0))
     cmap = _overlay_colormap()
-    spacing_x, spacing_y = scan.GetSpacing()[0], scan.GetSpacing()[1]
-    rows, columns = crop
-    centre = (scan.GetSize()[0] // 2, scan.GetSize()[1] // 2)
+    spacing = scan.GetSpacing()
+    centre = [n // 2 for n in scan.GetSize()]  # (x, y, z) index
 
-    for panel, z in enumerate(slices):
-        row, column = divmod(panel, n_columns)
-        axes = figure.add_axes(
-            (
-                column * PANEL_INCHES / width,
-                1 - (TITLE_INCHES + (row + 1) * PANEL_INCHES) / height,
-                PANEL_INCHES / width,
-                PANEL_INCHES / height,
-            )
-        )
-        axes.set_facecolor("black")
-        axes.set_axis_off()
-        axes.imshow(
-            scan_array[z, rows, columns],
-            cmap="gray",
-            vmin=window[0],
-            vmax=window[1],
-            aspect=spacing_y / spacing_x,
-            interpolation="bilinear",
-        )
-        if shows_overlay:
-            shown = np.ma.masked_less_equal(values[z, rows, columns], threshold)
-            if shown.count():
-                axes.imshow(
-                    shown, cmap=cmap, norm=norm, alpha=OVERLAY_ALPHA, aspect=spacing_y / spacing_x, interpolation="nearest"
+    for row, view in enumerate(VIEWS):
+        axis = VIEW_AXIS[view]
+        aspect = _panel_aspect(spacing, view)
+        for column, index in enumerate(slices[view]):
+            axes = figure.add_axes(
+                (
+                    column * PANEL_INCHES / width,
+                    1 - (TITLE_INCHES + (row + 1) * PANEL_INCHES) / height,
+                    PANEL_INCHES / width,
+                    PANEL_INCHES / height,
                 )
-        if outline is not None and outline[z, rows, columns].any():
-            axes.contour(
-                outline[z, rows, columns].astype(np.float32), levels=[0.5], colors=CONTOUR_COLOUR, linewidths=1.2
             )
-        position = scan.TransformIndexToPhysicalPoint((centre[0], centre[1], int(z)))[2]
-        axes.text(
-            0.03, 0.03, f"z {position:+.1f} mm", transform=axes.transAxes, color="white", fontsize=9,
-            ha="left", va="bottom", bbox=TEXT_BOX,
-        )
-        if panel == 0:
-            for x, letter in ((0.02, "R"), (0.98, "L")):
-                axes.text(x, 0.5, letter, transform=axes.transAxes, color="#bbbbbb", fontsize=10,
-                          ha="left" if letter == "R" else "right", va="center", fontweight="bold", bbox=TEXT_BOX)
-            axes.text(0.5, 0.98, "A", transform=axes.transAxes, color="#bbbbbb", fontsize=10,
-                      ha="center", va="top", fontweight="bold", bbox=TEXT_BOX)
+            axes.set_facecolor("black")
+            axes.set_axis_off()
+            axes.imshow(_panel(scan_array, view, index, crop), cmap="gray", vmin=window[0], vmax=window[1],
+                        aspect=aspect, interpolation="bilinear")
+            if shows_overlay:
+                shown = np.ma.masked_less_equal(_panel(values, view, index, crop), threshold)
+                if shown.count():
+                    axes.imshow(shown, cmap=cmap, norm=norm, alpha=OVERLAY_ALPHA, aspect=aspect, interpolation="nearest")
+            if outline is not None:
+                lesion = _panel(outline, view, index, crop)
+                if lesion.any():
+                    axes.contour(lesion.astype(np.float32), levels=[0.5], colors=CONTOUR_COLOUR, linewidths=1.2)
+            voxel = list(centre)
+            voxel[2 - axis] = int(index)  # array axis 0 is the image's z (index 2)
+            position = scan.TransformIndexToPhysicalPoint(voxel)[2 - axis]
+            axes.text(0.03, 0.03, f"{view} {'xyz'[2 - axis]} {position:+.1f} mm", transform=axes.transAxes,
+                      color="white", fontsize=8, ha="left", va="bottom", bbox=TEXT_BOX)
+            if column == 0:
+                left, right, top = VIEW_LETTERS[view]
+                for x, letter, align in ((0.02, left, "left"), (0.98, right, "right")):
+                    axes.text(x, 0.5, letter, transform=axes.transAxes, color="#bbbbbb", fontsize=10,
+                              ha=align, va="center", fontweight="bold", bbox=TEXT_BOX)
+                axes.text(0.5, 0.98, top, transform=axes.transAxes, color="#bbbbbb", fontsize=10,
+                          ha="center", va="top", fontweight="bold", bbox=TEXT_BOX)
 
     figure.text(
         0.5 * n_columns * PANEL_INCHES / width, 1 - 0.5 * TITLE_INCHES / height, title,
@@ -300,11 +438,11 @@ def _draw_montage(
     )
     colorbar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=colorbar_axes)
     if threshold is None:
-        caption = "anomaly score\n(map all zero: no overlay)"
+        caption = f"{unit}\n(map all zero: no overlay)"
     elif not shows_overlay:
-        caption = f"anomaly score (map units)\nnothing above {threshold:.3g}"
+        caption = f"{unit}\nnothing above {threshold:.3g}"
     else:
-        caption = f"anomaly score (map units)\nshown above {threshold:.3g}"
+        caption = f"{unit}\nshown above {threshold:.3g}"
     colorbar.set_label(caption, color="white", fontsize=9)
     colorbar.ax.tick_params(colors="white", labelsize=8)
     colorbar.outline.set_edgecolor("white")
@@ -314,3 +452,161 @@ def _draw_montage(
             loc="lower right", frameon=False, labelcolor="white", fontsize=8,
         )
     return figure
+
+
+# ----------------------------------------------------------------------------- HTML page for a cohort
+@dataclass
+class HtmlResult:
+    """What :func:`render_html` wrote: the page, the subjects drawn and (id, message) of those that failed."""
+
+    path: Path
+    subjects: list[str]
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def render_html(
+    scans_dir: str | Path,
+    maps_dir: str | Path,
+    out_html: str | Path,
+    labels_dir: str | Path | None = None,
+    n_slices: int = DEFAULT_SLICES,
+    threshold: float | None = None,
+    resample: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> HtmlResult:
+    """One self-contained HTML page with the montage of every map in ``maps_dir`` over its scan.
+
+    Maps and scans (and labels, when a folder is given) are matched by subject id
+    (``<id>.nii[.gz]``). Images are embedded as base64 PNG, so the page is a single file.
+    A subject whose files are bad is listed on the page with its error and the others go
+    on; maps without a scan are listed too. ``progress(done, total, id)`` after each one.
+    Raises :class:`InputError` when no map has a scan of the same name.
+    """
+    scans_dir, maps_dir, out_html = Path(scans_dir), Path(maps_dir), Path(out_html)
+    scans = {strip_nifti_suffix(p): p for p in list_niftis(scans_dir)}
+    maps = {strip_nifti_suffix(p): p for p in list_niftis(maps_dir)}
+    labels = {strip_nifti_suffix(p): p for p in list_niftis(labels_dir)} if labels_dir is not None else {}
+    subjects = sorted(set(maps) & set(scans))
+    if not subjects:
+        raise InputError(f"no map in {maps_dir} has a scan of the same name in {scans_dir}")
+    failed = [(s, f"{maps[s]}: no scan named {s}.nii[.gz] in {scans_dir}") for s in sorted(set(maps) - set(scans))]
+    sections: list[str] = []
+    drawn: list[str] = []
+    for done, subject in enumerate(subjects, start=1):
+        label = labels.get(subject)
+        try:
+            montage = heatmap_montage(scans[subject], maps[subject], label, n_slices, threshold, subject, None, resample)
+        except UadctError as exc:
+            log.warning("%s: %s", subject, exc)
+            failed.append((subject, str(exc)))
+        else:
+            buffer = io.BytesIO()
+            montage.figure.savefig(buffer, format="png", dpi=DPI, facecolor=montage.figure.get_facecolor())
+            encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+            details = f"map <code>{html.escape(str(maps[subject]))}</code>"
+            details += f", label <code>{html.escape(str(label))}</code>" if label is not None else ", no label"
+            sections.append(
+                f'<section id="{html.escape(subject)}"><h2>{html.escape(subject)}</h2>'
+                f"<p>{details}; {html.escape(montage.unit)}, shown above "
+                f"{'n/a' if montage.threshold is None else format(montage.threshold, '.4g')}</p>"
+                f'<img alt="heatmap of {html.escape(subject)}" src="data:image/png;base64,{encoded}"></section>'
+            )
+            drawn.append(subject)
+        if progress is not None:
+            progress(done, len(subjects), subject)
+    index = " · ".join(f'<a href="#{html.escape(s)}">{html.escape(s)}</a>' for s in drawn)
+    problems = "".join(f"<li><b>{html.escape(s)}</b>: {html.escape(e)}</li>" for s, e in failed)
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>uadct heatmaps</title>"
+        "<style>body{background:#111;color:#ddd;font-family:sans-serif;margin:1.5em}img{max-width:100%}"
+        "a{color:#6cf}code{color:#aaa}section{margin-bottom:2em}</style></head><body>"
+        f"<h1>Anomaly maps: {len(drawn)} subject(s)</h1>"
+        f"<p>Scans <code>{html.escape(str(scans_dir))}</code>, maps <code>{html.escape(str(maps_dir))}</code>. "
+        "Rows: axial, coronal, sagittal, radiological convention (patient's right on the viewer's left).</p>"
+        f"<p>{index}</p>"
+        + (f"<h2>Not drawn</h2><ul>{problems}</ul>" if failed else "")
+        + "".join(sections)
+        + "</body></html>\n"
+    )
+    write_text(page, out_html)
+    return HtmlResult(out_html, drawn, failed)
+
+
+# ----------------------------------------------------------------------------- ROC / PR plots
+CURVE_INCHES = 5.0
+
+
+def plot_voxel_curves(
+    pooled: dict[str, np.ndarray],
+    subjects: dict[str, dict[str, np.ndarray]],
+    out_png: str | Path,
+    kind: str,
+    area: float,
+) -> Path:
+    """Write the voxel ROC (``kind="roc"``) or precision-recall (``"pr"``) curve to ``out_png``.
+
+    ``pooled`` and each value of ``subjects`` hold ``fpr``, ``tpr`` and ``precision`` arrays
+    (:func:`uadct.metrics.curve_points`). The pooled curve is drawn thick, subjects as thin
+    grey lines; ``area`` (AUROC or AUPRC) goes in the legend. Written atomically.
+    """
+    if kind not in ("roc", "pr"):
+        raise UadctError(f"kind must be 'roc' or 'pr', got {kind!r}")
+    figure, axes = _curve_figure()
+    x_key, y_key = ("fpr", "tpr") if kind == "roc" else ("tpr", "precision")
+    drawn = [points for points in subjects.values() if points[x_key].size]  # subjects with both classes
+    for points in drawn:
+        axes.plot(points[x_key], points[y_key], color="0.6", linewidth=0.6, alpha=0.7)
+    name = "AUROC" if kind == "roc" else "AUPRC"
+    axes.plot(pooled[x_key], pooled[y_key], color="#c0392b", linewidth=2.0, label=f"pooled ({name} {area:.3f})")
+    if drawn:
+        axes.plot([], [], color="0.6", linewidth=0.6, label=f"per subject ({len(drawn)} with lesions)")
+    if kind == "roc":
+        axes.plot([0, 1], [0, 1], color="0.3", linestyle=":", linewidth=0.8, label="chance")
+        axes.set(xlabel="false-positive rate (normal brain voxels)", ylabel="true-positive rate (lesion voxels)",
+                 title="Voxel-level ROC")
+        axes.legend(loc="lower right", fontsize=8)
+    else:
+        axes.set(xlabel="recall (lesion voxels)", ylabel="precision", title="Voxel-level precision-recall")
+        axes.legend(loc="upper right", fontsize=8)
+    return _save_curve(figure, out_png)
+
+
+def plot_image_roc(
+    scores: np.ndarray, abnormal: np.ndarray, out_png: str | Path, area: float, unit: str = "subject"
+) -> Path:
+    """Write the image-level ROC curve of ``(N,)`` scores against ``(N,)`` bool truth (``unit``: subject or slice)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    abnormal = np.asarray(abnormal, dtype=bool)
+    positives, negatives = np.sort(scores[abnormal]), np.sort(scores[~abnormal])
+    thresholds = np.concatenate(([np.inf], np.unique(scores)[::-1]))
+    tpr = (positives.size - np.searchsorted(positives, thresholds, side="left")) / positives.size
+    fpr = (negatives.size - np.searchsorted(negatives, thresholds, side="left")) / negatives.size
+    figure, axes = _curve_figure()
+    # straight lines between the points: tied scores give the diagonal segment AUROC counts as one half
+    axes.plot(fpr, tpr, color="#2c3e50", linewidth=2.0,
+              label=f"{positives.size} abnormal / {negatives.size} normal {unit}s (AUROC {area:.3f})")
+    axes.plot([0, 1], [0, 1], color="0.3", linestyle=":", linewidth=0.8, label="chance")
+    axes.set(xlabel=f"false-positive rate (normal {unit}s)", ylabel=f"true-positive rate (abnormal {unit}s)",
+             title=f"Image-level ROC ({unit}s)")
+    axes.legend(loc="lower right", fontsize=8)
+    return _save_curve(figure, out_png)
+
+
+def _curve_figure() -> tuple[Figure, object]:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(CURVE_INCHES, CURVE_INCHES), dpi=DPI)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.set_aspect("equal")
+    axes.grid(True, linewidth=0.4, alpha=0.5)
+    return figure, axes
+
+
+def _save_curve(figure: Figure, out_png: str | Path) -> Path:
+    out_png = Path(out_png)
+    figure.tight_layout()
+    with atomic_path(out_png) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+    return out_png
