@@ -72,7 +72,7 @@ import SimpleITK as sitk
 
 from uadct import __version__
 from uadct.errors import InputError, UadctError
-from uadct.io import grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix, write_json, write_text
+from uadct.io import grid_difference, list_niftis, map_sidecar_path, read_image, read_mask, same_grid, strip_nifti_suffix, write_json, write_text
 from uadct.metrics import (
     IMAGE_METRIC_FIELDS,
     VOXEL_METRIC_FIELDS,
@@ -322,13 +322,8 @@ def _niftis_by_subject(folder: Path) -> dict[str, Path]:
     return found
 
 
-def sidecar_of(map_path: Path) -> Path:
-    """The JSON sidecar ``uadct score`` writes next to a map: ``<id>.nii.gz`` -> ``<id>.json``."""
-    return map_path.with_name(strip_nifti_suffix(map_path) + ".json")
-
-
 def _sidecar_image_score(map_path: Path) -> float | None:
-    path = sidecar_of(map_path)
+    path = map_sidecar_path(map_path)
     if not path.is_file():
         return None
     try:

@@ -37,6 +37,12 @@ def strip_nifti_suffix(path: str | Path) -> str:
     return name
 
 
+def map_sidecar_path(map_path: str | Path) -> Path:
+    """The JSON ``uadct score`` writes beside a map: ``<id>.nii.gz`` -> ``<id>.json``."""
+    map_path = Path(map_path)
+    return map_path.with_name(strip_nifti_suffix(map_path) + ".json")
+
+
 def is_nifti(path: str | Path) -> bool:
     """True when the path name ends in ``.nii`` or ``.nii.gz``."""
     return str(path).endswith(NIFTI_SUFFIXES)

@@ -165,10 +165,10 @@ def map_unit(anomaly_map: str | Path) -> str:
     scaling)"; otherwise the model and output kind are named. Without a readable sidecar:
     "anomaly score (map units)".
     """
-    from uadct.evaluate import sidecar_of
+    from uadct.io import map_sidecar_path
 
     try:
-        data = json.loads(sidecar_of(Path(anomaly_map)).read_text())
+        data = json.loads(map_sidecar_path(anomaly_map).read_text())
     except (OSError, ValueError):
         return GENERIC_UNIT
     if not isinstance(data, dict):

@@ -23,7 +23,7 @@ import torch
 from uadct.atlas import load_atlas
 from uadct.checkpoint import Checkpoint, load_checkpoint
 from uadct.errors import CheckpointError, InputError, UadctError
-from uadct.io import array_like, read_image, sha256_of, write_image, write_json, write_text
+from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, write_image, write_json, write_text
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
 from uadct.patches import PatchSpec, sliding_window_map
@@ -299,7 +299,7 @@ def score_scan(
         write_image(atlas_map_image, atlas_map_path)
     if brain_mask_path is not None:
         write_image(native_mask, brain_mask_path)
-    json_path = sidecar_path(out_path)
+    json_path = map_sidecar_path(out_path)
     write_json(
         {
             "subject": str(subject),
@@ -340,7 +340,7 @@ def map_state(out_path: str | Path, settings: dict[str, Any]) -> str:
     """``"done"`` (map and sidecar there, same settings), ``"different"`` (made with other
     settings or another checkpoint) or ``"missing"`` (absent, or left incomplete by a killed run)."""
     out_path = Path(out_path)
-    json_path = sidecar_path(out_path)
+    json_path = map_sidecar_path(out_path)
     if not out_path.is_file() or not json_path.is_file():
         return "missing"
     if settings.get("mood") and not mood_score_path(out_path).is_file():
@@ -384,7 +384,7 @@ def score_if_needed(
     with output_lock(out_path.parent, out_path.name) as mine:
         if not mine:
             return ScoreOutcome("busy", message=f"{out_path}: another task is writing this map")
-        for written in (out_path, sidecar_path(out_path), mood_score_path(out_path), brain_mask_path):
+        for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path):
             if written is not None:
                 remove_stale_temporaries(written)
         state = map_state(out_path, settings)
@@ -393,16 +393,6 @@ def score_if_needed(
         if state == "different" and not force:
             raise UadctError(f"{out_path}: exists, made with another checkpoint or other settings; use --force to overwrite")
         return ScoreOutcome("done", score_scan(checkpoint, subject, out_path, brain_mask_path=brain_mask_path, **options))
-
-
-def sidecar_path(map_path: str | Path) -> Path:
-    """``map.nii.gz`` -> ``map.json``."""
-    map_path = Path(map_path)
-    name = map_path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return map_path.with_name(name + ".json")
 
 
 def _check_compatible(checkpoint: Checkpoint, prepared_config: dict[str, Any], subject: Path) -> None:
