@@ -136,6 +136,15 @@ class ContrastAugmenter:
     every accepted theta inside the uniform box of the method instead of piling draws
     on a clipping boundary.
 
+    Training range: a draw is also accepted only if each of its PCA coordinates
+    ``A (theta' - mean)`` lies within the range the training subjects span on that axis
+    (``low_``..``high_``, widened to at least ``+-sigma(A theta)`` around the mean where
+    the subjects span less, e.g. a single subject). The method's box
+    ``theta +- sigma(A theta)`` is centred on each subject, so without this bound a
+    subject at the edge of the training distribution is pushed beyond it; with it,
+    augmented contrasts stay within what the training scanners produced (the spec:
+    tissue order kept, intensities within the training distribution's spread).
+
     ``zscore`` / ``noise_background``: the method's last steps (z-score the brain voxels
     with the augmented image's own mean and std, fill the background with Gaussian noise
     of std ``noise_std``). Both are off by default because the rest of uadct trains
@@ -161,13 +170,16 @@ class ContrastAugmenter:
     mean_: np.ndarray | None = field(default=None, repr=False)
     components_: np.ndarray | None = field(default=None, repr=False)
     half_widths_: np.ndarray | None = field(default=None, repr=False)
+    low_: np.ndarray | None = field(default=None, repr=False)
+    high_: np.ndarray | None = field(default=None, repr=False)
 
     def fit(self, thetas: Sequence[np.ndarray]) -> "ContrastAugmenter":
         """PCA over ``thetas``, a sequence of ``(2K,)`` vectors (one per training subject).
 
         Stores ``mean_`` ``(2K,)``, ``components_`` ``(2K, 2K)`` (rows: principal axes,
         i.e. the matrix ``A``; orthonormal, so ``A^-1 = A.T``) and ``half_widths_``
-        ``(2K,)`` = ``sigma(A theta)``, the std of the training thetas along each axis.
+        ``(2K,)`` = ``sigma(A theta)``, the std of the training thetas along each axis,
+        and ``low_``, ``high_`` ``(2K,)``, the accepted range of each PCA coordinate.
         """
         if not 0 <= self.min_spread_fraction:
             raise UadctError(f"min_spread_fraction must be >= 0, got {self.min_spread_fraction}")
@@ -187,13 +199,16 @@ class ContrastAugmenter:
         self.mean_ = mean
         self.components_ = eigenvectors[:, order].T
         self.half_widths_ = np.sqrt(np.clip(eigenvalues[order], 0.0, None))
+        coordinates = centred @ self.components_.T
+        self.low_ = np.minimum(coordinates.min(axis=0), -self.half_widths_)
+        self.high_ = np.maximum(coordinates.max(axis=0), self.half_widths_)
         if len(matrix) <= matrix.shape[1]:
             log.info("contrast PCA on %d subjects for %d parameters: spread floor of %.3g of each parameter applies", len(matrix), matrix.shape[1], self.min_spread_fraction)
         return self
 
     def sample_thetas(self, tissue: TissueModel, count: int, rng: np.random.Generator) -> np.ndarray:
         """``(count, 2K)`` augmented parameter vectors ``theta' = theta + dtheta`` for ``tissue``."""
-        if self.components_ is None or self.half_widths_ is None:
+        if self.components_ is None or self.half_widths_ is None or self.low_ is None or self.high_ is None:
             raise UadctError("ContrastAugmenter is not fitted; call fit(thetas) on the training subjects first")
         theta = tissue.theta
         if theta.shape[0] != self.components_.shape[0]:
@@ -209,6 +224,8 @@ class ContrastAugmenter:
             candidate = theta + drawn
             ok = np.all(candidate[:, k:] >= self.min_variance_ratio * theta[k:], axis=1)
             ok &= np.all(np.diff(candidate[:, :k], axis=1) > 0, axis=1)
+            coordinates = (candidate - self.mean_) @ self.components_.T
+            ok &= np.all((coordinates >= self.low_) & (coordinates <= self.high_), axis=1)
             shifts[pending[ok]] = drawn[ok]
             pending = pending[~ok]
         if pending.size:
