@@ -97,7 +97,7 @@ def test_sigterm_mid_epoch_saves_state_and_resume_is_exact(prep, tmp_path):
         if event == "step" and info["epoch"] == 1 and info["step"] == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(TrainingInterrupted, match=r"interrupted at epoch 1 step 2; .*resume with --resume"):
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at epoch 1 step 2; .*run the same command again to resume"):
         train_model(prep, tmp_path / "cut.pt", config, progress=terminate)
     assert signal.getsignal(signal.SIGTERM) is before
     assert resume_path(tmp_path / "cut.pt").is_file()
@@ -149,7 +149,7 @@ def test_cli_sigterm_then_resume(prep, tmp_path):
             process.kill()
     stderr = "".join(seen) + rest
     assert process.returncode == 2, stderr
-    assert "resume with --resume" in stderr
+    assert "run the same command again to resume" in stderr
     assert resume_path(model).is_file() and not model.exists()
     # finish quickly: the epoch limit may change on resume
     finished = CliRunner().invoke(app, ["train", str(prep), "-o", str(model), "--epochs", "3", "--patience", "200",

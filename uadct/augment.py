@@ -60,6 +60,14 @@ class TissueModel:
     def n_classes(self) -> int:
         return int(self.means.shape[0])
 
+    def to_dict(self) -> dict[str, list[float]]:
+        """Plain lists (JSON), the inverse of :meth:`from_dict`."""
+        return {name: getattr(self, name).tolist() for name in ("means", "variances", "weights", "quantiles")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[float]]) -> "TissueModel":
+        return cls(**{name: np.asarray(data[name], dtype=np.float64) for name in ("means", "variances", "weights", "quantiles")})
+
 
 def fit_tissue_gmm(
     image: np.ndarray,
@@ -243,9 +251,24 @@ class ContrastAugmenter:
         masks = np.asarray(masks)
         if patches.shape != masks.shape or patches.ndim not in (4, 5) or patches.shape[1] != 1:
             raise UadctError(f"expected patches and masks of one shape (B, 1, P, P) or (B, 1, P, P, P), got {patches.shape} and {masks.shape}")
+        return self.apply_thetas(patches, masks, tissue, self.sample_thetas(tissue, patches.shape[0], rng), rng)
+
+    def apply_thetas(
+        self, patches: np.ndarray, masks: np.ndarray, tissue: TissueModel, thetas: np.ndarray, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
+        """Transform patches of ONE subject to the contrasts ``thetas`` ``(B, 2K)`` (from :meth:`sample_thetas`).
+
+        Drawing and applying are separate so the training sampler can draw a whole
+        global batch's contrasts and transform only the rows one process trains on.
+        ``rng`` is needed only for ``noise_background``.
+        """
+        patches = np.asarray(patches)
+        masks = np.asarray(masks)
+        if patches.shape != masks.shape or patches.ndim not in (4, 5) or patches.shape[1] != 1:
+            raise UadctError(f"expected patches and masks of one shape (B, 1, P, P) or (B, 1, P, P, P), got {patches.shape} and {masks.shape}")
         count = patches.shape[0]
         k = tissue.n_classes
-        new = self.sample_thetas(tissue, count, rng)
+        new = np.asarray(thetas, dtype=np.float64).reshape(count, 2 * k)
         new_means, new_sds = new[:, :k], np.sqrt(new[:, k:])
         flat = patches.reshape(count, -1).astype(np.float64)
         moved = _transform(flat, tissue, new_means, new_sds)
@@ -259,6 +282,8 @@ class ContrastAugmenter:
         moved = (moved - offset) / np.maximum(scale, 1e-12)
         inside = masks.reshape(count, -1) > 0.5
         if self.noise_background:
+            if rng is None:
+                raise UadctError("noise_background needs a random generator; pass rng")
             outside = rng.normal(0.0, self.noise_std, flat.shape)
         else:
             outside = flat
