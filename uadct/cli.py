@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -266,6 +267,8 @@ def train(
                 bar.update(task, info=f"epoch {info['epoch']} step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
 
         result = train_model(prep, output, config, progress=report, resume=False if force else resume)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 reports
+        return
     fitted = (f"best epoch {result.best_epoch} of {len(result.history)}, validation loss {result.best_validation_loss:.5f}"
               if result.history else "no trainable parameters: statistics fitted on training patches")
     out.print(f"model {output}: {fitted}, {result.seconds:.0f} s; train {len(result.train_subjects)} / "

@@ -158,15 +158,17 @@ class PatchSampler:
     def _draw(self, count: int, rng: np.random.Generator, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         which = rng.integers(0, len(self.volumes), count)
         picks = np.empty((count, 3), np.int64)
-        thetas: dict[int, np.ndarray] = {}
         for index in np.unique(which):
             members = np.flatnonzero(which == index)
             volume = self.volumes[index]
             picks[members] = volume.positions[rng.integers(0, len(volume.positions), len(members))]
-            if self.augmenter is not None:
-                assert volume.tissue is not None
-                thetas[int(index)] = self.augmenter.sample_thetas(volume.tissue, len(members), rng)
         flipped = rng.random(count) < 0.5 if self.flip else np.zeros(count, bool)
+        thetas: dict[int, np.ndarray] = {}  # drawn last: switching augmentations keeps the patches
+        if self.augmenter is not None:
+            for index in np.unique(which):
+                tissue = self.volumes[index].tissue
+                assert tissue is not None
+                thetas[int(index)] = self.augmenter.sample_thetas(tissue, int(np.sum(which == index)), rng)
         own = np.arange(count)[rows]
         images = np.empty((len(own), 1) + _patch_shape(self.spec), np.float32)
         masks = np.empty_like(images)
