@@ -845,6 +845,9 @@ def _train(
 
     state = _LoopState()
     resume_file = resume_path(out_path)
+    if distributed.is_main:  # temporary files of a killed run's atomic writes (never a finished file)
+        for stale in out_path.parent.glob(f".{out_path.name}.*.tmp*"):
+            stale.unlink(missing_ok=True)
     if resume is not False and resume_file.is_file():
         state = _load_resume(_read_resume(resume_file, config), resume_file, model, optimizers, device, distributed)
         log.info("resuming %s at epoch %d step %d", resume_file, state.epoch, state.step)
