@@ -272,7 +272,7 @@ class ContrastAugmenter:
         new_means, new_sds = new[:, :k], np.sqrt(new[:, k:])
         flat = patches.reshape(count, -1).astype(np.float64)
         moved = _transform(flat, tissue, new_means, new_sds)
-        reference = _transform(np.broadcast_to(tissue.quantiles, (count, tissue.quantiles.size)), tissue, new_means, new_sds)
+        reference = _transform(tissue.quantiles, tissue, new_means, new_sds)
         if self.zscore:
             offset = reference.mean(axis=1, keepdims=True)
             scale = reference.std(axis=1, keepdims=True)
@@ -290,19 +290,32 @@ class ContrastAugmenter:
         return np.where(inside, moved, outside).astype(np.float32).reshape(patches.shape)
 
 
+def _memberships(values: np.ndarray, tissue: TissueModel) -> tuple[np.ndarray, np.ndarray]:
+    """``p(k|x)`` and ``p(k|x) (x - mu_k) / sigma_k``, each ``values.shape + (K,)``.
+
+    They depend only on the subject's own mixture, so the transform to any new
+    parameters is linear in them (see :func:`_transform`).
+    """
+    sds = np.sqrt(tissue.variances)
+    standard = (values[..., None] - tissue.means) / sds
+    log_post = np.log(tissue.weights) - np.log(sds) - 0.5 * standard**2
+    log_post -= log_post.max(axis=-1, keepdims=True)
+    post = np.exp(log_post)
+    post /= post.sum(axis=-1, keepdims=True)
+    return post, post * standard
+
+
 def _transform(values: np.ndarray, tissue: TissueModel, new_means: np.ndarray, new_sds: np.ndarray) -> np.ndarray:
     """``x' = sum_k p(k|x) ((x - mu_k)/sigma_k sigma'_k + mu'_k)`` row by row.
 
-    ``values`` ``(B, V)``; ``new_means``, ``new_sds`` ``(B, K)``. Posteriors use the
-    subject's own mixture (weights, means, variances).
+    ``values`` ``(B, V)``, or ``(V,)`` shared by all rows; ``new_means``, ``new_sds``
+    ``(B, K)``. Posteriors use the subject's own mixture (weights, means, variances).
+    Returns ``(B, V)``.
     """
-    sds = np.sqrt(tissue.variances)
-    standard = (values[:, :, None] - tissue.means) / sds  # (B, V, K)
-    log_post = np.log(tissue.weights) - np.log(sds) - 0.5 * standard**2
-    log_post -= log_post.max(axis=2, keepdims=True)
-    post = np.exp(log_post)
-    post /= post.sum(axis=2, keepdims=True)
-    return np.einsum("bvk,bvk->bv", post, standard * new_sds[:, None, :] + new_means[:, None, :])
+    post, scaled = _memberships(values, tissue)
+    if values.ndim == 1:
+        return new_sds @ scaled.T + new_means @ post.T
+    return np.einsum("bvk,bk->bv", scaled, new_sds) + np.einsum("bvk,bk->bv", post, new_means)
 
 
 def _histogram_em(
