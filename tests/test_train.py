@@ -289,3 +289,51 @@ def test_amp_on_cpu_runs_bfloat16_and_is_off_by_default(prep, tmp_path):
     assert load_checkpoint(mixed.checkpoint).metadata["training"]["amp"] == "bfloat16"
     assert np.isfinite(mixed.best_validation_loss)
     assert _differs(_weights(plain.checkpoint), _weights(mixed.checkpoint))  # bfloat16 arithmetic was used
+
+
+def test_position_conditioned_models_get_patch_centres_in_every_hook(prep, tmp_path):
+    from torch import nn
+
+    from uadct.models.base import AnomalyModel
+
+    seen: dict[str, list[torch.Tensor]] = {"train": [], "validation": [], "statistics": []}
+
+    class PositionProbe(AnomalyModel):
+        name = "test-position-probe"
+        uses_positions = True
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.weight = nn.Parameter(torch.zeros(3))
+
+        def training_loss(self, patches, masks, positions=None):
+            return {"loss": (patches.mean(dim=(1, 2, 3)) - positions @ self.weight).square().mean()}
+
+        def training_step(self, patches, masks, optimizers, positions=None):
+            seen["train"].append(positions)
+            loss = self.training_loss(patches, masks, positions)["loss"]
+            optimizers["model"].zero_grad()
+            loss.backward()
+            optimizers["model"].step()
+            return {"loss": float(loss.detach())}
+
+        def validation_loss(self, patches, masks, positions=None):
+            seen["validation"].append(positions)
+            return float(self.training_loss(patches, masks, positions)["loss"])
+
+        def fit_statistics(self, patches, masks, positions=None):
+            seen["statistics"].append(positions)
+
+        def score_patches(self, patches, masks=None):
+            return {"scalar": patches.mean(dim=(1, 2, 3))}
+
+    try:
+        train_model(prep, tmp_path / "p.pt", TrainConfig(**{**TINY, "model": "test-position-probe", "max_epochs": 1}))
+    finally:
+        from uadct.models.base import MODEL_REGISTRY
+
+        MODEL_REGISTRY.pop("test-position-probe", None)
+    assert len(seen["train"]) == 4 and len(seen["validation"]) == 2 and len(seen["statistics"]) == 1
+    for positions, rows in [(seen["train"][0], 16), (seen["validation"][0], 16), (seen["statistics"][0], 64)]:
+        assert positions.shape == (rows, 3) and positions.dtype == torch.float32
+        assert float(positions.abs().max()) <= 1 and len(torch.unique(positions[:, 1])) > 1
