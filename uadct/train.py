@@ -2,15 +2,26 @@
 
 Subjects are split into training and validation sets by subject (never by patch).
 Each epoch draws ``patches_per_epoch`` random patches with at most ``max_background``
-of their voxels outside the brain mask; validation uses a fixed set of patches from
-the validation subjects. The best epoch's weights are kept and written with the
-metadata that scoring needs (see :mod:`uadct.checkpoint`).
+of their voxels outside the brain mask (optionally flipped and contrast-augmented,
+:mod:`uadct.augment`); validation uses a fixed set of patches from the validation
+subjects. The best epoch's weights are kept and written with the metadata that scoring
+needs (see :mod:`uadct.checkpoint`).
+
+Data: prepared volumes are memory-mapped from ``<subject>/cache/*.npy`` and patches are
+cut in DataLoader worker processes (``workers``). Batch ``(epoch, step)`` is drawn with a
+generator seeded by ``(seed, epoch, step)`` only, so the patches never depend on the
+number of workers, on timing, or on where a run was resumed.
 
 Runs are reproducible: the same seed gives bit-identical weights on the same device
-(deterministic algorithms, seeded samplers). After every epoch, and when SIGTERM/SIGINT
-arrive (at the end of the current step), the full training state goes to
-``<out>.resume.pt``; ``train_model(..., resume=True)`` continues from it and gives the
-same weights as an uninterrupted run. The file is removed once the final checkpoint exists.
+(deterministic algorithms, counter-seeded batches), with or without workers. After
+every epoch, and when SIGTERM/SIGINT arrive (at the end of the current step), the full
+training state goes to ``<out>.resume.pt`` (atomically); the next call with the same
+settings continues from it (also after SIGKILL) and gives the same weights as an
+uninterrupted run. The file is removed once the final checkpoint exists.
+
+Mixed precision: bfloat16 ``torch.autocast`` around the models' ``training_step`` hooks
+(no GradScaler: bfloat16 keeps float32's exponent range). Several processes (torchrun):
+see :class:`Distributed` and :class:`_AveragedOptimizer`.
 """
 
 from __future__ import annotations
