@@ -231,9 +231,9 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     exclude_labels: Optional[Path] = typer.Option(None, help="Folder of <subject>.nii.gz lesion masks: patches overlapping them are never sampled."),
     augment: str = typer.Option("flip", help="Comma-separated augmentations: flip (horizontal), gmm (GMM/PCA contrast); 'none' for none."),
-    workers: Optional[int] = typer.Option(None, min=0, help="Patch-sampling worker processes [default: min(4, cpus-1) on CUDA, 0 on CPU]."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bfloat16 mixed precision [default: on for CUDA, off otherwise]."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue from OUTPUT.resume.pt (written every epoch and on SIGTERM/SIGINT) [default: when it exists and has the same settings]."),
+    workers: Optional[int] = typer.Option(None, min=0, show_default="min(4, cpus-1) per GPU on CUDA, 0 on CPU", help="Patch-sampling worker processes."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", show_default="on for CUDA, off otherwise", help="bfloat16 mixed precision."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", show_default="when it exists with the same settings", help="Continue from OUTPUT.resume.pt (written every epoch and on SIGTERM/SIGINT)."),
     force: bool = typer.Option(False, "--force", help="Start afresh even when an interrupted run left OUTPUT.resume.pt (same as --no-resume)."),
 ) -> None:
     """Fit an anomaly model on patches of healthy prepared subjects.

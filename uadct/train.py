@@ -783,7 +783,7 @@ def _use_amp(config: TrainConfig, device: torch.device) -> bool:
         log.warning("mixed precision is not supported on %s; training in float32", device)
         return False
     if config.amp and device.type == "cpu":
-        log.info("mixed precision (bfloat16) on CPU: numerically like CUDA AMP, rarely faster")
+        log.warning("mixed precision on CPU: bfloat16 autocast as on CUDA, but usually slower than float32 here")
     return bool(config.amp)
 
 
