@@ -777,8 +777,13 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
 
 
 def _use_amp(config: TrainConfig, device: torch.device) -> bool:
+    """Whether to train under bfloat16 autocast: ``config.amp``, or by default on CUDA GPUs that have bfloat16."""
+    bfloat16_gpu = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if config.amp is None:
-        return device.type == "cuda"
+        return bfloat16_gpu
+    if config.amp and device.type == "cuda" and not bfloat16_gpu:
+        log.warning("this GPU has no bfloat16 (before Ampere): training in float32")
+        return False
     if config.amp and device.type not in ("cuda", "cpu"):
         log.warning("mixed precision is not supported on %s; training in float32", device)
         return False
