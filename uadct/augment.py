@@ -60,6 +60,14 @@ class TissueModel:
     def n_classes(self) -> int:
         return int(self.means.shape[0])
 
+    def to_dict(self) -> dict[str, list[float]]:
+        """Plain lists (JSON), the inverse of :meth:`from_dict`."""
+        return {name: getattr(self, name).tolist() for name in ("means", "variances", "weights", "quantiles")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[float]]) -> "TissueModel":
+        return cls(**{name: np.asarray(data[name], dtype=np.float64) for name in ("means", "variances", "weights", "quantiles")})
+
 
 def fit_tissue_gmm(
     image: np.ndarray,
@@ -136,6 +144,15 @@ class ContrastAugmenter:
     every accepted theta inside the uniform box of the method instead of piling draws
     on a clipping boundary.
 
+    Training range: a draw is also accepted only if each of its PCA coordinates
+    ``A (theta' - mean)`` lies within the range the training subjects span on that axis
+    (``low_``..``high_``, widened to at least ``+-sigma(A theta)`` around the mean where
+    the subjects span less, e.g. a single subject). The method's box
+    ``theta +- sigma(A theta)`` is centred on each subject, so without this bound a
+    subject at the edge of the training distribution is pushed beyond it; with it,
+    augmented contrasts stay within what the training scanners produced (the spec:
+    tissue order kept, intensities within the training distribution's spread).
+
     ``zscore`` / ``noise_background``: the method's last steps (z-score the brain voxels
     with the augmented image's own mean and std, fill the background with Gaussian noise
     of std ``noise_std``). Both are off by default because the rest of uadct trains
@@ -161,13 +178,16 @@ class ContrastAugmenter:
     mean_: np.ndarray | None = field(default=None, repr=False)
     components_: np.ndarray | None = field(default=None, repr=False)
     half_widths_: np.ndarray | None = field(default=None, repr=False)
+    low_: np.ndarray | None = field(default=None, repr=False)
+    high_: np.ndarray | None = field(default=None, repr=False)
 
     def fit(self, thetas: Sequence[np.ndarray]) -> "ContrastAugmenter":
         """PCA over ``thetas``, a sequence of ``(2K,)`` vectors (one per training subject).
 
         Stores ``mean_`` ``(2K,)``, ``components_`` ``(2K, 2K)`` (rows: principal axes,
         i.e. the matrix ``A``; orthonormal, so ``A^-1 = A.T``) and ``half_widths_``
-        ``(2K,)`` = ``sigma(A theta)``, the std of the training thetas along each axis.
+        ``(2K,)`` = ``sigma(A theta)``, the std of the training thetas along each axis,
+        and ``low_``, ``high_`` ``(2K,)``, the accepted range of each PCA coordinate.
         """
         if not 0 <= self.min_spread_fraction:
             raise UadctError(f"min_spread_fraction must be >= 0, got {self.min_spread_fraction}")
@@ -187,13 +207,16 @@ class ContrastAugmenter:
         self.mean_ = mean
         self.components_ = eigenvectors[:, order].T
         self.half_widths_ = np.sqrt(np.clip(eigenvalues[order], 0.0, None))
+        coordinates = centred @ self.components_.T
+        self.low_ = np.minimum(coordinates.min(axis=0), -self.half_widths_)
+        self.high_ = np.maximum(coordinates.max(axis=0), self.half_widths_)
         if len(matrix) <= matrix.shape[1]:
             log.info("contrast PCA on %d subjects for %d parameters: spread floor of %.3g of each parameter applies", len(matrix), matrix.shape[1], self.min_spread_fraction)
         return self
 
     def sample_thetas(self, tissue: TissueModel, count: int, rng: np.random.Generator) -> np.ndarray:
         """``(count, 2K)`` augmented parameter vectors ``theta' = theta + dtheta`` for ``tissue``."""
-        if self.components_ is None or self.half_widths_ is None:
+        if self.components_ is None or self.half_widths_ is None or self.low_ is None or self.high_ is None:
             raise UadctError("ContrastAugmenter is not fitted; call fit(thetas) on the training subjects first")
         theta = tissue.theta
         if theta.shape[0] != self.components_.shape[0]:
@@ -209,6 +232,8 @@ class ContrastAugmenter:
             candidate = theta + drawn
             ok = np.all(candidate[:, k:] >= self.min_variance_ratio * theta[k:], axis=1)
             ok &= np.all(np.diff(candidate[:, :k], axis=1) > 0, axis=1)
+            coordinates = (candidate - self.mean_) @ self.components_.T
+            ok &= np.all((coordinates >= self.low_) & (coordinates <= self.high_), axis=1)
             shifts[pending[ok]] = drawn[ok]
             pending = pending[~ok]
         if pending.size:
@@ -226,13 +251,28 @@ class ContrastAugmenter:
         masks = np.asarray(masks)
         if patches.shape != masks.shape or patches.ndim not in (4, 5) or patches.shape[1] != 1:
             raise UadctError(f"expected patches and masks of one shape (B, 1, P, P) or (B, 1, P, P, P), got {patches.shape} and {masks.shape}")
+        return self.apply_thetas(patches, masks, tissue, self.sample_thetas(tissue, patches.shape[0], rng), rng)
+
+    def apply_thetas(
+        self, patches: np.ndarray, masks: np.ndarray, tissue: TissueModel, thetas: np.ndarray, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
+        """Transform patches of ONE subject to the contrasts ``thetas`` ``(B, 2K)`` (from :meth:`sample_thetas`).
+
+        Drawing and applying are separate so the training sampler can draw a whole
+        global batch's contrasts and transform only the rows one process trains on.
+        ``rng`` is needed only for ``noise_background``.
+        """
+        patches = np.asarray(patches)
+        masks = np.asarray(masks)
+        if patches.shape != masks.shape or patches.ndim not in (4, 5) or patches.shape[1] != 1:
+            raise UadctError(f"expected patches and masks of one shape (B, 1, P, P) or (B, 1, P, P, P), got {patches.shape} and {masks.shape}")
         count = patches.shape[0]
         k = tissue.n_classes
-        new = self.sample_thetas(tissue, count, rng)
+        new = np.asarray(thetas, dtype=np.float64).reshape(count, 2 * k)
         new_means, new_sds = new[:, :k], np.sqrt(new[:, k:])
         flat = patches.reshape(count, -1).astype(np.float64)
         moved = _transform(flat, tissue, new_means, new_sds)
-        reference = _transform(np.broadcast_to(tissue.quantiles, (count, tissue.quantiles.size)), tissue, new_means, new_sds)
+        reference = _transform(tissue.quantiles, tissue, new_means, new_sds)
         if self.zscore:
             offset = reference.mean(axis=1, keepdims=True)
             scale = reference.std(axis=1, keepdims=True)
@@ -242,25 +282,46 @@ class ContrastAugmenter:
         moved = (moved - offset) / np.maximum(scale, 1e-12)
         inside = masks.reshape(count, -1) > 0.5
         if self.noise_background:
+            if rng is None:
+                raise UadctError("noise_background needs a random generator; pass rng")
             outside = rng.normal(0.0, self.noise_std, flat.shape)
         else:
             outside = flat
         return np.where(inside, moved, outside).astype(np.float32).reshape(patches.shape)
 
 
+def _memberships(values: np.ndarray, tissue: TissueModel) -> tuple[np.ndarray, np.ndarray]:
+    """``p(k|x)`` and ``p(k|x) (x - mu_k) / sigma_k``, each ``(K,) + values.shape``.
+
+    They depend only on the subject's own mixture, so the transform to any new
+    parameters is linear in them (see :func:`_transform`). Classes come first so the
+    sums over them run over contiguous slices (several times faster than over a last
+    axis of length K).
+    """
+    shape = (-1,) + (1,) * values.ndim
+    sds = np.sqrt(tissue.variances)
+    standard = (values[None] - tissue.means.reshape(shape)) / sds.reshape(shape)
+    log_post = (np.log(tissue.weights) - np.log(sds)).reshape(shape) - 0.5 * standard**2
+    log_post -= np.maximum.reduce(log_post, axis=0)
+    post = np.exp(log_post)
+    post /= np.add.reduce(post, axis=0)
+    return post, post * standard
+
+
 def _transform(values: np.ndarray, tissue: TissueModel, new_means: np.ndarray, new_sds: np.ndarray) -> np.ndarray:
     """``x' = sum_k p(k|x) ((x - mu_k)/sigma_k sigma'_k + mu'_k)`` row by row.
 
-    ``values`` ``(B, V)``; ``new_means``, ``new_sds`` ``(B, K)``. Posteriors use the
-    subject's own mixture (weights, means, variances).
+    ``values`` ``(B, V)``, or ``(V,)`` shared by all rows; ``new_means``, ``new_sds``
+    ``(B, K)``. Posteriors use the subject's own mixture (weights, means, variances).
+    Returns ``(B, V)``.
     """
-    sds = np.sqrt(tissue.variances)
-    standard = (values[:, :, None] - tissue.means) / sds  # (B, V, K)
-    log_post = np.log(tissue.weights) - np.log(sds) - 0.5 * standard**2
-    log_post -= log_post.max(axis=2, keepdims=True)
-    post = np.exp(log_post)
-    post /= post.sum(axis=2, keepdims=True)
-    return np.einsum("bvk,bvk->bv", post, standard * new_sds[:, None, :] + new_means[:, None, :])
+    post, scaled = _memberships(values, tissue)
+    if values.ndim == 1:
+        return new_sds @ scaled + new_means @ post
+    moved = np.zeros(values.shape)
+    for k in range(post.shape[0]):
+        moved += scaled[k] * new_sds[:, k : k + 1] + post[k] * new_means[:, k : k + 1]
+    return moved
 
 
 def _histogram_em(

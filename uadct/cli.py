@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -229,15 +230,25 @@ def train(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     exclude_labels: Optional[Path] = typer.Option(None, help="Folder of <subject>.nii.gz lesion masks: patches overlapping them are never sampled."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUTPUT.resume.pt (written every epoch and on SIGTERM/SIGINT) when it exists."),
+    augment: str = typer.Option("flip", help="Comma-separated augmentations: flip (horizontal), gmm (GMM/PCA contrast); 'none' for none."),
+    workers: Optional[int] = typer.Option(None, min=0, show_default="min(4, cpus-1) per GPU on CUDA, 0 on CPU", help="Patch-sampling worker processes."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", show_default="on for CUDA, off otherwise", help="bfloat16 mixed precision."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", show_default="when it exists with the same settings", help="Continue from OUTPUT.resume.pt (written every epoch and on SIGTERM/SIGINT)."),
+    force: bool = typer.Option(False, "--force", help="Start afresh even when an interrupted run left OUTPUT.resume.pt (same as --no-resume)."),
 ) -> None:
-    """Fit an anomaly model on patches of healthy prepared subjects."""
+    """Fit an anomaly model on patches of healthy prepared subjects.
+
+    Runs again with the same command continue an interrupted (killed) run. Under
+    torchrun every process runs this command (see examples/torchrun.sh).
+    """
     from uadct.train import TrainConfig, train_model
 
+    augmentations = tuple(a.strip() for a in augment.split(",") if a.strip() and a.strip() != "none")
     config = TrainConfig(model=model, patch_size=patch_size, batch_size=batch_size, learning_rate=learning_rate,
                          max_epochs=epochs, patience=patience, patches_per_epoch=patches_per_epoch,
                          validation_patches=validation_patches, seed=seed, device=device,
-                         exclude_labels=str(exclude_labels) if exclude_labels else None)
+                         exclude_labels=str(exclude_labels) if exclude_labels else None,
+                         augment=augmentations, workers=workers, amp=amp)
     with _progress() as bar:
         task = bar.add_task("train", total=epochs, info="")
 
@@ -248,10 +259,16 @@ def train(
                 bar.update(task, advance=1, info=line)
                 if not console.is_terminal:  # logs of batch jobs still show how training goes
                     console.print(line, highlight=False)
+            elif event == "resume":
+                bar.update(task, completed=info["epoch"])
+                console.print(f"resuming the interrupted run from {info['path']} at epoch {info['epoch']}"
+                              + (f" step {info['step']}" if info["step"] else ""), highlight=False, soft_wrap=True)
             else:
                 bar.update(task, info=f"epoch {info['epoch']} step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
 
-        result = train_model(prep, output, config, progress=report, resume=resume)
+        result = train_model(prep, output, config, progress=report, resume=False if force else resume)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 reports
+        return
     fitted = (f"best epoch {result.best_epoch} of {len(result.history)}, validation loss {result.best_validation_loss:.5f}"
               if result.history else "no trainable parameters: statistics fitted on training patches")
     out.print(f"model {output}: {fitted}, {result.seconds:.0f} s; train {len(result.train_subjects)} / "

@@ -166,10 +166,12 @@ SCORE_SCALE_QUANTILE = 0.999
 
 
 def estimate_score_scale(model: torch.nn.Module, patches: np.ndarray, masks: np.ndarray, batch_size: int,
-                         device: torch.device, output_kind: str | None = None, quantile: float = SCORE_SCALE_QUANTILE) -> float | None:
+                         device: torch.device, output_kind: str | None = None, quantile: float = SCORE_SCALE_QUANTILE,
+                         hook_options: Callable[[slice], dict[str, Any]] | None = None) -> float | None:
     """A robust maximum of healthy scores: the ``quantile`` of the model's outputs on held-out
     healthy patches ``(N, 1, *patch)`` (voxel outputs inside the brain masks, or the
-    per-patch scalars). Stored in checkpoints as ``score_scale`` so MOOD maps are scaled by
+    per-patch scalars). ``hook_options(rows)`` gives extra keyword arguments for the
+    patches ``rows`` (a slice), e.g. the positions of position-conditioned models. Stored in checkpoints as ``score_scale`` so MOOD maps are scaled by
     one fixed, case-independent factor. None when nothing was scored or the value is not positive.
     """
     key = resolve_output_kind(model, output_kind)
@@ -179,7 +181,8 @@ def estimate_score_scale(model: torch.nn.Module, patches: np.ndarray, masks: np.
         for start in range(0, len(patches), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)).to(device)
             mask = torch.from_numpy(np.ascontiguousarray(masks[start : start + batch_size], dtype=np.float32)).to(device)
-            output = model.score_patches(batch, mask)[key].float()
+            extra = hook_options(slice(start, start + batch_size)) if hook_options else {}
+            output = model.score_patches(batch, mask, **extra)[key].float()
             if key == "voxel":
                 output = output.reshape(mask.shape)[mask > 0]
             values.append(output.reshape(-1).cpu().numpy())
