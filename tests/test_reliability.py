@@ -304,3 +304,39 @@ def test_remove_stale_temporaries_only_touches_that_output(tmp_path):
     removed = remove_stale_temporaries(target)
     assert len(removed) == 3
     assert all(p.exists() for p in theirs) and not any(p.exists() for p in mine)
+
+
+# ----------------------------------------------------------------------------- training memory
+def test_training_memory_grows_with_the_patch_and_leaves_random_streams_alone():
+    import torch
+
+    from uadct.memory import training_memory
+    from uadct.models import build_model
+
+    small = build_model("cae", {"patch_size": 16})
+    large = build_model("cae", {"patch_size": 32})
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    per_small, fixed_small = training_memory(small, (1, 16, 16), torch.device("cpu"), 1e-3)
+    assert torch.equal(torch.rand(3), expected)  # the probe step did not consume the training stream
+    per_large, fixed_large = training_memory(large, (1, 32, 32), torch.device("cpu"), 1e-3)
+    assert per_large > 3 * per_small  # 4x the voxels
+    parameters = sum(p.numel() * 4 for p in small.parameters())
+    assert fixed_small >= 4 * parameters  # weights, gradients and Adam's two moments
+    assert all(p.grad is None for p in small.parameters())  # the model itself was not touched
+
+
+def test_train_refuses_a_batch_beyond_max_memory_before_training(atlas_grid_subjects, tmp_path):
+    _, prep = atlas_grid_subjects(tmp_path, ["case-0", "case-1"])
+    model = tmp_path / "model.pt"
+    result = runner.invoke(app, ["train", str(prep), "-o", str(model), "--batch-size", "100000", "--max-memory", "300M",
+                                 "--epochs", "1"])
+    assert isinstance(result.exception, MemoryLimitError), result.output
+    message = str(result.exception)
+    assert "\n" not in message and "training" in message and "use --batch-size" in message
+    assert not model.exists() and not list(tmp_path.glob("model.pt*"))
+    fits = runner.invoke(app, ["train", str(prep), "-o", str(model), "--batch-size", "32", "--max-memory", "300M",
+                               "--epochs", "1", "--patches-per-epoch", "64", "--validation-patches", "64"])
+    assert fits.exit_code == 0, fits.output
+    assert model.is_file()

@@ -235,14 +235,18 @@ def train(
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", show_default="on for CUDA, off otherwise", help="bfloat16 mixed precision."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", show_default="when it exists with the same settings", help="Continue from OUTPUT.resume.pt (written every epoch and on SIGTERM/SIGINT)."),
     force: bool = typer.Option(False, "--force", help="Start afresh even when an interrupted run left OUTPUT.resume.pt (same as --no-resume)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE",
+                                             help="Memory one training process may use for the model, optimiser and a batch, e.g. 8G (default: 90% of the device's free memory); a batch that cannot fit is refused before training."),
 ) -> None:
     """Fit an anomaly model on patches of healthy prepared subjects.
 
     Runs again with the same command continue an interrupted (killed) run. Under
     torchrun every process runs this command (see examples/torchrun.sh).
     """
+    from uadct.memory import parse_memory
     from uadct.train import TrainConfig, train_model
 
+    budget = parse_memory(max_memory) if max_memory else None
     augmentations = tuple(a.strip() for a in augment.split(",") if a.strip() and a.strip() != "none")
     config = TrainConfig(model=model, patch_size=patch_size, batch_size=batch_size, learning_rate=learning_rate,
                          max_epochs=epochs, patience=patience, patches_per_epoch=patches_per_epoch,
@@ -266,7 +270,7 @@ def train(
             else:
                 bar.update(task, info=f"epoch {info['epoch']} step {info['step']}/{info['steps']} loss {info['loss']:.4f}")
 
-        result = train_model(prep, output, config, progress=report, resume=False if force else resume)
+        result = train_model(prep, output, config, progress=report, resume=False if force else resume, max_memory=budget)
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: rank 0 reports
         return
     fitted = (f"best epoch {result.best_epoch} of {len(result.history)}, validation loss {result.best_validation_loss:.5f}"

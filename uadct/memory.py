@@ -137,6 +137,46 @@ def inference_bytes_per_patch(model: "torch.nn.Module", patch_shape: tuple[int, 
     return max(1, int(np.ceil(total / probe)))
 
 
+def training_memory(model: "torch.nn.Module", patch_shape: tuple[int, ...], device: "torch.device", learning_rate: float,
+                    extra: dict | None = None, probe: int = 4) -> tuple[int, int]:
+    """``(bytes per patch, fixed bytes)`` of training ``model``, measured on a copy with one step.
+
+    A deep copy runs one ``training_step`` on a probe batch ``(probe, *patch_shape)`` with
+    forward hooks adding up every activation; per patch it costs those activations
+    twice (kept for backward, and their gradients). The fixed part is what the copy
+    holds afterwards: weights, buffers, gradients and optimiser states. The random
+    streams are restored afterwards, so the check does not change training.
+    """
+    import copy
+
+    import torch
+
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        trial = copy.deepcopy(model).to(device).train()
+        optimizers = trial.configure_optimizers(learning_rate)
+        hooks = [module.register_forward_hook(count) for module in trial.modules() if module is not trial]
+        try:
+            batch = torch.rand((probe,) + tuple(patch_shape), device=device)
+            trial.training_step(batch, torch.ones_like(batch), optimizers, **(extra or {}))
+        finally:
+            for hook in hooks:
+                hook.remove()
+    states = sum(t.numel() * t.element_size() for o in optimizers.values() for state in o.state.values()
+                 for t in state.values() if isinstance(t, torch.Tensor))
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in trial.parameters() if p.grad is not None)
+    per_patch = max(1, int(np.ceil(2 * total / probe)) + 4 * int(np.prod(patch_shape)) * 3)  # + images, masks, copies
+    return per_patch, model_bytes(trial) + gradients + states
+
+
 def model_bytes(model: "torch.nn.Module") -> int:
     """Parameters and buffers of a model, in bytes."""
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

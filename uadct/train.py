@@ -48,6 +48,7 @@ from uadct.checkpoint import save_checkpoint
 from uadct.errors import UadctError
 from uadct.io import atomic_path, read_mask, write_json
 from uadct.models import AnomalyModel, build_model
+from uadct.memory import BatchPlan, available_memory, plan_batch, training_memory
 from uadct.patches import PatchSpec, extract_patches, patch_centres, valid_training_positions
 from uadct.preprocess.pipeline import SIDECAR, find_prepared, library_versions, load_prepared
 
@@ -746,8 +747,13 @@ def train_model(
     config: TrainConfig | None = None,
     progress: Callable[[str, dict[str, Any]], None] | None = None,
     resume: bool | None = None,
+    max_memory: int | None = None,
 ) -> TrainResult:
     """Fit a model on the prepared subjects of ``prep_dir`` and write its checkpoint.
+
+    ``max_memory``: bytes one training process may use for the model, its optimiser
+    states and a batch (default: 90 % of the free memory of the device); a batch that
+    cannot fit is a :class:`uadct.memory.MemoryLimitError` before training starts.
 
     ``resume``: ``None`` (default) or ``True`` continue from ``<out>.resume.pt`` when it
     exists and was written with the same settings (a file from other settings is an
@@ -763,7 +769,7 @@ def train_model(
     distributed, device, created = distributed_from_environment(device)
     try:
         with _deterministic():
-            return _train(prep_dir, Path(out_path), config, progress, resume, device, distributed)
+            return _train(prep_dir, Path(out_path), config, progress, resume, device, distributed, max_memory)
     finally:
         if created:
             import torch.distributed as dist
@@ -817,6 +823,27 @@ def _hook_options(run: _Run, positions: torch.Tensor | np.ndarray) -> dict[str, 
     return {"positions": torch.from_numpy(centres).to(run.device)}
 
 
+TRAINING_SHARE_OF_FREE_MEMORY = 0.9
+
+
+def check_training_memory(model: AnomalyModel, spec: PatchSpec, config: TrainConfig, device: torch.device,
+                          processes: int = 1, max_memory: int | None = None) -> BatchPlan:
+    """Refuse a batch that cannot fit before training starts (instead of an out-of-memory kill).
+
+    Each process trains on ``batch_size / processes`` patches; its need is measured by
+    :func:`uadct.memory.training_memory` (activations per patch, weights, gradients and
+    optimiser states), plus the validation patches it keeps.
+    """
+    shape = (1,) + (spec.shape[1:] if spec.dims == 2 else spec.shape)
+    extra = {"positions": torch.zeros((4, 3), device=device)} if getattr(model, "uses_positions", False) else {}
+    per_patch, fixed = training_memory(model, shape, device, config.learning_rate, extra)
+    fixed += 3 * 4 * config.validation_patches * int(np.prod(shape))  # validation images, masks, positions
+    budget = max_memory if max_memory is not None else int(TRAINING_SHARE_OF_FREE_MEMORY * available_memory(device))
+    plan = plan_batch(config.batch_size // max(1, processes), per_patch, fixed, budget, "training")
+    log.info("training memory: %s", plan.describe())
+    return plan
+
+
 def _train(
     prep_dir: str | Path,
     out_path: Path,
@@ -825,6 +852,7 @@ def _train(
     resume: bool | None,
     device: torch.device,
     distributed: Distributed,
+    max_memory: int | None = None,
 ) -> TrainResult:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -846,6 +874,7 @@ def _train(
         raise UadctError(f"{prep_dir}: subjects were preprocessed with different parameters; preprocess all subjects alike")
     augmenter = ContrastAugmenter().fit([v.tissue.theta for v in train_volumes if v.tissue is not None]) if gmm else None
     model = build_model(config.model, {"patch_size": config.patch_size, "dims": config.dims, **config.model_options}).to(device)
+    check_training_memory(model, spec, config, device, distributed.world_size, max_memory)
     optimizers = model.configure_optimizers(config.learning_rate)
     sampler = PatchSampler(train_volumes, spec, seed=config.seed, flip="flip" in config.augment, augmenter=augmenter)
     validation = PatchSampler(val_volumes, spec, seed=config.seed + 1).sample(config.validation_patches)
