@@ -192,8 +192,11 @@ def load_hdbet_predictor(folder: str, mirroring: bool = False):
 
 
 def _brain_label(dataset_json: dict[str, Any]) -> int:
-    labels = dataset_json.get("labels", {})
-    return int(labels.get("brain", 1)) if isinstance(labels.get("brain", 1), (int, float, str)) else 1
+    """The value of label ``brain`` in the model's dataset.json (HD-BET: 1)."""
+    try:
+        return int(dataset_json.get("labels", {}).get("brain", 1))
+    except (TypeError, ValueError):
+        raise PreprocessError(f"dataset.json: label 'brain' is {dataset_json['labels']['brain']!r}, not a number") from None
 
 
 def hdbet_mask(image: sitk.Image, weights: str | Path | None = None, mirroring: bool = False) -> sitk.Image:
