@@ -169,8 +169,16 @@ def test_bids_participant_that_does_not_exist_is_an_input_error(small_atlas_path
     with pytest.raises(InputError, match="participant.*07"):
         find_bids_subjects(tmp_path / "bids", ["T1w"], participants=["sub-07"])
     subjects = find_bids_subjects(tmp_path / "bids")
-    assert [(s.subject, str(s.folder)) for s in subjects] == [
-        ("sub-01_ses-1", "sub-01/ses-1/anat"), ("sub-02", "sub-02/anat"), ("sub-03", "sub-03/anat")]
+    assert [(s.subject, str(s.folder), s.problem) for s in subjects] == [
+        ("sub-01_ses-1", "sub-01/ses-1/anat", None), ("sub-02", "sub-02/anat", None), ("sub-03", "sub-03/anat", None)]
+    # two runs of one session would share its output folder: both fail alone, with the reason
+    second = tmp_path / "bids" / "sub-02" / "anat" / "sub-02_run-2_T1w.nii.gz"
+    second.write_bytes((tmp_path / "bids" / "sub-02" / "anat" / "sub-02_T1w.nii.gz").read_bytes())
+    clash = [s for s in find_bids_subjects(tmp_path / "bids") if s.folder == Path("sub-02/anat")]
+    assert [s.subject for s in clash] == ["sub-02", "sub-02_run-2"]
+    assert all("2 T1w scans for sub-02" in s.problem for s in clash)
+    with pytest.raises(InputError, match="keep one per session"):
+        preprocess_subject(clash[1], tmp_path / "out", PreprocessConfig(atlas=str(small_atlas_path), **FAST))
 
 
 def test_find_prepared_reads_both_layouts(atlas_grid_subjects, tmp_path):
@@ -238,3 +246,19 @@ def test_cli_summary_lists_every_subject_with_status_and_warnings(small_atlas_pa
     assert "done" in lines["ok"] and "poor registration" not in lines["ok"]
     assert "done" in lines["moved"] and "poor registration" in lines["moved"]
     assert "failed" in lines["off"] and "registration diverged" in lines["off"]
+
+
+def test_plain_files_grouped_by_sequence(tmp_path):
+    from uadct.preprocess.bids import group_by_sequence, parse_sequences
+
+    names = ["a_T1w", "a_FLAIR", "b_ses-1_T1w", "c_FLAIR", "d_T2w"]
+    paths = [tmp_path / f"{name}.nii.gz" for name in names]
+    subjects = group_by_sequence(paths, parse_sequences("T1w,FLAIR"), "T1w")
+    assert [(s.subject, list(s.images), s.missing) for s in subjects] == [
+        ("a", ["T1w", "FLAIR"], []), ("b_ses-1", ["T1w"], ["FLAIR"]), ("c", ["FLAIR"], ["T1w"])]
+    with pytest.raises(InputError, match="^c: no T1w scan for subject c$"):
+        preprocess_subject(subjects[2], tmp_path / "out")
+    with pytest.raises(InputError, match="--reference 'T2w'"):
+        group_by_sequence(paths, ["T1w", "FLAIR"], "T2w")
+    with pytest.raises(InputError, match="not a sequence name"):
+        parse_sequences("T1w,FLAIR-2")

@@ -43,6 +43,7 @@ class SubjectInputs:
     folder: Path
     bids_prefix: str | None = None
     missing: list[str] = field(default_factory=list)
+    problem: str | None = None  # why this subject cannot be done (it fails alone)
 
     @classmethod
     def single(cls, path: str | Path) -> "SubjectInputs":
@@ -107,8 +108,9 @@ def find_bids_subjects(
     """Scans of a BIDS dataset grouped per subject/session (and per other entities, e.g. ``run``).
 
     Each group becomes one :class:`SubjectInputs` keyed by its entities without the
-    suffix; a group without the reference sequence is skipped, one lacking another
-    sequence is listed with ``missing`` set (it fails alone, the batch goes on).
+    suffix. A group lacking a sequence (the reference included) is listed with ``missing``
+    set, groups that would share a session's output folder (two ``run-``s) with ``problem``
+    set: they fail alone, the batch goes on.
     ``participants`` are labels with or without ``sub-``.
     """
     root = Path(root)
@@ -138,8 +140,6 @@ def find_bids_subjects(
             raise InputError(f"{root}: no {'/'.join(sequences)} scans for participant(s) {', '.join(absent)}")
     subjects = []
     for key, images in sorted(groups.items()):
-        if reference not in images:
-            continue
         entities = dict(key)
         prefix = "_".join(f"{k}-{v}" for k, v in key)
         folder = Path(f"sub-{entities['sub']}")
@@ -148,6 +148,15 @@ def find_bids_subjects(
         ordered = {name: images[name] for name in sequences if name in images}
         missing = [name for name in sequences if name not in images]
         subjects.append(SubjectInputs(prefix, ordered, reference, folder / "anat", prefix, missing))
+        if reference in missing:
+            subjects[-1].problem = f"no {reference} scan (the reference sequence) for {prefix}"
+    by_folder: dict[Path, list[SubjectInputs]] = {}
+    for subject in subjects:
+        by_folder.setdefault(subject.folder, []).append(subject)
+    for clash in (group for group in by_folder.values() if len(group) > 1):
+        for subject in clash:  # one prepared folder per session: several runs/acquisitions cannot share it
+            subject.problem = (f"{len(clash)} {reference} scans for {clash[0].folder.parent} "
+                               f"({', '.join(s.subject for s in clash)}); keep one per session")
     if not subjects:
         raise InputError(f"{root}: no sub-*/[ses-*/]anat/*_{reference}.nii[.gz] files in this BIDS dataset")
     return subjects
@@ -156,8 +165,8 @@ def find_bids_subjects(
 def group_by_sequence(paths: list[Path], sequences: list[str], reference: str | None = None) -> list[SubjectInputs]:
     """Plain files named ``<subject>_<sequence>.nii[.gz]`` grouped per subject.
 
-    Files of other sequences are ignored; a subject lacking a non-reference sequence is
-    listed with ``missing`` set; one without the reference is an error.
+    Files of other sequences are ignored; a subject lacking a sequence (the reference
+    included) is listed with ``missing`` set and fails alone.
     """
     reference = resolve_reference(sequences, reference)
     groups: dict[str, dict[str, Path]] = {}
@@ -168,8 +177,6 @@ def group_by_sequence(paths: list[Path], sequences: list[str], reference: str | 
             groups.setdefault(subject, {})[sequence] = Path(path)
     subjects = []
     for subject, images in sorted(groups.items()):
-        if reference not in images:
-            raise InputError(f"{subject}: no {subject}_{reference}.nii.gz (the --reference sequence) beside {next(iter(images.values()))}")
         ordered = {name: images[name] for name in sequences if name in images}
         subjects.append(SubjectInputs(subject, ordered, reference, Path(subject),
                                       missing=[name for name in sequences if name not in images]))

@@ -337,6 +337,8 @@ def preprocess_subject(
     out_dir = Path(out_dir)
     subject_dir = out_dir / inputs.folder
     reference_path = inputs.reference_path
+    if inputs.problem:
+        raise InputError(f"{reference_path}: {inputs.problem}")
     if inputs.missing:
         raise InputError(f"{reference_path}: no {', '.join(inputs.missing)} scan for subject {inputs.subject}")
     for path in inputs.images.values():
