@@ -248,7 +248,7 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     versions = {"uadct": __version__}
-    for package in ("torch", "SimpleITK", "itk-elastix", "deepbet", "numpy"):
+    for package in ("torch", "SimpleITK", "itk-elastix", "deepbet", "nnunetv2", "numpy"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
