@@ -142,76 +142,132 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def _collect_subjects(inputs: list[str], sequences: list[str], reference: Optional[str],
+                      participants: Optional[list[str]]) -> list[Any]:
+    """BIDS datasets (folders with dataset_description.json), or plain files (grouped by sequence when asked)."""
+    from uadct.preprocess.bids import SubjectInputs, find_bids_subjects, group_by_sequence, is_bids
+
+    bids_roots = [item for item in inputs if item != "-" and Path(item).is_dir() and is_bids(item)]
+    if bids_roots and len(bids_roots) != len(inputs):
+        raise InputError("give either BIDS datasets or plain files/folders, not both")
+    if bids_roots:
+        return [s for root in bids_roots for s in find_bids_subjects(root, sequences or None, reference, participants)]
+    if participants:
+        raise InputError("--participant-label needs a BIDS dataset (a folder with dataset_description.json)")
+    paths = _collect_inputs(inputs)
+    if sequences:
+        return group_by_sequence(paths, sequences, reference)
+    return [SubjectInputs.single(path) for path in paths]
+
+
 @app.command()
 def preprocess(
-    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, or - for paths on stdin."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject)."),
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, a BIDS dataset, or - for paths on stdin."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
     atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
     modality: str = typer.Option("mr", help="mr (deepbet, N4, percentile) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
-    skull_strip: Optional[str] = typer.Option(None, help="deepbet, ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
+    skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
+    hdbet_weights: Optional[Path] = typer.Option(None, help="HD-BET weights folder. [default: $UADCT_HDBET_WEIGHTS, then ~/hd-bet_params/release_2.0.0]"),
     registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="N4 bias-field correction. [default: on for mr, off for ct]"),
     normalization: Optional[str] = typer.Option(None, help="percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
     ct_level: Optional[float] = typer.Option(None, help="ct-window level in HU. [default: 40]"),
     ct_width: Optional[float] = typer.Option(None, help="ct-window width in HU. [default: 80]"),
+    sequences: Optional[str] = typer.Option(None, help="Sequences per subject, e.g. T1w,FLAIR: BIDS suffixes, or files named <subject>_<sequence>.nii.gz. [default: one scan per subject; T1w for BIDS]"),
+    reference: Optional[str] = typer.Option(None, help="The sequence that is skull-stripped and registered; the others follow it. [default: the first]"),
+    participant_label: Optional[list[str]] = typer.Option(None, "--participant-label", help="BIDS: only these participants (01 or sub-01), separated by spaces or commas, or the option repeated."),
     jobs: int = typer.Option(1, "-j", "--jobs", min=1, help="Subjects preprocessed in parallel worker processes."),
     force: bool = typer.Option(False, "--force", help="Redo subjects that are already complete."),
     shard: Optional[str] = typer.Option(None, help="I/N: do only shard I (0-based) of N; default from SLURM array variables."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
 ) -> None:
     """Skull-strip, register to the atlas, normalise and mask every scan."""
+    import os
+
     from uadct.batch import resolve_shard, select_shard
+    from uadct.preprocess.bids import parse_sequences, resolve_reference
     from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
     from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
 
-    paths = select_shard(_collect_inputs(inputs), resolve_shard(shard), key=_subject_name)
+    names = parse_sequences(sequences)
+    participants = [label for item in participant_label or [] for label in item.replace(",", " ").split()]
+    if reference is not None and not names:
+        raise InputError("--reference needs --sequences")
+    subjects = select_shard(_collect_subjects(inputs, names, reference, participants or None), resolve_shard(shard),
+                            key=lambda s: s.subject)
     window = None
     if ct_level is not None or ct_width is not None:
         window = (ct_level if ct_level is not None else CT_BRAIN_WINDOW_HU[0], ct_width if ct_width is not None else CT_BRAIN_WINDOW_HU[1])
     config = PreprocessConfig.for_modality(modality, atlas=atlas, skull_strip=skull_strip, registration=registration,
-                                           bias_correction=bias_correction, normalization=normalization, ct_window=window)
+                                           bias_correction=bias_correction, normalization=normalization, ct_window=window,
+                                           sequences=tuple(names) or None,
+                                           reference=resolve_reference(names, reference) if names else None)
+    if config.skull_strip == "hd-bet":
+        from uadct.preprocess.hdbet import HDBET_WEIGHTS_ENV, resolve_weights
+
+        os.environ[HDBET_WEIGHTS_ENV] = str(resolve_weights(hdbet_weights))  # fails here, once; workers inherit it
     with _progress() as bar:
-        task = bar.add_task("preprocess", total=len(paths), info="")
-        outcome = preprocess_many(paths, output, config, force, jobs=jobs,
+        task = bar.add_task("preprocess", total=len(subjects), info="")
+        outcome = preprocess_many(subjects, output, config, force, jobs=jobs,
                                   progress=lambda path, status: bar.update(task, advance=1, info=f"{path.name}: {status}"))
+    rows = [_preprocess_row(record) for record in outcome.records]
     summary = {
         "output": str(output),
         "done": [str(p) for p in outcome.done],
         "skipped": [str(p) for p in outcome.skipped],
         "failed": [{"input": str(p), "error": e} for p, e in outcome.failed],
+        "subjects": rows,
     }
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
-        _print_preprocess_summary(outcome, output)
+        _print_preprocess_summary(rows, output)
     if outcome.failed:
         raise typer.Exit(1)
 
 
-MAX_SUBJECT_ROWS = 40  # larger batches get the counts and the failures only
+MAX_SUBJECT_ROWS = 40  # larger batches get the counts, the warned and the failed subjects only
 
 
-def _print_preprocess_summary(outcome: Any, output: Path) -> None:
-    """Counts, then one row per subject (seconds, registration quality) for small batches."""
+def _preprocess_row(record: Any) -> dict[str, Any]:
+    """One subject's summary: status, seconds, registration Dice and NCC, warnings or the error."""
+    row: dict[str, Any] = {"subject": record.subject, "input": str(record.input), "status": record.status,
+                           "seconds": record.seconds, "folder": str(record.folder) if record.folder else None,
+                           "mask_dice": None, "ncc": None, "warnings": [], "error": record.error}
+    if record.folder is not None:
+        try:
+            sidecar = json.loads((record.folder / "preprocess.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return row
+        quality = sidecar.get("quality", {})
+        row.update(mask_dice=quality.get("mask_dice"), ncc=quality.get("ncc"), warnings=sidecar.get("warnings", []),
+                   sequences=sidecar.get("sequences"))
+        if record.status == "done":
+            row["seconds"] = round(sum(sidecar.get("timings_s", {}).values()), 3) or record.seconds
+    return row
+
+
+def _print_preprocess_summary(rows: list[dict[str, Any]], output: Path) -> None:
+    """Counts, then one row per subject (status, seconds, registration quality, warnings or error)."""
+    statuses = [row["status"] for row in rows]
     counts = Table("subjects", "count", title=f"preprocess -> {output}")
-    counts.add_row("done", str(len(outcome.done)))
-    counts.add_row("skipped (already complete)", str(len(outcome.skipped)))
-    counts.add_row("failed", str(len(outcome.failed)), style="red" if outcome.failed else None)
+    counts.add_row("done", str(statuses.count("done")))
+    counts.add_row("skipped (already complete)", str(statuses.count("skipped")))
+    counts.add_row("with warnings", str(sum(1 for row in rows if row["warnings"])))
+    counts.add_row("failed", str(statuses.count("failed")), style="red" if "failed" in statuses else None)
     out.print(counts)
-    if 0 < len(outcome.done) <= MAX_SUBJECT_ROWS:
-        detail = Table("subject", "seconds", "mask Dice", "NCC", title="done")
-        for folder in outcome.done:
-            try:
-                sidecar = json.loads((folder / "preprocess.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            quality = sidecar.get("quality", {})
-            dice = quality.get("mask_dice", float("nan"))
-            detail.add_row(folder.name, f"{sum(sidecar.get('timings_s', {}).values()):.1f}", f"{dice:.3f}",
-                           f"{quality.get('ncc', float('nan')):.3f}", style="yellow" if dice < 0.8 else None)
+    shown = rows if len(rows) <= MAX_SUBJECT_ROWS else [row for row in rows if row["warnings"] or row["status"] == "failed"]
+    if shown:
+        detail = Table("subject", "status", "seconds", "mask Dice", "NCC", title="subjects")
+        detail.add_column("warnings / error", overflow="fold")
+        for row in shown:
+            style = "red" if row["status"] == "failed" else "yellow" if row["warnings"] else None
+            detail.add_row(row["subject"], row["status"], f"{row['seconds']:.1f}", _fmt(row["mask_dice"]), _fmt(row["ncc"]),
+                           (row["error"] or "").removeprefix(f"{row['input']}: ") or "; ".join(row["warnings"]), style=style)
         out.print(detail)
-    for _, error in outcome.failed:
-        console.print(Text("failed: ", style="red") + Text(error), highlight=False, soft_wrap=True)
+    for row in rows:
+        if row["status"] == "failed":
+            console.print(Text("failed: ", style="red") + Text(row["error"]), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- train

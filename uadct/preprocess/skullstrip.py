@@ -1,6 +1,7 @@
 """Skull-stripping backends: each returns a uint8 brain mask on the input's grid.
 
-``deepbet`` (default for MR; weights ship inside its wheel), ``ct`` (head CT in
+``deepbet`` (default for MR; weights ship inside its wheel), ``hd-bet`` (HD-BET 2.0's
+nnU-Net model, weights downloaded by HD-BET; see :mod:`uadct.preprocess.hdbet`), ``ct`` (head CT in
 Hounsfield units: soft tissue inside the bony skull, by thresholds and morphology) and
 ``none`` (input already skull-stripped: the mask is the nonzero region, or a given mask
 file).
@@ -21,7 +22,7 @@ from uadct.preprocess.masks import keep_largest_component
 
 log = logging.getLogger(__name__)
 
-SKULL_STRIP_BACKENDS = ("deepbet", "ct", "none")
+SKULL_STRIP_BACKENDS = ("deepbet", "hd-bet", "ct", "none")
 
 # Head CT thresholds (Hounsfield units) and morphology sizes (mm).
 CT_BONE_MIN_HU = 300.0  # cortical bone is ~700-2000 HU; calcifications and contrast stay below ~300
@@ -31,12 +32,21 @@ CT_BONE_MARGIN_MM = 2.0  # soft tissue this close to bone (partial volume, dura,
 CT_OPENING_MM = 3.0  # opening that cuts thin bridges (optic canals, foramen magnum) before the largest component
 
 
-def extract_brain_mask(image: sitk.Image, backend: str = "deepbet", mask_path: str | Path | None = None) -> sitk.Image:
-    """Brain mask (uint8, 1 = brain) of a head scan, on the scan's own grid."""
+def extract_brain_mask(image: sitk.Image, backend: str = "deepbet", mask_path: str | Path | None = None,
+                       hdbet_weights: str | Path | None = None) -> sitk.Image:
+    """Brain mask (uint8, 1 = brain) of a head scan, on the scan's own grid.
+
+    ``hdbet_weights``: the HD-BET weights folder (default: ``$UADCT_HDBET_WEIGHTS``, then
+    ``~/hd-bet_params/release_2.0.0``).
+    """
     if mask_path is not None:
         return read_mask(mask_path, reference=image)
     if backend == "deepbet":
         return _deepbet_mask(image)
+    if backend == "hd-bet":
+        from uadct.preprocess.hdbet import hdbet_mask
+
+        return hdbet_mask(image, hdbet_weights)
     if backend == "ct":
         return ct_brain_mask(image)
     if backend == "none":
