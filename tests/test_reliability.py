@@ -340,3 +340,67 @@ def test_train_refuses_a_batch_beyond_max_memory_before_training(atlas_grid_subj
                                "--epochs", "1", "--patches-per-epoch", "64", "--validation-patches", "64"])
     assert fits.exit_code == 0, fits.output
     assert model.is_file()
+
+
+# ----------------------------------------------------------------------------- preprocessing: kills and shared folders
+def _preprocess_command(raw: Path, out: Path, atlas_path: Path) -> list[str]:
+    # elastix affine registration on, skull-strip and N4 off: a few seconds per 2 mm subject
+    return [sys.executable, "-m", "uadct", "preprocess", str(raw), "-o", str(out), "--atlas", str(atlas_path),
+            "--skull-strip", "none", "--no-bias-correction", "--json"]
+
+
+@pytest.fixture(scope="module")
+def raw_scans(atlas_grid_subjects, small_atlas_path, tmp_path_factory):
+    """Four skull-stripped 2 mm scans and their uninterrupted preprocessing."""
+    root = tmp_path_factory.mktemp("prep-reliability")
+    raw, _ = atlas_grid_subjects(root, [f"sub-{i}" for i in range(4)], contrast_step=0.15, prepare=False)
+    clean = root / "clean"
+    subprocess.run(_preprocess_command(raw, clean, small_atlas_path), check=True, capture_output=True,
+                   env=_environment(), timeout=900)
+    return raw, clean
+
+
+def _assert_same_preparation(reference: Path, other: Path) -> None:
+    folders = sorted(p.name for p in reference.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert folders == sorted(p.name for p in other.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for name in folders:
+        for image in sorted((reference / name).glob("*.nii.gz")):
+            np.testing.assert_array_equal(_array(other / name / image.name), _array(image))
+
+
+def test_kill_9_during_preprocessing_then_rerun_equals_an_uninterrupted_run(raw_scans, small_atlas_path, tmp_path):
+    raw, clean = raw_scans
+    out = tmp_path / "prep"
+    process = subprocess.Popen(_preprocess_command(raw, out, small_atlas_path), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=_environment())
+    deadline = time.monotonic() + 600
+    while not list(out.glob("*/preprocess.json")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    assert process.poll() is None, "preprocessing finished before it could be killed"
+    time.sleep(0.5)  # into the next subject
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = len(list(out.glob("*/preprocess.json")))
+    assert 1 <= finished < 4
+    rerun = subprocess.run(_preprocess_command(raw, out, small_atlas_path), capture_output=True, text=True,
+                           env=_environment(), timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout)
+    assert len(summary["skipped"]) == finished and len(summary["done"]) == 4 - finished
+    assert not _temporaries(out) and not (out / LOCK_FOLDER).exists()
+    _assert_same_preparation(clean, out)
+
+
+def test_two_overlapping_preprocess_tasks_share_an_output_folder(raw_scans, small_atlas_path, tmp_path):
+    raw, clean = raw_scans
+    out = tmp_path / "prep"
+    tasks = [subprocess.Popen(_preprocess_command(raw, out, small_atlas_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=_environment()) for _ in range(2)]
+    outputs = [task.communicate(timeout=900) for task in tasks]
+    assert all(task.returncode == 0 for task in tasks), [o[1][-1000:] for o in outputs]
+    summaries = [json.loads(stdout) for stdout, _ in outputs]
+    done = [p for summary in summaries for p in summary["done"]]
+    assert sorted(Path(p).name for p in done) == [f"sub-{i}" for i in range(4)]  # each subject written exactly once
+    assert not [s for summary in summaries for s in summary["failed"]]
+    assert not _temporaries(out) and not (out / LOCK_FOLDER).exists()
+    _assert_same_preparation(clean, out)

@@ -216,6 +216,7 @@ def preprocess(
         "done": [str(p) for p in outcome.done],
         "skipped": [str(p) for p in outcome.skipped],
         "failed": [{"input": str(p), "error": e} for p, e in outcome.failed],
+        "busy": [{"input": str(p), "message": e} for p, e in outcome.busy],
         "subjects": rows,
     }
     if as_json:
@@ -253,6 +254,8 @@ def _print_preprocess_summary(rows: list[dict[str, Any]], output: Path) -> None:
     counts = Table("subjects", "count", title=f"preprocess -> {output}")
     counts.add_row("done", str(statuses.count("done")))
     counts.add_row("skipped (already complete)", str(statuses.count("skipped")))
+    if "busy" in statuses:
+        counts.add_row("busy (another task is writing them)", str(statuses.count("busy")), style="yellow")
     counts.add_row("with warnings", str(sum(1 for row in rows if row["warnings"])))
     counts.add_row("failed", str(statuses.count("failed")), style="red" if "failed" in statuses else None)
     out.print(counts)

@@ -36,6 +36,7 @@ import SimpleITK as sitk
 from uadct import __version__
 from uadct.atlas import Atlas, load_atlas
 from uadct.errors import InputError, PreprocessError, UadctError
+from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.io import (array_like, grid_image, grid_of, read_image, same_grid, sha256_of, strip_nifti_suffix, write_image,
                       write_json)
 from uadct.preprocess.bids import SINGLE, SubjectInputs, bids_file_names, write_derivative_description
@@ -347,6 +348,24 @@ def preprocess_subject(
     checksums = {name: sha256_of(path) for name, path in inputs.images.items()}
     if not force and is_complete(subject_dir, config, checksums):
         return subject_dir, True
+    subject_dir.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(subject_dir.parent, subject_dir.name) as mine:
+        if not mine:
+            raise SubjectBusy(f"{reference_path}: another task is preprocessing {subject_dir}")
+        remove_stale_temporaries(subject_dir)  # staging folders of a killed run
+        if not force and is_complete(subject_dir, config, checksums):  # finished by another task meanwhile
+            return subject_dir, True
+        return _preprocess_locked(inputs, subject_dir, config, atlas, mask_path, checksums), False
+
+
+class SubjectBusy(UadctError):
+    """Another live task holds the subject's lock (array tasks sharing an output folder)."""
+
+
+def _preprocess_locked(inputs: SubjectInputs, subject_dir: Path, config: PreprocessConfig, atlas: Atlas | None,
+                       mask_path: str | Path | None, checksums: dict[str, str]) -> Path:
+    """Run the chain and write the subject folder (the caller holds the subject's lock)."""
+    reference_path = inputs.reference_path
     image = read_image(reference_path)
     others = {name: read_image(path) for name, path in inputs.images.items() if name != inputs.reference}
     atlas = atlas or load_atlas(config.atlas)
@@ -384,7 +403,7 @@ def preprocess_subject(
 
         sidecar["hdbet"] = {"weights": str(resolve_weights()), "checkpoint_sha256": checkpoint_sha256()}
     write_prepared(result, sidecar, subject_dir, files, inputs.reference)
-    return subject_dir, False
+    return subject_dir
 
 
 def write_prepared(result: PreprocessedSubject, sidecar: dict[str, Any], subject_dir: Path,
@@ -402,9 +421,13 @@ def write_prepared(result: PreprocessedSubject, sidecar: dict[str, Any], subject
         save_transform(result.subject_to_atlas, staging / files["subject_to_atlas"])
         (staging / files["elastix"]).write_text(result.parameter_text)
         write_json(sidecar, staging / SIDECAR)
-        if subject_dir.exists():
-            shutil.rmtree(subject_dir)
+        previous = None
+        if subject_dir.exists():  # moved aside, not deleted, until the new folder is in place
+            previous = Path(tempfile.mkdtemp(prefix=f".{subject_dir.name}.", suffix=".old.tmp", dir=subject_dir.parent))
+            subject_dir.rename(previous / subject_dir.name)
         staging.rename(subject_dir)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -486,6 +509,7 @@ class BatchOutcome:
     done: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    busy: list[tuple[Path, str]] = field(default_factory=list)  # another live task was writing them
     records: list[SubjectRecord] = field(default_factory=list)
 
 
@@ -541,8 +565,8 @@ def preprocess_many(
     for index, inputs in enumerate(subjects):
         status, value, seconds = results[index]
         path = Path(inputs.reference_path)
-        if status == "failed":
-            outcome.failed.append((path, str(value)))
+        if status in ("failed", "busy"):
+            (outcome.failed if status == "failed" else outcome.busy).append((path, str(value)))
             outcome.records.append(SubjectRecord(inputs.subject, path, status, seconds, error=str(value)))
         else:
             (outcome.skipped if status == "skipped" else outcome.done).append(Path(value))
@@ -556,6 +580,8 @@ def _preprocess_one(inputs: SubjectInputs, out_dir: str | Path, config: Preproce
     start = time.perf_counter()
     try:
         folder, skipped = preprocess_subject(inputs, out_dir, config, atlas, force)
+    except SubjectBusy as exc:
+        return "busy", str(exc), round(time.perf_counter() - start, 3)
     except UadctError as exc:
         return "failed", str(exc), round(time.perf_counter() - start, 3)
     return ("skipped" if skipped else "done"), folder, round(time.perf_counter() - start, 3)
