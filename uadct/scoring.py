@@ -26,7 +26,7 @@ from uadct.errors import CheckpointError, InputError, UadctError
 from uadct.io import array_like, read_image, sha256_of, write_image, write_json, write_text
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
-from uadct.patches import PatchSpec, sliding_window_map
+from uadct.patches import PatchSpec, patch_centres, sliding_window_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
 from uadct.train import resolve_device
 
@@ -59,17 +59,29 @@ def resolve_output_kind(model: torch.nn.Module, output: str | None) -> str:
     return output
 
 
-def patch_predictor(model: torch.nn.Module, device: torch.device, output: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def patch_predictor(
+    model: torch.nn.Module, device: torch.device, output: str | None = None,
+    volume_shape: tuple[int, int, int] | None = None, spec: PatchSpec | None = None,
+) -> Callable[..., np.ndarray]:
     """Wrap a model's ``score_patches`` as a numpy ``(B, *patch) -> (B, *patch) or (B,)`` function.
 
     ``output`` is ``"voxel"`` or ``"scalar"``; default the model's first declared output.
+    For a position-conditioned model (``model.uses_positions``) the function also takes
+    the patches' first voxels ``(B, 3)`` and passes their centres
+    (:func:`uadct.patches.patch_centres` on ``volume_shape``) to the model.
     """
     key = resolve_output_kind(model, output)
+    conditioned = bool(getattr(model, "uses_positions", False))
 
     @torch.inference_mode()
-    def predict(patches: np.ndarray) -> np.ndarray:
+    def predict(patches: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
         batch = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).unsqueeze(1).to(device)
-        return model.score_patches(batch)[key].float().cpu().numpy()
+        extra = {}
+        if conditioned:
+            if starts is None or volume_shape is None or spec is None:
+                raise UadctError(f"model {getattr(model, 'name', '?')!r} is conditioned on patch positions; give the patch starts and volume shape")
+            extra["positions"] = torch.from_numpy(patch_centres(starts, spec, volume_shape)).to(device)
+        return model.score_patches(batch, **extra)[key].float().cpu().numpy()
 
     return predict
 
@@ -105,13 +117,13 @@ def score_volume(
         raise UadctError(f"batch size must be at least 1 patch, got {batch_size}")
     torch_device = resolve_device(device)
     model = checkpoint.model.to(torch_device).eval()
-    predictor = patch_predictor(model, torch_device, output_kind)
+    predictor = patch_predictor(model, torch_device, output_kind, volume_shape=image.shape, spec=spec)
     plan = plan_scoring_batch(model, spec, image.shape, torch_device, batch_size, max_memory)
     log.info("scoring %s", plan.describe())
     stats: dict[str, Any] = {}
     result = sliding_window_map(
         image.astype(np.float32), mask, predictor, spec, stride, plan.batch_size, gaussian_sigma=gaussian_sigma,
-        progress=progress, adapt_to_memory=True, stats=stats,
+        progress=progress, adapt_to_memory=True, stats=stats, pass_positions=bool(getattr(model, "uses_positions", False)),
     )
     if plan_out is not None:
         plan_out.update({"batch_size": plan.batch_size, "memory_budget_bytes": plan.budget,
@@ -166,11 +178,13 @@ SCORE_SCALE_QUANTILE = 0.999
 
 
 def estimate_score_scale(model: torch.nn.Module, patches: np.ndarray, masks: np.ndarray, batch_size: int,
-                         device: torch.device, output_kind: str | None = None, quantile: float = SCORE_SCALE_QUANTILE) -> float | None:
+                         device: torch.device, output_kind: str | None = None, quantile: float = SCORE_SCALE_QUANTILE,
+                         centres: np.ndarray | None = None) -> float | None:
     """A robust maximum of healthy scores: the ``quantile`` of the model's outputs on held-out
     healthy patches ``(N, 1, *patch)`` (voxel outputs inside the brain masks, or the
     per-patch scalars). Stored in checkpoints as ``score_scale`` so MOOD maps are scaled by
     one fixed, case-independent factor. None when nothing was scored or the value is not positive.
+    ``centres`` ``(N, 3)``: the patch centres, passed to position-conditioned models.
     """
     key = resolve_output_kind(model, output_kind)
     values = []
@@ -179,7 +193,10 @@ def estimate_score_scale(model: torch.nn.Module, patches: np.ndarray, masks: np.
         for start in range(0, len(patches), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size], dtype=np.float32)).to(device)
             mask = torch.from_numpy(np.ascontiguousarray(masks[start : start + batch_size], dtype=np.float32)).to(device)
-            output = model.score_patches(batch, mask)[key].float()
+            extra = {}
+            if getattr(model, "uses_positions", False) and centres is not None:
+                extra["positions"] = torch.from_numpy(np.ascontiguousarray(centres[start : start + batch_size])).to(device)
+            output = model.score_patches(batch, mask, **extra)[key].float()
             if key == "voxel":
                 output = output.reshape(mask.shape)[mask > 0]
             values.append(output.reshape(-1).cpu().numpy())

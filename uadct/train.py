@@ -35,7 +35,7 @@ from uadct.checkpoint import save_checkpoint
 from uadct.errors import UadctError
 from uadct.io import atomic_path, read_mask, write_json
 from uadct.models import AnomalyModel, build_model
-from uadct.patches import PatchSpec, extract_patches, valid_training_positions
+from uadct.patches import PatchSpec, extract_patches, patch_centres, valid_training_positions
 from uadct.preprocess.pipeline import find_prepared, library_versions, load_prepared
 
 log = logging.getLogger(__name__)
@@ -88,20 +88,29 @@ class PatchSampler:
 
     def sample(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """``count`` patches and masks, each ``(count, 1, *patch)`` float32."""
+        images, masks, _ = self.sample_with_centres(count)
+        return images, masks
+
+    def sample_with_centres(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`sample`, plus the patch centres ``(count, 3)`` float32 in [-1, 1]
+        (:func:`uadct.patches.patch_centres`; a flipped patch gets its mirrored x centre)."""
         which = self.rng.integers(0, len(self.volumes), count)
         images = np.empty((count, 1) + _patch_shape(self.spec), np.float32)
         masks = np.empty_like(images)
+        centres = np.empty((count, 3), np.float32)
         for index in np.unique(which):
             rows = np.flatnonzero(which == index)
             volume = self.volumes[index]
             picks = volume.positions[self.rng.integers(0, len(volume.positions), len(rows))]
             images[rows, 0] = extract_patches(volume.image, picks, self.spec)
             masks[rows, 0] = extract_patches(volume.mask, picks, self.spec)
+            centres[rows] = patch_centres(picks, self.spec, volume.image.shape)
         if self.flip:
             flipped = self.rng.random(count) < 0.5
             images[flipped] = images[flipped][..., ::-1]
             masks[flipped] = masks[flipped][..., ::-1]
-        return images, masks
+            centres[flipped, 2] *= -1.0
+        return images, masks, centres
 
     def rng_state(self) -> str:
         """The random state as JSON text (its 128-bit integers survive ``weights_only`` loads)."""
@@ -388,7 +397,7 @@ def _train(
     model = build_model(config.model, {"patch_size": config.patch_size, "dims": config.dims, **config.model_options}).to(device)
     optimizers = model.configure_optimizers(config.learning_rate)
     sampler = PatchSampler(train_volumes, spec, seed=config.seed, flip="flip" in config.augment)
-    val_images, val_masks = PatchSampler(val_volumes, spec, seed=config.seed + 1).sample(config.validation_patches)
+    val_images, val_masks, val_centres = PatchSampler(val_volumes, spec, seed=config.seed + 1).sample_with_centres(config.validation_patches)
 
     state = _LoopState()
     resume_file = resume_path(out_path)
@@ -401,7 +410,7 @@ def _train(
     # models without parameters (threshold, ocsvm) are fitted by fit_statistics alone
     trainable = any(p.requires_grad for p in model.parameters())
     if not trainable:
-        state.best_loss = evaluate_loss(model, val_images, val_masks, config.batch_size, device)
+        state.best_loss = evaluate_loss(model, val_images, val_masks, config.batch_size, device, val_centres)
         state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def save_state() -> None:
@@ -409,7 +418,7 @@ def _train(
 
     with _stop_on_signals() as stop:
         while trainable and state.epoch < config.max_epochs and state.waited < config.patience:
-            _run_epoch(model, optimizers, sampler, (val_images, val_masks), config, steps, device, state, progress, stop, save_state)
+            _run_epoch(model, optimizers, sampler, (val_images, val_masks, val_centres), config, steps, device, state, progress, stop, save_state)
             if stop:
                 save_state()
                 where = f"epoch {state.epoch}" + (f" step {state.step}" if state.step else "")
@@ -419,12 +428,13 @@ def _train(
     assert state.best_state is not None
     model.load_state_dict(state.best_state)
     model.eval()
-    statistics_images, statistics_masks = sampler.sample(config.statistics_patches)
+    statistics_images, statistics_masks, statistics_centres = sampler.sample_with_centres(config.statistics_patches)
     with torch.no_grad():
-        model.fit_statistics(torch.from_numpy(statistics_images).to(device), torch.from_numpy(statistics_masks).to(device))
+        model.fit_statistics(torch.from_numpy(statistics_images).to(device), torch.from_numpy(statistics_masks).to(device),
+                             **_positions(model, statistics_centres, device))
     from uadct.scoring import MOOD_SCALE_KEY, estimate_score_scale
 
-    score_scale = estimate_score_scale(model, val_images, val_masks, config.batch_size, device)
+    score_scale = estimate_score_scale(model, val_images, val_masks, config.batch_size, device, centres=val_centres)
     seconds = time.perf_counter() - started
     metadata = {
         "patch": {"size": spec.size, "dims": spec.dims},
@@ -458,7 +468,7 @@ def _run_epoch(
     model: AnomalyModel,
     optimizers: dict[str, torch.optim.Optimizer],
     sampler: PatchSampler,
-    validation: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray, np.ndarray],
     config: TrainConfig,
     steps: int,
     device: torch.device,
@@ -477,15 +487,16 @@ def _run_epoch(
     epoch_start = time.perf_counter()
     first_step = state.step
     for step in range(first_step, steps):
-        images, masks = sampler.sample(config.batch_size)
-        losses = model.training_step(torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device), optimizers)
+        images, masks, centres = sampler.sample_with_centres(config.batch_size)
+        losses = model.training_step(torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device), optimizers,
+                                     **_positions(model, centres, device))
         state.partial_train_loss += losses["loss"] / steps
         state.step = step + 1
         if progress is not None:
             progress("step", {"epoch": epoch, "step": step + 1, "steps": steps, "loss": losses["loss"]})
         if stop and state.step < steps:
             return
-    val_loss = evaluate_loss(model, *validation, config.batch_size, device)
+    val_loss = evaluate_loss(model, validation[0], validation[1], config.batch_size, device, validation[2])
     seconds = time.perf_counter() - epoch_start
     record = {
         "epoch": epoch,
@@ -500,6 +511,8 @@ def _run_epoch(
         state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     else:
         state.waited += 1
+    if state.waited >= config.patience:
+        _advance_stage(model, state)
     state.epoch, state.step, state.partial_train_loss = epoch + 1, 0, 0.0
     save_state()
     if progress is not None:
@@ -508,14 +521,41 @@ def _run_epoch(
         log.info("early stop at epoch %d (best %d)", epoch, state.best_epoch)
 
 
+def _advance_stage(model: AnomalyModel, state: _LoopState) -> None:
+    """Growing models (progressive GANs): where early stopping would end training, reload
+    the stage's best weights and ask the model for its next stage. If it has one, the
+    patience and the best loss start afresh (a new stage has a new loss scale), so only
+    the last stage's best epoch is kept; the jump is marked in the history."""
+    last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    if not model.advance_stage():
+        model.load_state_dict(last)  # no further stage: the loop ends as it always did
+        return
+    log.info("epoch %d: %s advanced to its next stage", state.epoch, model.name)
+    state.history[-1]["stage_advanced"] = 1
+    state.best_loss, state.waited = float("inf"), 0
+    # until the new stage has an epoch of its own, the best model is the previous stage's best, grown
+    state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _positions(model: AnomalyModel, centres: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    """``{"positions": (B, 3) tensor}`` for models conditioned on the patch position, else ``{}``."""
+    return {"positions": torch.from_numpy(centres).to(device)} if model.uses_positions else {}
+
+
 @torch.no_grad()
-def evaluate_loss(model: AnomalyModel, images: np.ndarray, masks: np.ndarray, batch_size: int, device: torch.device) -> float:
-    """Mean training loss over a fixed set of patches, in eval mode."""
+def evaluate_loss(
+    model: AnomalyModel, images: np.ndarray, masks: np.ndarray, batch_size: int, device: torch.device,
+    centres: np.ndarray | None = None,
+) -> float:
+    """Mean training loss over a fixed set of patches, in eval mode (``centres``: their positions)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device)
         m = torch.from_numpy(masks[start : start + batch_size]).to(device)
-        total += model.validation_loss(x, m) * len(x)
+        extra = _positions(model, centres[start : start + batch_size], device) if centres is not None else {}
+        total += model.validation_loss(x, m, **extra) * len(x)
         count += len(x)
     return total / max(1, count)

@@ -27,6 +27,7 @@ class ModelConfig:
     patch_size: int = 16
     dims: int = 2
     in_channels: int = 1
+    position_conditioning: bool = False  # the patch centre (normalised atlas coordinates) is an extra input
 
 
 class AnomalyModel(nn.Module):
@@ -34,12 +35,18 @@ class AnomalyModel(nn.Module):
 
     ``score_patches`` returns a dict with ``"voxel"`` (``(B, *patch)`` error maps)
     and/or ``"scalar"`` (``(B,)`` scores); ``outputs`` declares which.
+
+    Every hook that sees patches also takes ``positions``: the patch centres ``(B, 3)``
+    float32 in [-1, 1] (:func:`uadct.patches.patch_centres`). Callers pass them when
+    :attr:`uses_positions` is true (``position_conditioning`` on a model that supports
+    it, ``supports_positions``); such a model refuses ``positions=None``, the others ignore them.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     outputs: ClassVar[tuple[str, ...]] = ("voxel",)
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    supports_positions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -50,9 +57,32 @@ class AnomalyModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.position_conditioning and not self.supports_positions:
+            raise UadctError(f"{self.name}: position_conditioning is not supported by this model")
         self.config = config
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def uses_positions(self) -> bool:
+        """Whether the hooks need ``positions`` (the patch centres)."""
+        return bool(self.config.position_conditioning)
+
+    def require_positions(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """``positions`` checked to be ``(batch, 3)``; a one-line error when missing."""
+        if positions is None:
+            raise UadctError(f"{self.name}: trained with position_conditioning, so patch positions must be given")
+        if tuple(positions.shape) != (batch, 3):
+            raise UadctError(f"{self.name}: positions must be ({batch}, 3) patch centres, got {tuple(positions.shape)}")
+        return positions
+
+    def advance_stage(self) -> bool:
+        """Called by the engine when early stopping would end training. A model that grows
+        in stages (progressive GANs) moves to its next stage and returns True, so training
+        goes on; the default returns False: no further stage."""
+        return False
+
+    def training_loss(
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Losses for a batch ``(B, 1, *patch)``; the key ``"loss"`` is minimised."""
         raise NotImplementedError
 
@@ -61,30 +91,33 @@ class AnomalyModel(nn.Module):
         return {"model": torch.optim.Adam(self.parameters(), lr=learning_rate)}
 
     def training_step(
-        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
+        positions: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One optimisation step on a batch; returns the losses as floats (key ``"loss"`` required).
 
         The default minimises ``training_loss()["loss"]`` with the single optimiser;
         adversarial models override it to alternate generator and discriminator updates.
         """
-        losses = self.training_loss(patches, masks)
+        losses = self.training_loss(patches, masks, positions=positions)
         optimizer = optimizers["model"]
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         """The loss early stopping watches (eval mode, no gradients)."""
-        return float(self.training_loss(patches, masks)["loss"])
+        return float(self.training_loss(patches, masks, positions=positions)["loss"])
 
-    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Called once after training with a sample of training patches, to fit score
         statistics (e.g. median/MAD) into buffers. Non-parametric models (one-class SVM,
         thresholds) fit themselves here. Default: nothing."""
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Anomaly scores for a batch ``(B, 1, *patch)``."""
         raise NotImplementedError
 
@@ -104,18 +137,21 @@ class NonTrainableModel(AnomalyModel):
         super().__init__(config)
         self.register_buffer("fitted", torch.tensor(False))
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_loss(
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         return {"loss": patches.new_zeros(())}
 
     def configure_optimizers(self, learning_rate: float) -> dict[str, torch.optim.Optimizer]:
         return {}
 
     def training_step(
-        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
+        positions: torch.Tensor | None = None,
     ) -> dict[str, float]:
         return {"loss": 0.0}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         return 0.0
 
     def _require_fitted(self) -> None:
