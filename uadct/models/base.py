@@ -10,6 +10,8 @@ Fitted statistics live in buffers so they travel with the weights.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar
 
 import torch
@@ -199,3 +201,112 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> AnomalyModel
     if unknown:
         raise CheckpointError(f"model {name!r} has no parameters {sorted(unknown)}; known: {sorted(fields)}")
     return cls(cls.Config(**config))
+
+
+# ------------------------------------------------------------------ model options (CLI `-O key=value`)
+ENGINE_OPTIONS = ("patch_size", "dims", "in_channels")  # set by the training engine, not by model options
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOption:
+    """One hyper-parameter of a model: name, type (as written), default and a one-line meaning."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def _field_comments(config_class: type) -> dict[str, str]:
+    """Trailing ``# comments`` of the dataclass fields, through the class hierarchy (subclass wins)."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (frozen install): options just lack their meaning
+            continue
+        for match in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE):
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def model_options(name: str) -> list[ModelOption]:
+    """The options a model takes through ``-O key=value`` (its Config fields less the engine's)."""
+    config_class = model_class(name).Config
+    hints = typing.get_type_hints(config_class)
+    comments = _field_comments(config_class)
+    return [
+        ModelOption(f.name, _type_name(hints[f.name]), f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                    comments.get(f.name, ""))
+        for f in dataclasses.fields(config_class) if f.name not in ENGINE_OPTIONS
+    ]
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(text: str, annotation: Any) -> Any:
+    """``text`` as a value of ``annotation`` (bool, int, float, str, tuples, unions, None); ValueError if not."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in arguments and text.strip().lower() == "none":
+            return None
+        for option in (a for a in arguments if a is not type(None)):
+            try:
+                return _convert(text, option)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is tuple:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return tuple(_convert(item, arguments[0]) for item in items)
+        if arguments and len(items) != len(arguments):
+            raise ValueError(text)
+        return tuple(_convert(item, kind) for item, kind in zip(items, arguments or [str] * len(items)))
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered not in _TRUE + _FALSE:
+            raise ValueError(text)
+        return lowered in _TRUE
+    if annotation in (int, float):
+        return annotation(text)
+    if annotation is str:
+        return text
+    raise ValueError(text)
+
+
+def parse_model_options(name: str, items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> a config dict typed by the model's Config fields.
+
+    Unknown keys and values of the wrong type are one-line errors naming the valid keys
+    or the expected type; the engine's own settings (patch size, dims) are refused here.
+    """
+    options = {option.name: option for option in model_options(name)}
+    hints = typing.get_type_hints(model_class(name).Config)
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UadctError(f"model option {item!r} is not key=value")
+        if key in ENGINE_OPTIONS:
+            raise UadctError(f"model option {key!r} is a training setting: use --{key.replace('_', '-')} instead")
+        if key not in options:
+            raise UadctError(f"model {name!r} has no option {key!r}; valid: {', '.join(sorted(options))}")
+        try:
+            parsed[key] = _convert(value, hints[key])
+        except ValueError:
+            raise UadctError(f"model option {key}={value!r}: expected {options[key].type}") from None
+    return parsed

@@ -25,11 +25,11 @@ from uadct.models.layers import POSITION_FEATURES, conv_layer, deconv_layer, dro
 class CAEConfig(ModelConfig):
     """CAE hyper-parameters: channels of the first block (doubled per block), latent size."""
 
-    base_channels: int = 16
-    latent_dim: int = 32
-    dropout: float = 0.1
+    base_channels: int = 16  # channels of the first conv block, doubled per block
+    latent_dim: int = 32  # size of the bottleneck code
+    dropout: float = 0.1  # channel dropout after every encoder block
     loss: str = "mse"  # "mse" or "l1"
-    top_k: int = 64
+    top_k: int = 64  # voxels averaged for the "topk" patch score
 
 
 class ConvolutionalAutoencoder(AnomalyModel):

@@ -26,7 +26,7 @@ from uadct.models.layers import conv_layer, deconv_layer, norm_layer
 class DAEConfig(ModelConfig):
     """DAE hyper-parameters: UNet width and depth, coarse noise grid and strength."""
 
-    base_channels: int = 16
+    base_channels: int = 16  # channels of the first UNet level, doubled per level
     levels: int = 2  # down-samplings; patch_size must be divisible by 2**levels
     noise_downsample: int = 4  # noise grid = patch_size / this per side (paper: 128 px image, 16 px grid)
     noise_std: float = 0.2  # in normalised intensity units (paper: 0.2)

@@ -52,14 +52,14 @@ __all__ = ["FAnoGAN", "FAnoGANConfig", "gradient_penalty", "GAN_PHASE_VALIDATION
 class FAnoGANConfig(ModelConfig):
     """f-AnoGAN hyper-parameters (WGAN-GP: n_critic 5, lambda 10, Adam betas (0, 0.9); izi_f kappa 1)."""
 
-    latent_dim: int = 128
-    base_channels: int = 64
+    latent_dim: int = 128  # size of z (prior N(0, I))
+    base_channels: int = 64  # channels of the first pyramid level, doubled per level
     gan_steps: int = 2000  # training_step calls (batches) spent on the WGAN-GP before the encoder phase
-    n_critic: int = 5
-    gradient_penalty_weight: float = 10.0
-    kappa: float = 1.0
-    adam_beta1: float = 0.0
-    adam_beta2: float = 0.9
+    n_critic: int = 5  # critic updates per generator update
+    gradient_penalty_weight: float = 10.0  # lambda of the WGAN-GP penalty
+    kappa: float = 1.0  # weight of the critic-feature term in izi_f
+    adam_beta1: float = 0.0  # Adam beta1 of all optimisers
+    adam_beta2: float = 0.9  # Adam beta2 of all optimisers
 
 
 class FAnoGAN(AnomalyModel):

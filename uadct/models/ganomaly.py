@@ -191,17 +191,17 @@ def masked_mean(values: torch.Tensor, masks: torch.Tensor | None) -> torch.Tenso
 class GANomalyConfig(ModelConfig):
     """GANomaly hyper-parameters (Madzia-Madzou & Kuijf 2022; the original used 1/50/1 weights)."""
 
-    latent_dim: int = 100
-    base_channels: int = 64
-    weight_adversarial: float = 1.0
-    weight_contextual: float = 70.0
-    weight_encoder: float = 10.0
+    latent_dim: int = 100  # size of z
+    base_channels: int = 64  # channels of the first pyramid level, doubled per level
+    weight_adversarial: float = 1.0  # w_adv: feature matching ||f(x) - f(x_hat)||^2
+    weight_contextual: float = 70.0  # w_con: masked L1 ||x - x_hat||
+    weight_encoder: float = 10.0  # w_enc: ||z - z_hat||^2
     adversarial_loss: str = "bce"  # "bce" (paper) or "wgan-gp" (Wasserstein critic + gradient penalty)
     gradient_penalty_weight: float = 10.0  # lambda, "wgan-gp" only
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.5  # Adam beta1 of both optimisers
+    adam_beta2: float = 0.999  # Adam beta2 of both optimisers
     reinit_discriminator_below: float = 1e-5  # reference code: restart D when its BCE loss collapses ("bce" only; 0 = never)
-    statistics_batch_size: int = 1024
+    statistics_batch_size: int = 1024  # patches per forward pass when fitting the median/MAD
 
 
 ADVERSARIAL_LOSSES = ("bce", "wgan-gp")

@@ -28,7 +28,7 @@ class OCSVMConfig(ModelConfig):
     nu: float = 0.1  # upper bound on the fraction of training outliers
     gamma: float | str = "scale"  # RBF width; "scale" = 1 / (features * variance of the fit data)
     pool_size: int = 8  # average-pool each patch to this many voxels per side (>= patch_size: no pooling)
-    max_fit_patches: int = 2000
+    max_fit_patches: int = 2000  # at most this many training patches fit the SVM (O(n^2) solver)
     seed: int = 0  # which patches are kept when there are more than max_fit_patches
 
 

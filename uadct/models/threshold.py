@@ -24,7 +24,7 @@ MINIMUM_MAD = 1e-6  # intensity units; guards a constant training sample
 class ThresholdConfig(ModelConfig):
     """Threshold settings: which voxel map to produce (one of THRESHOLD_MODES)."""
 
-    mode: str = "intensity"
+    mode: str = "intensity"  # voxel map: "intensity", "deviation" (|x - median| / MAD) or "upper" (bright only)
 
 
 class IntensityThreshold(NonTrainableModel):

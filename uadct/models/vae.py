@@ -27,7 +27,7 @@ LOG_VARIANCE_LIMIT = 10.0  # clamp for exp(logvar): keeps early training finite
 class VAEConfig(CAEConfig):
     """VAE hyper-parameters: the CAE's, plus the KLD weight and which score is ``"scalar"``."""
 
-    beta: float = 1.0
+    beta: float = 1.0  # weight of the KL divergence (1 = plain ELBO)
     top_k: int = 200  # voxels; the paper's k, capped at the patch size
     score: str = "mse"  # one of VAE_SCORES
 
