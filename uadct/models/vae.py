@@ -7,6 +7,7 @@ number of masked voxels`` -- the negative ELBO per voxel (for a Gaussian decoder
 reconstruction term keeps the CAE's per-voxel scale and ``beta = 1`` is the plain ELBO.
 Patch scores: MSE, L1, KLD (per voxel of the patch, the same scaling), MSE + beta * KLD,
 and the mean of the top-k voxel errors; the voxel map is the reconstruction error.
+Position conditioning works as in the CAE (centres appended to the latent code before decoding).
 """
 
 from __future__ import annotations
