@@ -145,7 +145,10 @@ def plan_scoring_batch(model: torch.nn.Module, spec: PatchSpec, volume_shape: tu
     """The scoring batch size for ``model`` on a volume of ``volume_shape`` within a memory budget."""
     patch_voxels = int(np.prod(spec.shape))
     model_shape = (1,) + tuple(spec.shape[1:] if spec.dims == 2 else spec.shape)
-    per_patch = inference_bytes_per_patch(model, model_shape, device) + SCORING_BYTES_PER_PATCH_VOXEL * patch_voxels
+    score = None
+    if getattr(model, "uses_positions", False):  # the probe batch sits at the volume centre
+        score = lambda batch: model.score_patches(batch, positions=batch.new_zeros(len(batch), 3))  # noqa: E731
+    per_patch = inference_bytes_per_patch(model, model_shape, device, score) + SCORING_BYTES_PER_PATCH_VOXEL * patch_voxels
     fixed = SCORING_BYTES_PER_VOXEL * int(np.prod(volume_shape)) + model_bytes(model)
     budget = max_memory if max_memory is not None else default_budget(device)
     return plan_batch(batch_size, per_patch, fixed, budget, "scoring")
