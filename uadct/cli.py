@@ -252,6 +252,8 @@ def train(
             if event == "epoch":
                 line = (f"epoch {info['epoch']} train {info['train_loss']:.4f} val {info['validation_loss']:.4f} "
                         f"(best {info['best_epoch']}, {info['patches_per_second']:.0f} patches/s)")
+                if info.get("stage_advanced"):  # a growing model (progressive GANomaly) moved to its next stage
+                    line += "; next stage"
                 bar.update(task, advance=1, info=line)
                 if not console.is_terminal:  # logs of batch jobs still show how training goes
                     console.print(line, highlight=False)
