@@ -279,7 +279,10 @@ def train(
     prep: Path = typer.Argument(..., help="Folder written by `uadct preprocess` (healthy subjects only)."),
     output: Path = typer.Option(..., "-o", "--output", help="Checkpoint file to write (model.pt)."),
     model: str = typer.Option("cae", help="Model name (see `uadct models`)."),
+    option: list[str] = typer.Option([], "--option", "-O", metavar="KEY=VALUE",
+                                     help="Model hyper-parameter, repeatable (e.g. -O latent_dim=64); `uadct models NAME` lists them."),
     patch_size: int = typer.Option(16, help="Patch edge in voxels (16 or 32 in the papers)."),
+    dims: int = typer.Option(2, help="2: axial 2D patches; 3: cubic 3D patches."),
     batch_size: int = typer.Option(128),
     learning_rate: float = typer.Option(1e-3, "--lr"),
     epochs: int = typer.Option(50, help="Maximum number of epochs."),
@@ -303,15 +306,19 @@ def train(
     torchrun every process runs this command (see examples/torchrun.sh).
     """
     from uadct.memory import parse_memory
+    from uadct.models.base import parse_model_options
     from uadct.train import TrainConfig, train_model
 
+    if dims not in (2, 3):
+        raise InputError(f"--dims must be 2 or 3, got {dims}")
     budget = parse_memory(max_memory) if max_memory else None
     augmentations = tuple(a.strip() for a in augment.split(",") if a.strip() and a.strip() != "none")
-    config = TrainConfig(model=model, patch_size=patch_size, batch_size=batch_size, learning_rate=learning_rate,
+    config = TrainConfig(model=model, patch_size=patch_size, dims=dims, batch_size=batch_size, learning_rate=learning_rate,
                          max_epochs=epochs, patience=patience, patches_per_epoch=patches_per_epoch,
                          validation_patches=validation_patches, seed=seed, device=device,
                          exclude_labels=str(exclude_labels) if exclude_labels else None,
-                         augment=augmentations, workers=workers, amp=amp)
+                         augment=augmentations, workers=workers, amp=amp,
+                         model_options=parse_model_options(model, option))
     with _progress() as bar:
         task = bar.add_task("train", total=epochs, info="")
 
@@ -319,6 +326,8 @@ def train(
             if event == "epoch":
                 line = (f"epoch {info['epoch']} train {info['train_loss']:.4f} val {info['validation_loss']:.4f} "
                         f"(best {info['best_epoch']}, {info['patches_per_second']:.0f} patches/s)")
+                if info.get("stage_advanced"):  # a growing model (progressive GANomaly) moved to its next stage
+                    line += "; next stage"
                 bar.update(task, advance=1, info=line)
                 if not console.is_terminal:  # logs of batch jobs still show how training goes
                     console.print(line, highlight=False)
@@ -339,14 +348,25 @@ def train(
 
 
 @app.command("models")
-def models_list() -> None:
-    """List the available models."""
+def models_list(
+    name: Optional[str] = typer.Argument(None, help="Show this model's options (for `train -O KEY=VALUE`)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the options of every model."),
+) -> None:
+    """List the available models, or one model's options with their defaults and meaning."""
     from uadct.models import available_models
+    from uadct.models.base import model_class, model_options
 
-    table = Table("model", "description")
-    for name, summary in available_models().items():
-        table.add_row(name, summary)
-    out.print(table)
+    if name is None and not verbose:
+        table = Table("model", "description")
+        for model, summary in available_models().items():
+            table.add_row(model, summary)
+        out.print(table)
+        return
+    for model in [name] if name is not None else list(available_models()):
+        table = Table("option", "type", "default", "meaning", title=f"{model}: {model_class(model).summary}")
+        for option in model_options(model):
+            table.add_row(option.name, option.type, repr(option.default), option.help)
+        out.print(table)
 
 
 # ----------------------------------------------------------------------------- score

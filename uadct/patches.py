@@ -272,11 +272,14 @@ def sliding_window_map(
     progress: Callable[[int, int], None] | None = None,
     adapt_to_memory: bool = False,
     stats: dict | None = None,
+    pass_positions: bool = False,
 ) -> np.ndarray:
     """Run ``predictor`` over every patch touching ``mask`` and overlap-average its output.
 
     ``predictor`` maps a batch of patches ``(B, *patch)`` to a voxel map of the same
-    shape or a scalar per patch ``(B,)``. The result is zero outside ``mask``. With
+    shape or a scalar per patch ``(B,)``; with ``pass_positions`` it is called as
+    ``predictor(patches, starts)`` with the patches' first voxels ``(B, 3)`` too.
+    The result is zero outside ``mask``. With
     ``adapt_to_memory`` a batch whose patches or predictions cannot be allocated is split
     in halves and retried (:class:`uadct.memory.AdaptiveBatches`); ``stats`` then receives
     ``final_batch_size`` and ``out_of_memory_retries``.
@@ -285,7 +288,8 @@ def sliding_window_map(
     accumulator = OverlapAccumulator(volume.shape, spec, gaussian_sigma)
 
     def predict_at(batch_positions: np.ndarray) -> np.ndarray:
-        return predictor(extract_patches(volume, batch_positions, spec))
+        patches = extract_patches(volume, batch_positions, spec)
+        return predictor(patches, batch_positions) if pass_positions else predictor(patches)
 
     from uadct.memory import AdaptiveBatches
 

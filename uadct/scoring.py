@@ -26,7 +26,7 @@ from uadct.errors import CheckpointError, InputError, UadctError
 from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, write_image, write_json, write_text
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
-from uadct.patches import PatchSpec, sliding_window_map
+from uadct.patches import PatchSpec, patch_centres, sliding_window_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
 from uadct.train import resolve_device
 
@@ -59,17 +59,29 @@ def resolve_output_kind(model: torch.nn.Module, output: str | None) -> str:
     return output
 
 
-def patch_predictor(model: torch.nn.Module, device: torch.device, output: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def patch_predictor(
+    model: torch.nn.Module, device: torch.device, output: str | None = None,
+    volume_shape: tuple[int, int, int] | None = None, spec: PatchSpec | None = None,
+) -> Callable[..., np.ndarray]:
     """Wrap a model's ``score_patches`` as a numpy ``(B, *patch) -> (B, *patch) or (B,)`` function.
 
     ``output`` is ``"voxel"`` or ``"scalar"``; default the model's first declared output.
+    For a position-conditioned model (``model.uses_positions``) the function also takes
+    the patches' first voxels ``(B, 3)`` and passes their centres
+    (:func:`uadct.patches.patch_centres` on ``volume_shape``) to the model.
     """
     key = resolve_output_kind(model, output)
+    conditioned = bool(getattr(model, "uses_positions", False))
 
     @torch.inference_mode()
-    def predict(patches: np.ndarray) -> np.ndarray:
+    def predict(patches: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
         batch = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).unsqueeze(1).to(device)
-        return model.score_patches(batch)[key].float().cpu().numpy()
+        extra = {}
+        if conditioned:
+            if starts is None or volume_shape is None or spec is None:
+                raise UadctError(f"model {getattr(model, 'name', '?')!r} is conditioned on patch positions; give the patch starts and volume shape")
+            extra["positions"] = torch.from_numpy(patch_centres(starts, spec, volume_shape)).to(device)
+        return model.score_patches(batch, **extra)[key].float().cpu().numpy()
 
     return predict
 
@@ -105,13 +117,13 @@ def score_volume(
         raise UadctError(f"batch size must be at least 1 patch, got {batch_size}")
     torch_device = resolve_device(device)
     model = checkpoint.model.to(torch_device).eval()
-    predictor = patch_predictor(model, torch_device, output_kind)
+    predictor = patch_predictor(model, torch_device, output_kind, volume_shape=image.shape, spec=spec)
     plan = plan_scoring_batch(model, spec, image.shape, torch_device, batch_size, max_memory)
     log.info("scoring %s", plan.describe())
     stats: dict[str, Any] = {}
     result = sliding_window_map(
         image.astype(np.float32), mask, predictor, spec, stride, plan.batch_size, gaussian_sigma=gaussian_sigma,
-        progress=progress, adapt_to_memory=True, stats=stats,
+        progress=progress, adapt_to_memory=True, stats=stats, pass_positions=bool(getattr(model, "uses_positions", False)),
     )
     if plan_out is not None:
         plan_out.update({"batch_size": plan.batch_size, "memory_budget_bytes": plan.budget,
@@ -133,7 +145,10 @@ def plan_scoring_batch(model: torch.nn.Module, spec: PatchSpec, volume_shape: tu
     """The scoring batch size for ``model`` on a volume of ``volume_shape`` within a memory budget."""
     patch_voxels = int(np.prod(spec.shape))
     model_shape = (1,) + tuple(spec.shape[1:] if spec.dims == 2 else spec.shape)
-    per_patch = inference_bytes_per_patch(model, model_shape, device) + SCORING_BYTES_PER_PATCH_VOXEL * patch_voxels
+    score = None
+    if getattr(model, "uses_positions", False):  # the probe batch sits at the volume centre
+        score = lambda batch: model.score_patches(batch, positions=batch.new_zeros(len(batch), 3))  # noqa: E731
+    per_patch = inference_bytes_per_patch(model, model_shape, device, score) + SCORING_BYTES_PER_PATCH_VOXEL * patch_voxels
     fixed = SCORING_BYTES_PER_VOXEL * int(np.prod(volume_shape)) + model_bytes(model)
     budget = max_memory if max_memory is not None else default_budget(device)
     return plan_batch(batch_size, per_patch, fixed, budget, "scoring")
@@ -173,6 +188,7 @@ def estimate_score_scale(model: torch.nn.Module, patches: np.ndarray, masks: np.
     per-patch scalars). ``hook_options(rows)`` gives extra keyword arguments for the
     patches ``rows`` (a slice), e.g. the positions of position-conditioned models. Stored in checkpoints as ``score_scale`` so MOOD maps are scaled by
     one fixed, case-independent factor. None when nothing was scored or the value is not positive.
+    ``centres`` ``(N, 3)``: the patch centres, passed to position-conditioned models.
     """
     key = resolve_output_kind(model, output_kind)
     values = []

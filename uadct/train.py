@@ -1023,6 +1023,8 @@ def _run_epoch(
         state.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     else:
         state.waited += 1
+    if state.waited >= config.patience:
+        _advance_stage(run.model, state)
     state.epoch, state.step, state.partial_train_loss = epoch + 1, 0, 0.0
     save_state()
     if progress is not None and distributed.is_main:
@@ -1030,6 +1032,24 @@ def _run_epoch(
     if state.waited >= config.patience:
         log.info("early stop at epoch %d (best %d)", epoch, state.best_epoch)
     return False
+
+
+def _advance_stage(model: AnomalyModel, state: _LoopState) -> None:
+    """Growing models (progressive GANs): where early stopping would end training, reload
+    the stage's best weights and ask the model for its next stage. If it has one, the
+    patience and the best loss start afresh (a new stage has a new loss scale), so only
+    the last stage's best epoch is kept; the jump is marked in the history."""
+    last = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    if not model.advance_stage():
+        model.load_state_dict(last)  # no further stage: the loop ends as it always did
+        return
+    log.info("epoch %d: %s advanced to its next stage", state.epoch, model.name)
+    state.history[-1]["stage_advanced"] = 1
+    state.best_loss, state.waited = float("inf"), 0
+    # until the new stage has an epoch of its own, the best model is the previous stage's best, grown
+    state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()

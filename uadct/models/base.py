@@ -10,6 +10,8 @@ Fitted statistics live in buffers so they travel with the weights.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +29,7 @@ class ModelConfig:
     patch_size: int = 16
     dims: int = 2
     in_channels: int = 1
+    position_conditioning: bool = False  # the patch centre (normalised atlas coordinates) is an extra input
 
 
 class AnomalyModel(nn.Module):
@@ -34,12 +37,18 @@ class AnomalyModel(nn.Module):
 
     ``score_patches`` returns a dict with ``"voxel"`` (``(B, *patch)`` error maps)
     and/or ``"scalar"`` (``(B,)`` scores); ``outputs`` declares which.
+
+    Every hook that sees patches also takes ``positions``: the patch centres ``(B, 3)``
+    float32 in [-1, 1] (:func:`uadct.patches.patch_centres`). Callers pass them when
+    :attr:`uses_positions` is true (``position_conditioning`` on a model that supports
+    it, ``supports_positions``); such a model refuses ``positions=None``, the others ignore them.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     outputs: ClassVar[tuple[str, ...]] = ("voxel",)
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    supports_positions: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -50,9 +59,32 @@ class AnomalyModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.position_conditioning and not self.supports_positions:
+            raise UadctError(f"{self.name}: position_conditioning is not supported by this model")
         self.config = config
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def uses_positions(self) -> bool:
+        """Whether the hooks need ``positions`` (the patch centres)."""
+        return bool(self.config.position_conditioning)
+
+    def require_positions(self, positions: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """``positions`` checked to be ``(batch, 3)``; a one-line error when missing."""
+        if positions is None:
+            raise UadctError(f"{self.name}: trained with position_conditioning, so patch positions must be given")
+        if tuple(positions.shape) != (batch, 3):
+            raise UadctError(f"{self.name}: positions must be ({batch}, 3) patch centres, got {tuple(positions.shape)}")
+        return positions
+
+    def advance_stage(self) -> bool:
+        """Called by the engine when early stopping would end training. A model that grows
+        in stages (progressive GANs) moves to its next stage and returns True, so training
+        goes on; the default returns False: no further stage."""
+        return False
+
+    def training_loss(
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Losses for a batch ``(B, 1, *patch)``; the key ``"loss"`` is minimised."""
         raise NotImplementedError
 
@@ -61,30 +93,33 @@ class AnomalyModel(nn.Module):
         return {"model": torch.optim.Adam(self.parameters(), lr=learning_rate)}
 
     def training_step(
-        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
+        positions: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One optimisation step on a batch; returns the losses as floats (key ``"loss"`` required).
 
         The default minimises ``training_loss()["loss"]`` with the single optimiser;
         adversarial models override it to alternate generator and discriminator updates.
         """
-        losses = self.training_loss(patches, masks)
+        losses = self.training_loss(patches, masks, positions=positions)
         optimizer = optimizers["model"]
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         """The loss early stopping watches (eval mode, no gradients)."""
-        return float(self.training_loss(patches, masks)["loss"])
+        return float(self.training_loss(patches, masks, positions=positions)["loss"])
 
-    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Called once after training with a sample of training patches, to fit score
         statistics (e.g. median/MAD) into buffers. Non-parametric models (one-class SVM,
         thresholds) fit themselves here. Default: nothing."""
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Anomaly scores for a batch ``(B, 1, *patch)``."""
         raise NotImplementedError
 
@@ -104,18 +139,21 @@ class NonTrainableModel(AnomalyModel):
         super().__init__(config)
         self.register_buffer("fitted", torch.tensor(False))
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_loss(
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         return {"loss": patches.new_zeros(())}
 
     def configure_optimizers(self, learning_rate: float) -> dict[str, torch.optim.Optimizer]:
         return {}
 
     def training_step(
-        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
+        positions: torch.Tensor | None = None,
     ) -> dict[str, float]:
         return {"loss": 0.0}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         return 0.0
 
     def _require_fitted(self) -> None:
@@ -163,3 +201,112 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> AnomalyModel
     if unknown:
         raise CheckpointError(f"model {name!r} has no parameters {sorted(unknown)}; known: {sorted(fields)}")
     return cls(cls.Config(**config))
+
+
+# ------------------------------------------------------------------ model options (CLI `-O key=value`)
+ENGINE_OPTIONS = ("patch_size", "dims", "in_channels")  # set by the training engine, not by model options
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOption:
+    """One hyper-parameter of a model: name, type (as written), default and a one-line meaning."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+def _field_comments(config_class: type) -> dict[str, str]:
+    """Trailing ``# comments`` of the dataclass fields, through the class hierarchy (subclass wins)."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (frozen install): options just lack their meaning
+            continue
+        for match in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE):
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def model_options(name: str) -> list[ModelOption]:
+    """The options a model takes through ``-O key=value`` (its Config fields less the engine's)."""
+    config_class = model_class(name).Config
+    hints = typing.get_type_hints(config_class)
+    comments = _field_comments(config_class)
+    return [
+        ModelOption(f.name, _type_name(hints[f.name]), f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+                    comments.get(f.name, ""))
+        for f in dataclasses.fields(config_class) if f.name not in ENGINE_OPTIONS
+    ]
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(text: str, annotation: Any) -> Any:
+    """``text`` as a value of ``annotation`` (bool, int, float, str, tuples, unions, None); ValueError if not."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in arguments and text.strip().lower() == "none":
+            return None
+        for option in (a for a in arguments if a is not type(None)):
+            try:
+                return _convert(text, option)
+            except ValueError:
+                continue
+        raise ValueError(text)
+    if origin is tuple:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if len(arguments) == 2 and arguments[1] is Ellipsis:
+            return tuple(_convert(item, arguments[0]) for item in items)
+        if arguments and len(items) != len(arguments):
+            raise ValueError(text)
+        return tuple(_convert(item, kind) for item, kind in zip(items, arguments or [str] * len(items)))
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered not in _TRUE + _FALSE:
+            raise ValueError(text)
+        return lowered in _TRUE
+    if annotation in (int, float):
+        return annotation(text)
+    if annotation is str:
+        return text
+    raise ValueError(text)
+
+
+def parse_model_options(name: str, items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> a config dict typed by the model's Config fields.
+
+    Unknown keys and values of the wrong type are one-line errors naming the valid keys
+    or the expected type; the engine's own settings (patch size, dims) are refused here.
+    """
+    options = {option.name: option for option in model_options(name)}
+    hints = typing.get_type_hints(model_class(name).Config)
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UadctError(f"model option {item!r} is not key=value")
+        if key in ENGINE_OPTIONS:
+            raise UadctError(f"model option {key!r} is a training setting: use --{key.replace('_', '-')} instead")
+        if key not in options:
+            raise UadctError(f"model {name!r} has no option {key!r}; valid: {', '.join(sorted(options))}")
+        try:
+            parsed[key] = _convert(value, hints[key])
+        except ValueError:
+            raise UadctError(f"model option {key}={value!r}: expected {options[key].type}") from None
+    return parsed

@@ -3,6 +3,11 @@
 Trained with a reconstruction loss counted only inside the brain mask; the voxel map
 is the reconstruction error, and patch scalars are the mean squared error, the mean
 absolute error, or the mean of the top-k voxel errors (Davletshina et al.).
+
+With ``position_conditioning`` the decoder is conditional: the patch centre ``(B, 3)``
+in normalised atlas coordinates is concatenated to the latent code before it is
+expanded back to feature maps, so the decoder can reconstruct what is normal at that
+place while the encoder stays a plain image encoder.
 """
 
 from __future__ import annotations
@@ -13,18 +18,18 @@ import torch
 from torch import nn
 
 from uadct.models.base import AnomalyModel, ModelConfig
-from uadct.models.layers import conv_layer, deconv_layer, dropout_layer, norm_layer
+from uadct.models.layers import POSITION_FEATURES, conv_layer, deconv_layer, dropout_layer, norm_layer
 
 
 @dataclasses.dataclass
 class CAEConfig(ModelConfig):
     """CAE hyper-parameters: channels of the first block (doubled per block), latent size."""
 
-    base_channels: int = 16
-    latent_dim: int = 32
-    dropout: float = 0.1
+    base_channels: int = 16  # channels of the first conv block, doubled per block
+    latent_dim: int = 32  # size of the bottleneck code
+    dropout: float = 0.1  # channel dropout after every encoder block
     loss: str = "mse"  # "mse" or "l1"
-    top_k: int = 64
+    top_k: int = 64  # voxels averaged for the "topk" patch score
 
 
 class ConvolutionalAutoencoder(AnomalyModel):
@@ -32,6 +37,7 @@ class ConvolutionalAutoencoder(AnomalyModel):
     summary = "convolutional autoencoder; voxel map = reconstruction error (MSE/L1/top-k scores)"
     outputs = ("voxel", "scalar")
     Config = CAEConfig
+    supports_positions = True
 
     def __init__(self, config: CAEConfig) -> None:
         super().__init__(config)
@@ -45,7 +51,7 @@ class ConvolutionalAutoencoder(AnomalyModel):
         self.bottom = size // 2**levels
         flat = channels[-1] * self.bottom**dims
         self.to_latent = nn.Linear(flat, config.latent_dim)
-        self.from_latent = nn.Linear(config.latent_dim, flat)
+        self.from_latent = nn.Linear(config.latent_dim + (POSITION_FEATURES if config.position_conditioning else 0), flat)
         decoder: list[nn.Module] = []
         reversed_channels = channels[::-1]
         for i, (c_in, c_out) in enumerate(zip(reversed_channels[:-1], reversed_channels[1:])):
@@ -55,23 +61,31 @@ class ConvolutionalAutoencoder(AnomalyModel):
         self.decoder = nn.Sequential(*decoder)
         self._feature_shape = (channels[-1],) + (self.bottom,) * dims
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(x)
-        latent = self.to_latent(features.flatten(1))
-        restored = self.from_latent(latent).view((-1,) + self._feature_shape)
-        return self.decoder(restored)
+    def decode(self, latent: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, latent_dim)`` (+ positions ``(B, 3)`` when conditioned) ``-> (B, 1, *patch)``."""
+        if self.uses_positions:
+            latent = torch.cat([latent, self.require_positions(positions, len(latent)).to(latent.dtype)], dim=1)
+        return self.decoder(self.from_latent(latent).view((-1,) + self._feature_shape))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction ``(B, 1, *patch)``."""
+        return self.decode(self.to_latent(self.encoder(x).flatten(1)), positions)
 
     def _error(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         difference = x - reconstruction
         return difference.abs() if self.config.loss == "l1" else difference.square()
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        error = self._error(patches, self(patches)) * masks
+    def training_loss(
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        error = self._error(patches, self(patches, positions)) * masks
         loss = error.sum() / masks.sum().clamp_min(1.0)
         return {"loss": loss}
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        reconstruction = self(patches)
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        reconstruction = self(patches, positions)
         voxel = (patches - reconstruction).abs()
         if masks is not None:
             voxel = voxel * masks

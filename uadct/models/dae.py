@@ -26,7 +26,7 @@ from uadct.models.layers import conv_layer, deconv_layer, norm_layer
 class DAEConfig(ModelConfig):
     """DAE hyper-parameters: UNet width and depth, coarse noise grid and strength."""
 
-    base_channels: int = 16
+    base_channels: int = 16  # channels of the first UNet level, doubled per level
     levels: int = 2  # down-samplings; patch_size must be divisible by 2**levels
     noise_downsample: int = 4  # noise grid = patch_size / this per side (paper: 128 px image, 16 px grid)
     noise_std: float = 0.2  # in normalised intensity units (paper: 0.2)
@@ -127,18 +127,21 @@ class DenoisingAutoencoder(AnomalyModel):
         return patches + noise * masks
 
     def training_loss(
-        self, patches: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Masked mean squared error between the restored noisy patch and the clean one."""
         error = (self(self.corrupt(patches, masks, generator)) - patches).square() * masks
         return {"loss": error.sum() / masks.sum().clamp_min(1.0)}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         """The training loss under fixed noise (seed 0), so epochs compare like with like."""
         generator = torch.Generator(device=patches.device).manual_seed(0)
-        return float(self.training_loss(patches, masks, generator)["loss"])
+        return float(self.training_loss(patches, masks, generator=generator)["loss"])
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``"voxel"`` = |x - f(x)| ``(B, *patch)`` on the clean input; ``"scalar"`` its mean ``(B,)``."""
         voxel = (patches - self(patches)).abs()
         if masks is not None:

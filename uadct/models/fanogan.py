@@ -52,14 +52,14 @@ __all__ = ["FAnoGAN", "FAnoGANConfig", "gradient_penalty", "GAN_PHASE_VALIDATION
 class FAnoGANConfig(ModelConfig):
     """f-AnoGAN hyper-parameters (WGAN-GP: n_critic 5, lambda 10, Adam betas (0, 0.9); izi_f kappa 1)."""
 
-    latent_dim: int = 128
-    base_channels: int = 64
+    latent_dim: int = 128  # size of z (prior N(0, I))
+    base_channels: int = 64  # channels of the first pyramid level, doubled per level
     gan_steps: int = 2000  # training_step calls (batches) spent on the WGAN-GP before the encoder phase
-    n_critic: int = 5
-    gradient_penalty_weight: float = 10.0
-    kappa: float = 1.0
-    adam_beta1: float = 0.0
-    adam_beta2: float = 0.9
+    n_critic: int = 5  # critic updates per generator update
+    gradient_penalty_weight: float = 10.0  # lambda of the WGAN-GP penalty
+    kappa: float = 1.0  # weight of the critic-feature term in izi_f
+    adam_beta1: float = 0.0  # Adam beta1 of all optimisers
+    adam_beta2: float = 0.9  # Adam beta2 of all optimisers
 
 
 class FAnoGAN(AnomalyModel):
@@ -115,7 +115,9 @@ class FAnoGAN(AnomalyModel):
         penalty = gradient_penalty(lambda v: self.critic(v)[0], real, fake)
         return {"loss": -wasserstein + self.config.gradient_penalty_weight * penalty, "wasserstein": wasserstein, "gradient_penalty": penalty}
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_loss(
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """The encoder-phase (izi_f) loss, averaged over the batch."""
         terms = self.izi_f(patches, masks)
         return {"loss": terms["score"].mean(), "residual": terms["residual"].mean(), "feature": terms["feature"].mean()}
@@ -128,7 +130,8 @@ class FAnoGAN(AnomalyModel):
         }
 
     def training_step(
-        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
+        positions: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """A GAN-phase step (critic, plus generator every ``n_critic``) or an encoder-phase step.
 
@@ -169,13 +172,13 @@ class FAnoGAN(AnomalyModel):
         optimizer.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         """izi_f of the current encoder; in the GAN phase ``GAN_PHASE_VALIDATION + steps left`` (module docstring)."""
         if not self.in_encoder_phase:
             return GAN_PHASE_VALIDATION + float(self.config.gan_steps - int(self.gan_steps_done))
         return float(self.training_loss(patches, masks)["loss"])
 
-    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Nothing to fit (the izi_f score is used as is); warns when the encoder was never trained."""
         if not self.in_encoder_phase:
             log.warning(
@@ -183,7 +186,9 @@ class FAnoGAN(AnomalyModel):
                 "raise max_epochs or lower gan_steps", int(self.gan_steps_done), self.config.gan_steps,
             )
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``scalar`` (B,) izi_f, ``voxel`` (B, *patch) |x - G(E(x))|, ``residual``/``feature`` (B,) its terms."""
         terms = self.izi_f(patches, masks)
         voxel = (patches - terms["reconstruction"]).abs()

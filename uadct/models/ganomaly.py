@@ -19,7 +19,15 @@ error ``e_k = (z_k - z_hat_k)^2`` is normalised by the median and the median
 absolute deviation of that element over training patches, ``(e_k - median_k) /
 MAD_k``, then averaged over the latent elements. The statistics are buffers.
 
-The DCGAN building blocks and :func:`gradient_penalty` are shared with f-AnoGAN.
+With ``position_conditioning`` the decoder is conditional: the patch centre ``(B, 3)``
+(normalised atlas coordinates) is concatenated to ``z`` before decoding; both encoders
+see images only, so the encoder error measures how far the patch is from what is
+normal *at that place*.
+
+The DCGAN building blocks and :func:`gradient_penalty` are shared with f-AnoGAN; the
+loss, score and normalisation code is shared with progressive GANomaly, which overrides
+only the networks (:meth:`GANomaly.build_networks`, :meth:`reconstruct`,
+:meth:`discriminate`) and the resolution hooks (:meth:`prepare`, :meth:`expand`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from torch.nn import functional as F
 
 from uadct.errors import UadctError
 from uadct.models.base import AnomalyModel, ModelConfig, median_and_mad
-from uadct.models.layers import conv_layer, deconv_layer, norm_layer
+from uadct.models.layers import POSITION_FEATURES, conv_layer, deconv_layer, norm_layer
 
 BOTTOM_SIZE = 4  # voxels per side where the pyramids meet the 4x4 latent convolution
 
@@ -183,17 +191,17 @@ def masked_mean(values: torch.Tensor, masks: torch.Tensor | None) -> torch.Tenso
 class GANomalyConfig(ModelConfig):
     """GANomaly hyper-parameters (Madzia-Madzou & Kuijf 2022; the original used 1/50/1 weights)."""
 
-    latent_dim: int = 100
-    base_channels: int = 64
-    weight_adversarial: float = 1.0
-    weight_contextual: float = 70.0
-    weight_encoder: float = 10.0
+    latent_dim: int = 100  # size of z
+    base_channels: int = 64  # channels of the first pyramid level, doubled per level
+    weight_adversarial: float = 1.0  # w_adv: feature matching ||f(x) - f(x_hat)||^2
+    weight_contextual: float = 70.0  # w_con: masked L1 ||x - x_hat||
+    weight_encoder: float = 10.0  # w_enc: ||z - z_hat||^2
     adversarial_loss: str = "bce"  # "bce" (paper) or "wgan-gp" (Wasserstein critic + gradient penalty)
     gradient_penalty_weight: float = 10.0  # lambda, "wgan-gp" only
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.999
+    adam_beta1: float = 0.5  # Adam beta1 of both optimisers
+    adam_beta2: float = 0.999  # Adam beta2 of both optimisers
     reinit_discriminator_below: float = 1e-5  # reference code: restart D when its BCE loss collapses ("bce" only; 0 = never)
-    statistics_batch_size: int = 1024
+    statistics_batch_size: int = 1024  # patches per forward pass when fitting the median/MAD
 
 
 ADVERSARIAL_LOSSES = ("bce", "wgan-gp")
@@ -205,28 +213,58 @@ class GANomaly(AnomalyModel):
     summary = "GANomaly (encoder-decoder-encoder GAN); score = encoder loss, median/MAD normalised per latent element"
     outputs = ("scalar", "voxel")
     Config = GANomalyConfig
+    supports_positions = True
 
     def __init__(self, config: GANomalyConfig) -> None:
         super().__init__(config)
         if config.adversarial_loss not in ADVERSARIAL_LOSSES:
-            raise UadctError(f"ganomaly: adversarial_loss must be one of {list(ADVERSARIAL_LOSSES)}, got {config.adversarial_loss!r}")
-        dims, channels, base, size, latent = config.dims, config.in_channels, config.base_channels, config.patch_size, config.latent_dim
-        self.encoder = LatentEncoder(dims, channels, base, size, latent)  # G_E
-        self.decoder = PatchDecoder(dims, channels, base, size, latent)  # G_D
-        self.second_encoder = LatentEncoder(dims, channels, base, size, latent)  # E
-        self.discriminator = Discriminator(dims, channels, base, size, batch_norm=config.adversarial_loss == "bce")
+            raise UadctError(f"{self.name}: adversarial_loss must be one of {list(ADVERSARIAL_LOSSES)}, got {config.adversarial_loss!r}")
+        self.build_networks()
         self.apply(dcgan_init)
         # Fitted by fit_statistics; the identity normalisation until then.
-        self.register_buffer("score_median", torch.zeros(latent))
-        self.register_buffer("score_mad", torch.ones(latent))
+        self.register_buffer("score_median", torch.zeros(config.latent_dim))
+        self.register_buffer("score_mad", torch.ones(config.latent_dim))
+
+    def build_networks(self) -> None:
+        """``encoder`` (G_E), ``decoder`` (G_D), ``second_encoder`` (E) and ``discriminator`` (D)."""
+        config = self.config
+        dims, channels, base, size, latent = config.dims, config.in_channels, config.base_channels, config.patch_size, config.latent_dim
+        self.encoder = LatentEncoder(dims, channels, base, size, latent)
+        self.decoder = PatchDecoder(dims, channels, base, size, self.decoder_inputs)
+        self.second_encoder = LatentEncoder(dims, channels, base, size, latent)
+        self.discriminator = Discriminator(dims, channels, base, size, batch_norm=config.adversarial_loss == "bce")
+
+    @property
+    def decoder_inputs(self) -> int:
+        """Length of the decoder's input: the latent code, plus the patch centre when conditioned."""
+        return self.config.latent_dim + (POSITION_FEATURES if self.config.position_conditioning else 0)
 
     def generator_modules(self) -> list[nn.Module]:
         return [self.encoder, self.decoder, self.second_encoder]
 
-    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def condition(self, z: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """The decoder input: ``z (B, L)``, with the patch centres ``(B, 3)`` appended when conditioned."""
+        if not self.uses_positions:
+            return z
+        return torch.cat([z, self.require_positions(positions, len(z)).to(z.dtype)], dim=1)
+
+    def prepare(self, patches: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The networks' input and mask from engine patches ``(B, C, *patch)``: unchanged here
+        (progressive GANomaly brings them to its current resolution)."""
+        return patches, masks
+
+    def expand(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """A reconstruction back on the patch grid (the inverse resolution hook of :meth:`prepare`)."""
+        return x_hat
+
+    def discriminate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``D(x)``: logit ``(B,)`` and features ``(B, n_d)``."""
+        return self.discriminator(x)
+
+    def reconstruct(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x (B, C, *patch) -> z (B, L), x_hat (B, C, *patch), z_hat (B, L)``."""
         z = self.encoder(x)
-        x_hat = self.decoder(z)
+        x_hat = self.decoder(self.condition(z, positions))
         return z, x_hat, self.second_encoder(x_hat)
 
     def generator_losses(
@@ -234,13 +272,15 @@ class GANomaly(AnomalyModel):
         x: torch.Tensor,
         masks: torch.Tensor | None = None,
         reconstruction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Scalar losses ``adv``, ``con`` (inside the mask), ``enc`` and their weighted sum ``loss``."""
+        """Scalar losses ``adv``, ``con`` (inside the mask), ``enc`` and their weighted sum ``loss``
+        for network inputs ``x`` (after :meth:`prepare`)."""
         config = self.config
-        z, x_hat, z_hat = reconstruction if reconstruction is not None else self.reconstruct(x)
+        z, x_hat, z_hat = reconstruction if reconstruction is not None else self.reconstruct(x, positions)
         with torch.no_grad():
-            real_features = self.discriminator(x)[1]
-        adv = (real_features - self.discriminator(x_hat)[1]).square().mean()
+            real_features = self.discriminate(x)[1]
+        adv = (real_features - self.discriminate(x_hat)[1]).square().mean()
         con = masked_mean((x - x_hat).abs(), masks)
         enc = (z - z_hat).square().mean()
         loss = config.weight_adversarial * adv + config.weight_contextual * con + config.weight_encoder * enc
@@ -248,17 +288,20 @@ class GANomaly(AnomalyModel):
 
     def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """BCE of real (label 1) and reconstructed (label 0) patches, averaged; or the WGAN-GP critic loss."""
-        real_logit = self.discriminator(x)[0]
-        fake_logit = self.discriminator(x_hat.detach())[0]
+        real_logit = self.discriminate(x)[0]
+        fake_logit = self.discriminate(x_hat.detach())[0]
         if self.config.adversarial_loss == "wgan-gp":
-            penalty = gradient_penalty(lambda v: self.discriminator(v)[0], x, x_hat)
+            penalty = gradient_penalty(lambda v: self.discriminate(v)[0], x, x_hat)
             return fake_logit.mean() - real_logit.mean() + self.config.gradient_penalty_weight * penalty
         real = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
         fake = F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
         return 0.5 * (real + fake)
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.generator_losses(patches, masks)
+    def training_loss(
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        x, masks = self.prepare(patches, masks)
+        return self.generator_losses(x, masks, positions=positions)
 
     def configure_optimizers(self, learning_rate: float) -> dict[str, torch.optim.Optimizer]:
         betas = (self.config.adam_beta1, self.config.adam_beta2)
@@ -269,10 +312,12 @@ class GANomaly(AnomalyModel):
         }
 
     def training_step(
-        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]
+        self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
+        positions: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One generator update (D frozen), then one discriminator update on the same reconstructions."""
-        reconstruction = self.reconstruct(patches)
+        patches, masks = self.prepare(patches, masks)
+        reconstruction = self.reconstruct(patches, positions)
         with frozen(self.discriminator):
             losses = self.generator_losses(patches, masks, reconstruction)
         optimizers["generator"].zero_grad(set_to_none=True)
@@ -287,25 +332,30 @@ class GANomaly(AnomalyModel):
             self.discriminator.apply(dcgan_init)
         return {**{k: float(v.detach()) for k, v in losses.items()}, "disc": float(disc.detach())}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> float:
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
         """``w_con * con + w_enc * enc``: the generator loss without the adversarial term.
 
         The adversarial term is measured with the current discriminator, which changes
         every epoch, so it is not comparable across epochs; the weighted contextual and
         encoder terms depend on the generator only and are what the score relies on.
         """
-        losses = self.generator_losses(patches, masks)
-        return float(self.config.weight_contextual * losses["con"] + self.config.weight_encoder * losses["enc"])
+        losses = self.training_loss(patches, masks, positions)
+        return float((self.config.weight_contextual * losses["con"] + self.config.weight_encoder * losses["enc"]).detach())
 
-    def encoder_errors(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-element encoder errors ``(z - z_hat)^2`` ``(B, L)`` and the reconstruction ``x_hat``."""
-        z, x_hat, z_hat = self.reconstruct(x)
-        return (z - z_hat).square(), x_hat
+    def encoder_errors(self, patches: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-element encoder errors ``(z - z_hat)^2`` ``(B, L)`` and the reconstruction ``x_hat``
+        on the patch grid, for engine patches ``(B, C, *patch)``."""
+        x, _ = self.prepare(patches, None)
+        z, x_hat, z_hat = self.reconstruct(x, positions)
+        return (z - z_hat).square(), self.expand(x_hat)
 
-    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Median and MAD of each latent element's error over the training patches -> buffers."""
         step = self.config.statistics_batch_size
-        errors = torch.cat([self.encoder_errors(patches[i : i + step])[0] for i in range(0, len(patches), step)])
+        errors = torch.cat([
+            self.encoder_errors(patches[i : i + step], None if positions is None else positions[i : i + step])[0]
+            for i in range(0, len(patches), step)
+        ])
         median, mad = median_and_mad(errors.double())
         self.score_median.copy_(median)
         self.score_mad.copy_(mad)
@@ -314,9 +364,11 @@ class GANomaly(AnomalyModel):
         """Modified anomaly score: ``mean_k (e_k - median_k) / MAD_k`` for errors ``(B, L)`` -> ``(B,)``."""
         return ((errors - self.score_median) / self.score_mad.clamp_min(MAD_FLOOR)).mean(1)
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``scalar`` (B,) normalised encoder loss, ``voxel`` (B, *patch) |x - x_hat|, ``raw`` (B,) encoder loss."""
-        errors, x_hat = self.encoder_errors(patches)
+        errors, x_hat = self.encoder_errors(patches, positions)
         voxel = (patches - x_hat).abs()
         if masks is not None:
             voxel = voxel * masks

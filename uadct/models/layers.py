@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+POSITION_FEATURES = 3  # a patch centre (z, y, x) in normalised atlas coordinates, appended to latent codes
+
 
 def conv_layer(dims: int) -> type[nn.Module]:
     """``nn.Conv2d`` for 2D patches, ``nn.Conv3d`` for 3D ones."""

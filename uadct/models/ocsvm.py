@@ -28,7 +28,7 @@ class OCSVMConfig(ModelConfig):
     nu: float = 0.1  # upper bound on the fraction of training outliers
     gamma: float | str = "scale"  # RBF width; "scale" = 1 / (features * variance of the fit data)
     pool_size: int = 8  # average-pool each patch to this many voxels per side (>= patch_size: no pooling)
-    max_fit_patches: int = 2000
+    max_fit_patches: int = 2000  # at most this many training patches fit the SVM (O(n^2) solver)
     seed: int = 0  # which patches are kept when there are more than max_fit_patches
 
 
@@ -61,7 +61,7 @@ class OneClassSVMModel(NonTrainableModel):
             patches = pool(patches, self.pool_factor)
         return patches.flatten(1)
 
-    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Fit the SVM on at most ``max_fit_patches`` of ``(N, 1, *patch)`` patches (masks unused)."""
         from sklearn.svm import OneClassSVM
 
@@ -92,7 +92,9 @@ class OneClassSVMModel(NonTrainableModel):
         kernel = torch.exp(-self.gamma.to(dtype) * squared.clamp_min(0.0))
         return kernel @ self.dual_coefficients.to(dtype) + self.intercept.to(dtype)
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``"scalar"`` ``(B,)`` float32: minus the decision function (higher = more anomalous)."""
         return {"scalar": (-self.decision_function(patches)).to(patches.dtype)}
 

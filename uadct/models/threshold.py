@@ -24,7 +24,7 @@ MINIMUM_MAD = 1e-6  # intensity units; guards a constant training sample
 class ThresholdConfig(ModelConfig):
     """Threshold settings: which voxel map to produce (one of THRESHOLD_MODES)."""
 
-    mode: str = "intensity"
+    mode: str = "intensity"  # voxel map: "intensity", "deviation" (|x - median| / MAD) or "upper" (bright only)
 
 
 class IntensityThreshold(NonTrainableModel):
@@ -40,7 +40,7 @@ class IntensityThreshold(NonTrainableModel):
         self.register_buffer("median", torch.tensor(0.0))
         self.register_buffer("mad", torch.tensor(1.0))
 
-    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor) -> None:
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Median and MAD of the brain voxels (``masks > 0``) of ``(N, 1, *patch)`` training patches."""
         values = patches[masks > 0].float().cpu()  # kthvalue is not on every accelerator
         centre, mad = median_and_mad(values[:, None])
@@ -48,7 +48,9 @@ class IntensityThreshold(NonTrainableModel):
         self.mad.copy_(mad[0].clamp_min(MINIMUM_MAD))
         self.fitted.fill_(True)
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``"voxel"`` ``(B, *patch)``: intensity, |x - median| / MAD, or max(0, x - median) / MAD."""
         if self.config.mode == "intensity":
             voxel = patches

@@ -7,6 +7,7 @@ number of masked voxels`` -- the negative ELBO per voxel (for a Gaussian decoder
 reconstruction term keeps the CAE's per-voxel scale and ``beta = 1`` is the plain ELBO.
 Patch scores: MSE, L1, KLD (per voxel of the patch, the same scaling), MSE + beta * KLD,
 and the mean of the top-k voxel errors; the voxel map is the reconstruction error.
+Position conditioning works as in the CAE (centres appended to the latent code before decoding).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ LOG_VARIANCE_LIMIT = 10.0  # clamp for exp(logvar): keeps early training finite
 class VAEConfig(CAEConfig):
     """VAE hyper-parameters: the CAE's, plus the KLD weight and which score is ``"scalar"``."""
 
-    beta: float = 1.0
+    beta: float = 1.0  # weight of the KL divergence (1 = plain ELBO)
     top_k: int = 200  # voxels; the paper's k, capped at the patch size
     score: str = "mse"  # one of VAE_SCORES
 
@@ -59,27 +60,27 @@ class VariationalAutoencoder(ConvolutionalAutoencoder):
         mean, log_variance = self.to_latent(self.encoder(x).flatten(1)).chunk(2, dim=1)
         return mean, log_variance.clamp(-LOG_VARIANCE_LIMIT, LOG_VARIANCE_LIMIT)
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """``(B, latent_dim) -> (B, 1, *patch)``."""
-        return self.decoder(self.from_latent(latent).view((-1,) + self._feature_shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Deterministic reconstruction from the latent mean, ``(B, 1, *patch)``."""
-        return self.decode(self.encode(x)[0])
+        return self.decode(self.encode(x)[0], positions)
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_loss(
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Negative ELBO per masked voxel; samples the latent in train mode, uses the mean in eval."""
         mean, log_variance = self.encode(patches)
         latent = mean + torch.randn_like(mean) * (0.5 * log_variance).exp() if self.training else mean
         voxels = masks.sum().clamp_min(1.0)
-        reconstruction = (self._error(patches, self.decode(latent)) * masks).sum() / voxels
+        reconstruction = (self._error(patches, self.decode(latent, positions)) * masks).sum() / voxels
         kld = gaussian_kl_divergence(mean, log_variance).sum() / voxels
         return {"loss": reconstruction + self.config.beta * kld, "reconstruction": reconstruction, "kld": kld}
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """``"voxel"`` ``(B, *patch)``; every patch score ``(B,)``; ``"scalar"`` = the configured one."""
         mean, log_variance = self.encode(patches)
-        voxel = (patches - self.decode(mean)).abs()
+        voxel = (patches - self.decode(mean, positions)).abs()
         if masks is not None:
             voxel = voxel * masks
         flat = voxel.flatten(1)
