@@ -302,8 +302,7 @@ def run(options: argparse.Namespace, on_model_done: Callable[[dict[str, Any]], N
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-            "disks": [{k: (asdict(v) if isinstance(v, DiskPlacement) else str(v) if isinstance(v, Path) else v)
-                       for k, v in c.items()} for c in conditions],
+            "disks": [_jsonable(c) for c in conditions],
             "models": results,
             "table": summary_table(results, conditions),
         }
@@ -312,13 +311,24 @@ def run(options: argparse.Namespace, on_model_done: Callable[[dict[str, Any]], N
     return report
 
 
+def _jsonable(condition: dict[str, Any]) -> dict[str, Any]:
+    """A condition for the JSON report (placements as dicts, paths as text, NaN as null)."""
+    out: dict[str, Any] = {}
+    for key, value in condition.items():
+        if isinstance(value, DiskPlacement):
+            value = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(value).items()}
+        out[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
 def _matching_checkpoint(path: Path, config: TrainConfig) -> tuple[float, int, int] | None:
     """(seconds, epochs, best epoch) of an existing checkpoint trained with the same config, else None."""
     if not path.is_file():
         return None
     metadata = load_checkpoint(path).metadata
     training = metadata.get("training", {})
-    wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+    # the checkpoint records the device used, not "auto"
+    wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items() if k != "device"}
     if any(training.get(k) != v for k, v in wanted.items()):
         return None
     return float(training.get("seconds", math.nan)), int(training.get("epochs_run", 0)), int(training.get("best_epoch", -1))
