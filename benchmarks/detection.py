@@ -364,7 +364,8 @@ def markdown(report: dict[str, Any]) -> str:
         for value, cell in rows.items():
             ours = [f"{cell[m]:.2f}" if m in cell and not math.isnan(cell[m]) else "n/a" for m in models]
             theirs = [f"{v:.2f}" for v in paper[float(value)]]
-            lines.append("| " + " | ".join([value, *ours, *theirs]) + " |")
+            shown = f"{float(value):.1f}" if test == "intensity" else f"{float(value):g}"
+            lines.append("| " + " | ".join([shown, *ours, *theirs]) + " |")
         lines.append("")
     timing = ["| model | train s | epochs (best) | score s |", "|---|---|---|---|"]
     for name, result in report["models"].items():

@@ -79,23 +79,31 @@ def test_disk_size_at_2mm(small_atlas_path):
     assert np.all(volume[lesion] == 5.0) and not (lesion & ~mask).any()
 
 
-def test_placement_is_deterministic_for_a_seed(brain):
-    _, mask, spacing = brain
-    first = place_disk(mask, spacing, 10.0, 50, seed=7)
-    assert place_disk(mask, spacing, 10.0, 50, seed=7) == first
-    others = {place_disk(mask, spacing, 10.0, 50, seed=s) for s in range(4)}
+@pytest.fixture(scope="module")
+def small_brain(small_atlas_path):
+    """The SRI24 brain at 2 mm (mask: brain > 0) for the cheaper placement tests."""
+    small = read_image(small_atlas_path)
+    image = sitk.GetArrayFromImage(small).astype(np.float32)
+    return image, image > 0, tuple(float(s) for s in small.GetSpacing()[::-1])
+
+
+def test_placement_is_deterministic_for_a_seed(small_brain):
+    _, mask, spacing = small_brain
+    first = place_disk(mask, spacing, 10.0, 25, seed=7)
+    assert place_disk(mask, spacing, 10.0, 25, seed=7) == first
+    others = {place_disk(mask, spacing, 10.0, 25, seed=s) for s in range(4)}
     assert len(others) > 1  # the seed does move the disk
-    assert first.inside_fraction == 1.0  # a 10 mm, 50-slice cylinder fits wholly in a brain
+    assert first.inside_fraction == 1.0  # a 10 mm, 50 mm tall cylinder fits wholly in a brain
 
 
-def test_resize_keeps_the_position(brain):
-    image, mask, spacing = brain
-    base = place_disk(mask, spacing, 10.0, 50, seed=2)
-    small = resize_disk(base, 3.0, spacing[1:])
+def test_resize_keeps_the_position(small_brain):
+    image, mask, spacing = small_brain
+    base = place_disk(mask, spacing, 10.0, 25, seed=2)  # 5 voxels across at 2 mm
+    small = resize_disk(base, 6.0, spacing[1:])  # 3 voxels across
     _, big_lesion = insert_disk(image, mask, base, 1.0, spacing)
     _, small_lesion = insert_disk(image, mask, small, 1.0, spacing)
-    assert small_lesion.sum() == 50 * 9
-    assert not (small_lesion & ~big_lesion).any()  # the 3 mm disk sits inside the 10 mm one
+    assert small_lesion.sum() == 25 * 9
+    assert not (small_lesion & ~big_lesion).any()  # the 6 mm disk sits inside the 10 mm one
     assert (small.first_slice, small.n_slices) == (base.first_slice, base.n_slices)
 
 
@@ -110,8 +118,8 @@ def test_paper_scale_maps_tissue_anchors(brain):
     assert np.all(np.diff(mapped) > 0) and mapped[-1] > 1.5 * anchors.white_matter
 
 
-def test_bad_requests_are_refused(brain):
-    image, mask, spacing = brain
+def test_bad_requests_are_refused(small_brain):
+    image, mask, spacing = small_brain
     with pytest.raises(UadctError, match="diameter"):
         disk_offsets(0.0, (1.0, 1.0))
     with pytest.raises(UadctError, match="slices"):
