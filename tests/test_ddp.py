@@ -30,11 +30,11 @@ class LinearAutoencoder(AnomalyModel):
         self.encode = nn.Linear(voxels, 8)
         self.decode = nn.Linear(8, voxels)
 
-    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         flat = patches.flatten(1)
         return {"loss": (self.decode(self.encode(flat)) - flat).square().mean()}
 
-    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def score_patches(self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         flat = patches.flatten(1)
         return {"voxel": (self.decode(self.encode(flat)) - flat).square().view_as(patches)[:, 0]}
 

@@ -62,7 +62,7 @@ class _TwoOutputs(torch.nn.Module):
     name = "two"
     outputs = ("scalar", "voxel")
 
-    def score_patches(self, patches, masks=None):
+    def score_patches(self, patches, masks=None, positions=None):
         return {"voxel": patches[:, 0] * 2, "scalar": patches.flatten(1).mean(1)}
 
 

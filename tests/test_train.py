@@ -324,7 +324,7 @@ def test_position_conditioned_models_get_patch_centres_in_every_hook(prep, tmp_p
         def fit_statistics(self, patches, masks, positions=None):
             seen["statistics"].append(positions)
 
-        def score_patches(self, patches, masks=None):
+        def score_patches(self, patches, masks=None, positions=None):
             return {"scalar": patches.mean(dim=(1, 2, 3))}
 
     try:
