@@ -160,6 +160,10 @@ def test_bids_in_bids_derivative_out(small_atlas_path, tmp_path):
     prepared = load_prepared(anat, sequence="FLAIR")
     assert prepared.subject == "sub-01_ses-1" and same_grid(prepared.image, read_image(anat / prepared.sidecar["files"]["mask"]))
     assert list(deriv.glob("**/.*tmp")) == []
+    # `uadct score model.pt deriv/ -o maps/` finds the BIDS subjects and names maps after them
+    from uadct.cli import _collect_score_inputs, _subject_name
+
+    assert _collect_score_inputs([str(deriv)]) == [anat] and _subject_name(anat) == "sub-01_ses-1"
 
 
 def test_bids_participant_that_does_not_exist_is_an_input_error(small_atlas_path, tmp_path):

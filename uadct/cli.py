@@ -472,22 +472,22 @@ def _parse_batch_size(text: str) -> int | None:
 
 def _subject_name(path: Path) -> str:
     from uadct.io import strip_nifti_suffix
+    from uadct.preprocess.pipeline import prepared_name
 
-    return path.name if path.is_dir() else strip_nifti_suffix(path)
+    return prepared_name(path) if path.is_dir() else strip_nifti_suffix(path)
 
 
 def _collect_score_inputs(inputs: list[str]) -> list[Path]:
     from uadct.io import list_niftis
-    from uadct.preprocess.pipeline import SIDECAR
+    from uadct.preprocess.pipeline import SIDECAR, find_prepared
 
     paths: list[Path] = []
     for item in inputs:
         if item == "-":
             paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
         elif Path(item).is_dir() and not (Path(item) / SIDECAR).is_file():
-            folder = Path(item)
-            prepared = sorted(p for p in folder.iterdir() if (p / SIDECAR).is_file())
-            paths += prepared or list_niftis(folder)
+            folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans in it
+            paths += find_prepared(folder) or list_niftis(folder)
         else:
             paths.append(Path(item))
     if not paths:

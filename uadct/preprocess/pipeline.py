@@ -490,6 +490,15 @@ def find_prepared(prep_dir: str | Path) -> list[Path]:
     return sorted(set(found))
 
 
+def prepared_name(folder: str | Path) -> str:
+    """A prepared folder's id: ``prep/sub-01`` -> ``sub-01``; BIDS ``sub-01/ses-2/anat`` -> ``sub-01_ses-2``."""
+    folder = Path(folder)
+    if folder.name != "anat":
+        return folder.name
+    parts = [part for part in folder.parent.parts if part.startswith(("sub-", "ses-"))]
+    return "_".join(parts[-2:] if len(parts) >= 2 and parts[-1].startswith("ses-") else parts[-1:]) or folder.parent.name
+
+
 @dataclass
 class SubjectRecord:
     """What happened to one subject of a batch: status ``done``, ``skipped`` or ``failed``."""
