@@ -301,6 +301,7 @@ def test_position_conditioned_models_get_patch_centres_in_every_hook(prep, tmp_p
     class PositionProbe(AnomalyModel):
         name = "test-position-probe"
         uses_positions = True
+        outputs = ("scalar",)
 
         def __init__(self, config):
             super().__init__(config)
@@ -333,6 +334,8 @@ def test_position_conditioned_models_get_patch_centres_in_every_hook(prep, tmp_p
         from uadct.models.base import MODEL_REGISTRY
 
         MODEL_REGISTRY.pop("test-position-probe", None)
+    probe = seen["train"].pop(0)  # the memory check's one step on a copy of the model, with 4 patches
+    assert probe.shape == (4, 3)
     assert len(seen["train"]) == 4 and len(seen["validation"]) == 2 and len(seen["statistics"]) == 1
     for positions, rows in [(seen["train"][0], 16), (seen["validation"][0], 16), (seen["statistics"][0], 64)]:
         assert positions.shape == (rows, 3) and positions.dtype == torch.float32
