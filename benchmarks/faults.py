@@ -94,20 +94,11 @@ def weights_difference(reference: Path, other: Path) -> float:
 
 
 def two_mm_template(path: Path) -> Path:
-    from uadct.atlas import fetch_atlas, load_atlas
+    from uadct.atlas import coarse_brain_template, fetch_atlas, load_atlas
     from uadct.io import write_image
 
     fetch_atlas("sri24")
-    atlas = load_atlas("sri24")
-    reference = atlas.brain
-    size = [int(round(s * sp / 2.0)) for s, sp in zip(reference.GetSize(), reference.GetSpacing())]
-    grid = sitk.Image(size, sitk.sitkFloat32)
-    grid.SetSpacing((2.0, 2.0, 2.0))
-    grid.SetOrigin(reference.GetOrigin())
-    grid.SetDirection(reference.GetDirection())
-    small = sitk.Resample(sitk.SmoothingRecursiveGaussian(reference, 0.8), grid, sitk.Transform(), sitk.sitkLinear, 0.0)
-    mask = sitk.Resample(atlas.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    write_image(sitk.Mask(small, mask), path)
+    write_image(coarse_brain_template(load_atlas("sri24"), 2.0), path)
     return path
 
 

@@ -21,17 +21,10 @@ def atlas():
 @pytest.fixture(scope="session")
 def small_atlas_path(atlas, tmp_path_factory) -> Path:
     """The skull-stripped SRI24 brain resampled to 2 mm (a user template for fast tests)."""
+    from uadct.atlas import coarse_brain_template
     from uadct.io import write_image
 
-    reference = atlas.brain
-    size = [int(round(s * sp / 2.0)) for s, sp in zip(reference.GetSize(), reference.GetSpacing())]
-    grid = sitk.Image(size, sitk.sitkFloat32)
-    grid.SetSpacing((2.0, 2.0, 2.0))
-    grid.SetOrigin(reference.GetOrigin())
-    grid.SetDirection(reference.GetDirection())
-    smoothed = sitk.SmoothingRecursiveGaussian(reference, 0.8)
-    small = sitk.Resample(smoothed, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    masked = sitk.Mask(small, sitk.Resample(atlas.mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    masked = coarse_brain_template(atlas, 2.0)
     path = tmp_path_factory.mktemp("atlas") / "sri24_2mm.nii.gz"
     write_image(masked, path)
     return path

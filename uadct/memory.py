@@ -106,6 +106,25 @@ def default_budget(device: "torch.device") -> int:
     return int(available_memory(device) * share)
 
 
+class _ActivationCounter:
+    """Forward hooks on every submodule of a model that add up the bytes of their outputs."""
+
+    def __init__(self, model: "torch.nn.Module") -> None:
+        self.total = 0
+        self._hooks = [module.register_forward_hook(self._count) for module in model.modules() if module is not model]
+
+    def _count(self, _module, _inputs, output) -> None:
+        import torch
+
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                self.total += tensor.numel() * tensor.element_size()
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
 def inference_bytes_per_patch(model: "torch.nn.Module", patch_shape: tuple[int, ...], device: "torch.device",
                               score: "Callable[[torch.Tensor], object] | None" = None, probe: int = 4) -> int:
     """Bytes one patch costs in a forward pass: input + every module output, per patch.
@@ -115,22 +134,14 @@ def inference_bytes_per_patch(model: "torch.nn.Module", patch_shape: tuple[int, 
     """
     import torch
 
-    total = 0
-
-    def count(_module, _inputs, output) -> None:
-        nonlocal total
-        for tensor in output if isinstance(output, (tuple, list)) else (output,):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-
-    hooks = [module.register_forward_hook(count) for module in model.modules() if module is not model]
+    counter = _ActivationCounter(model)
     try:
         with torch.inference_mode():
             batch = torch.zeros((probe,) + tuple(patch_shape), device=device)
             outputs = (score or model.score_patches)(batch)
     finally:
-        for hook in hooks:
-            hook.remove()
+        counter.remove()
+    total = counter.total
     if isinstance(outputs, dict):
         total += sum(v.numel() * v.element_size() for v in outputs.values() if isinstance(v, torch.Tensor))
     total += batch.numel() * batch.element_size()
@@ -151,25 +162,17 @@ def training_memory(model: "torch.nn.Module", patch_shape: tuple[int, ...], devi
 
     import torch
 
-    total = 0
-
-    def count(_module, _inputs, output) -> None:
-        nonlocal total
-        for tensor in output if isinstance(output, (tuple, list)) else (output,):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         trial = copy.deepcopy(model).to(device).train()
         optimizers = trial.configure_optimizers(learning_rate)
-        hooks = [module.register_forward_hook(count) for module in trial.modules() if module is not trial]
+        counter = _ActivationCounter(trial)
         try:
             batch = torch.rand((probe,) + tuple(patch_shape), device=device)
             trial.training_step(batch, torch.ones_like(batch), optimizers, **(extra or {}))
         finally:
-            for hook in hooks:
-                hook.remove()
+            counter.remove()
+    total = counter.total
     states = sum(t.numel() * t.element_size() for o in optimizers.values() for state in o.state.values()
                  for t in state.values() if isinstance(t, torch.Tensor))
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in trial.parameters() if p.grad is not None)
