@@ -81,6 +81,9 @@ SMALL = {"healthy": 6, "test_subjects": 1, "patch_size": 16, "epochs": 8, "patie
 FULL = {"healthy": 40, "test_subjects": 3, "patch_size": 32, "epochs": 200, "patience": 10, "patches_per_epoch": 32768,
         "validation_patches": 4096, "statistics_patches": 8192}
 GAN_PHASE_SHARE = 0.5  # models with a `gan_steps` field spend this share of the step budget on the GAN phase
+SMALL_WIDTH = 16  # small settings: models with `base_channels` (the GANs) at a quarter of their width
+GROWING_EPOCHS_FACTOR = 4  # growing models (a `fade_patches` field) get this many times the epochs ...
+FADE_EPOCHS = 2  # ... and fade a new resolution in over this many epochs
 
 log = logging.getLogger("detection")
 
@@ -129,11 +132,21 @@ def model_options_for(name: str, options: argparse.Namespace, extra: dict[str, d
     """Config overrides for one model: a GAN phase sized to the step budget, then the user's."""
     fields = {f for f in model_class(name).Config.__dataclass_fields__}
     result: dict[str, Any] = {}
+    if not options.full and "base_channels" in fields:
+        result["base_channels"] = SMALL_WIDTH
+    if "fade_patches" in fields:
+        result["fade_patches"] = FADE_EPOCHS * options.patches_per_epoch
     if "gan_steps" in fields:
         total_steps = options.epochs * max(1, options.patches_per_epoch // 128)
         result["gan_steps"] = int(GAN_PHASE_SHARE * total_steps)
     result.update(extra.get(name, {}))
     return result
+
+
+def epochs_for(name: str, options: argparse.Namespace) -> int:
+    """The epoch limit: growing models need room for a plateau per resolution and the fade-ins."""
+    growing = "fade_patches" in model_class(name).Config.__dataclass_fields__
+    return options.epochs * GROWING_EPOCHS_FACTOR if growing else options.epochs
 
 
 def prepare_cohort(options: argparse.Namespace, work: Path) -> tuple[Path, list[Path]]:
@@ -252,7 +265,7 @@ def run(options: argparse.Namespace, on_model_done: Callable[[dict[str, Any]], N
     for name in models:
         checkpoint_path = work / "models" / f"{name}.pt"
         config = TrainConfig(
-            model=name, patch_size=options.patch_size, max_epochs=options.epochs, patience=options.patience,
+            model=name, patch_size=options.patch_size, max_epochs=epochs_for(name, options), patience=options.patience,
             patches_per_epoch=options.patches_per_epoch, validation_patches=options.validation_patches,
             statistics_patches=options.statistics_patches, seed=options.seed, device=options.device,
             model_options=model_options_for(name, options, extra_options),
