@@ -22,6 +22,7 @@ import torch
 
 from uadct.atlas import load_atlas
 from uadct.checkpoint import Checkpoint, load_checkpoint
+from uadct.dicom import is_dicom_folder
 from uadct.errors import CheckpointError, InputError, UadctError
 from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, write_image, write_json, write_text
 from uadct.locks import output_lock, remove_stale_temporaries
@@ -265,7 +266,7 @@ def score_scan(
     settings = score_settings(checkpoint, stride, gaussian_sigma, output_kind, mood)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    if subject.is_dir():
+    if subject.is_dir() and not is_dicom_folder(subject):  # a DICOM series folder is a raw scan
         if not (subject / SIDECAR).is_file():
             raise InputError(f"{subject}: a folder must be a prepared subject (with {SIDECAR})")
         prepared = load_prepared(subject)
