@@ -1,0 +1,89 @@
+"""Help that can be read at 80 columns and in logs; --version; summary tables that never cut subject ids."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from rich.console import Console
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from uadct import __version__, cli
+from uadct.cli import app
+
+
+def _commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """Every command and sub-command of a (Typer's own click) group, with its name path."""
+    found = []
+    for name, command in sorted(group.commands.items()):
+        found.append((prefix + (name,), command))
+        if hasattr(command, "commands"):
+            found += _commands(command, prefix + (name,))
+    return found
+
+
+COMMANDS = _commands(get_command(app))
+
+
+def _squeeze(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+@pytest.mark.parametrize("path, command", COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_help_is_whole_at_80_columns(path, command):
+    """Every option name appears whole, every help text appears in full (only wrapped), no line over 80."""
+    result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": None})
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    words = set(re.findall(r"(?<![\w-])-{1,2}[\w-]+", text))
+    for param in command.params:
+        for name in [*param.opts, *param.secondary_opts]:
+            if name.startswith("-"):
+                assert name in words, f"{' '.join(path)}: {name} missing or cut"
+        if getattr(param, "help", None):
+            assert _squeeze(param.help) in _squeeze(text), f"{' '.join(path)}: help of {param.name} cut"
+
+
+def test_group_help_lists_every_command_uncut():
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    for path, command in COMMANDS:
+        if len(path) == 1:
+            summary = command.short_help or command.help.split(".")[0]
+            assert summary.strip().rstrip(".") in result.output, path
+    assert "..." not in result.output.replace("[ARGS]...", "")
+    assert "--install-completion" in result.output
+
+
+def test_help_in_a_log_and_version():
+    """Not a TTY and no COLUMNS (a SLURM log): the same whole help; --version answers."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    done = subprocess.run([sys.executable, "-m", "uadct", "train", "--help"], capture_output=True, text=True, env=env, check=True)
+    for name in ("--patches-per-epoch", "--validation-patches", "--exclude-labels", "--max-memory"):
+        assert name in done.stdout
+    assert "Model name (see `uadct models`)." in done.stdout
+    version = subprocess.run([sys.executable, "-m", "uadct", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == f"uadct {__version__}"
+
+
+def test_subject_ids_never_cut_in_an_80_column_log(monkeypatch):
+    """Long BIDS ids in the preprocess summary at 80 columns: whole on one line each."""
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli, "out", Console(file=buffer, width=80, force_terminal=False))
+    ids = [f"sub-{i:02d}_ses-baseline_acq-mprage_run-01" for i in range(3)]
+    rows = [{"subject": name, "input": f"/data/{name}.nii.gz", "status": "failed" if i == 1 else "done", "seconds": 12.3,
+             "mask_dice": 0.91, "ncc": 0.8, "error": f"/data/{name}.nii.gz: broken gzip stream" if i == 1 else None,
+             "warnings": ["registration Dice 0.75 below 0.8"] if i == 2 else []} for i, name in enumerate(ids)]
+    cli._print_preprocess_summary(rows, cli.Path("prep"))
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for name in ids:
+        assert any(name in line for line in lines), name
+    assert any("failed" in line and ids[1] in line for line in lines)  # the status is not cut either
