@@ -125,7 +125,7 @@ def data_fetch(
     archive = dataset_archive(dataset, modality, url=url, md5=md5)
     console.print(f"licence: {archive.licence}", highlight=False)
     console.print(f"source: {archive.url} (MD5 {archive.md5 or 'not checked'})", highlight=False, soft_wrap=True)
-    _announce(output / archive.dataset / archive.modality)
+    console.print(f"output: {output / archive.dataset / archive.modality}", highlight=False, soft_wrap=True)
     bar = Progress(TextColumn("[bold]download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                    console=console, disable=not console.is_terminal)
     with bar:
@@ -150,7 +150,7 @@ def demo(
     from uadct.default_outputs import demo_output
     from uadct.demo import generate_cohort
 
-    output = _announce(output or demo_output())
+    output = output or _announce(demo_output())
     with _progress() as bar:
         task = bar.add_task("demo cohort", total=healthy + test, info="")
         cohort = generate_cohort(output, healthy, test, seed=seed, voxel_scale=voxel_scale,
@@ -198,7 +198,7 @@ def _select_series(series_uid: Optional[str]) -> None:
 
 
 def _announce(output: Path) -> Path:
-    """Say where the outputs go before any work starts (stderr, so --json output stays clean)."""
+    """Say where a default output goes before any work starts (stderr, so --json output stays clean)."""
     console.print(f"output: {output}", highlight=False, soft_wrap=True)
     return output
 
@@ -255,7 +255,7 @@ def preprocess(
 
     _select_series(series_uid)
     names = parse_sequences(sequences)
-    output = _announce(output or preprocess_output(inputs))
+    output = output or _announce(preprocess_output(inputs))
     participants = [label for item in participant_label or [] for label in item.replace(",", " ").split()]
     if reference is not None and not names:
         raise InputError("--reference needs --sequences")
@@ -379,7 +379,7 @@ def train(
 
     if dims not in (2, 3):
         raise InputError(f"--dims must be 2 or 3, got {dims}")
-    output = _announce(output or train_output(model))
+    output = output or _announce(train_output(model))
     budget = parse_memory(max_memory) if max_memory else None
     augmentations = tuple(a.strip() for a in augment.split(",") if a.strip() and a.strip() != "none")
     config = TrainConfig(model=model, patch_size=patch_size, dims=dims, batch_size=batch_size, learning_rate=learning_rate,
@@ -473,7 +473,7 @@ def score(
     budget = parse_memory(max_memory) if max_memory else None
     checkpoint = load_checkpoint(model)
     collected = _collect_score_inputs(inputs)
-    output = _announce(output or score_output(inputs, collected))
+    output = output or _announce(score_output(inputs, collected))
     paths = select_shard(collected, resolve_shard(shard), key=_subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
@@ -484,7 +484,7 @@ def score(
     failures: list[str] = []
     busy: list[str] = []
     records: list[dict[str, Any]] = []
-    table = Table(_id_column(), "map", "image score", "seconds", title=f"score with {model.name}")
+    table = Table(_id_column(), Column("map", overflow="fold"), "image score", "seconds", title=f"score with {model.name}")
     with _progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
         for path in paths:
@@ -589,7 +589,7 @@ def heatmap(
     from uadct.default_outputs import heatmap_output
     from uadct.report import render_heatmap, render_html
 
-    output = _announce(output or heatmap_output(anomaly_map, as_html))
+    output = output or _announce(heatmap_output(anomaly_map, as_html))
     if not as_html:
         path = render_heatmap(subject, anomaly_map, output, label=label, n_slices=slices, threshold=threshold,
                               unit=unit, resample=resample)
@@ -636,7 +636,7 @@ def evaluate(
     from uadct.default_outputs import evaluate_output
     from uadct.evaluate import EvaluationOptions, evaluate_folder, fpr_key
 
-    output = _announce(output or evaluate_output(maps))
+    output = output or _announce(evaluate_output(maps))
     try:
         fprs = tuple(float(item) for item in fpr.split(",") if item.strip())
     except ValueError:

@@ -24,6 +24,7 @@ from uadct.errors import InputError
 
 SERIES_UID_ENV = "UADCT_DICOM_SERIES_UID"
 DICOM_PREAMBLE_BYTES = 128
+NOT_DICOM_SUFFIXES = (".nii", ".nii.gz", ".json", ".tfm", ".txt", ".npy", ".png", ".csv", ".md")  # skipped unread
 SPACING_TOLERANCE = 0.1  # a gap more than 10 % off the median slice spacing is a missing slice
 TAGS = {
     "series_uid": "0020|000e",
@@ -64,7 +65,10 @@ def _is_dicom_file(path: Path) -> bool:
 def is_dicom_folder(path: str | Path) -> bool:
     """True when ``path`` is a folder holding at least one DICOM file (the ``DICM`` marker)."""
     path = Path(path)
-    return path.is_dir() and any(p.is_file() and _is_dicom_file(p) for p in path.iterdir())
+    if not path.is_dir():
+        return False
+    candidates = (p for p in path.iterdir() if not p.name.endswith(NOT_DICOM_SUFFIXES) and p.is_file())
+    return any(_is_dicom_file(p) for p in candidates)
 
 
 def _tag(reader: sitk.ImageFileReader, key: str) -> str:
