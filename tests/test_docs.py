@@ -35,7 +35,7 @@ def test_every_command_and_option_is_documented(path, command):
     """docs/commands/<command>.md exists, names the full command and every option of it."""
     page = DOCS / "commands" / f"{path[0]}.md"
     assert page.is_file(), f"no page {page.relative_to(ROOT)} for `uadct {' '.join(path)}`"
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     assert f"uadct {' '.join(path)}" in text
     for param in command.params:
         for name in [*param.opts, *param.secondary_opts]:
@@ -51,7 +51,7 @@ def _slug(heading: str) -> str:
 
 
 def _anchors(page: Path) -> set[str]:
-    return {_slug(line.lstrip("#")) for line in page.read_text().splitlines() if re.match(r"#{1,6}\s", line)}
+    return {_slug(line.lstrip("#")) for line in page.read_text(encoding="utf-8").splitlines() if re.match(r"#{1,6}\s", line)}
 
 
 def _strip_code(text: str) -> str:
@@ -61,7 +61,7 @@ def _strip_code(text: str) -> str:
 
 @pytest.mark.parametrize("page", [*PAGES, ROOT / "README.md"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_internal_links_resolve(page):
-    for target in LINK.findall(_strip_code(page.read_text())):
+    for target in LINK.findall(_strip_code(page.read_text(encoding="utf-8"))):
         if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
             continue
         file_part, _, anchor = target.partition("#")
@@ -73,9 +73,9 @@ def test_internal_links_resolve(page):
 
 def test_mkdocs_config_lists_every_page():
     """No explicit nav (pages others add appear by themselves), the material theme, `make docs`."""
-    config = (ROOT / "mkdocs.yml").read_text()
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     assert re.search(r"^theme:\s*\n\s+name:\s*material", config, flags=re.M)
     assert not re.search(r"^nav:", config, flags=re.M)
-    assert "docs:" in (ROOT / "Makefile").read_text()
-    assert re.search(r"^docs = \[.*mkdocs.*mkdocs-material", (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    assert "docs:" in (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^docs = \[.*mkdocs.*mkdocs-material", (ROOT / "pyproject.toml").read_text(encoding="utf-8"), flags=re.M)
     assert (DOCS / "index.md").is_file() and len(PAGES) >= 10
