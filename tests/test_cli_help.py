@@ -73,17 +73,44 @@ def test_help_in_a_log_and_version():
     assert version.stdout.strip() == f"uadct {__version__}"
 
 
-def test_subject_ids_never_cut_in_an_80_column_log(monkeypatch):
-    """Long BIDS ids in the preprocess summary at 80 columns: whole on one line each."""
+def _log(monkeypatch) -> io.StringIO:
     buffer = io.StringIO()
     monkeypatch.setattr(cli, "out", Console(file=buffer, width=80, force_terminal=False))
-    ids = [f"sub-{i:02d}_ses-baseline_acq-mprage_run-01" for i in range(3)]
+    return buffer
+
+
+@pytest.mark.parametrize("id_length", [8, 26, 37])
+def test_subject_ids_never_cut_in_an_80_column_log(monkeypatch, id_length):
+    """The preprocess summary at 80 columns: every id whole on one line, no cell cut."""
+    buffer = _log(monkeypatch)
+    ids = [f"sub-{i:02d}_ses-baseline_acq-mprage_run-01"[:id_length] for i in range(3)]
     rows = [{"subject": name, "input": f"/data/{name}.nii.gz", "status": "failed" if i == 1 else "done", "seconds": 12.3,
              "mask_dice": 0.91, "ncc": 0.8, "error": f"/data/{name}.nii.gz: broken gzip stream" if i == 1 else None,
              "warnings": ["registration Dice 0.75 below 0.8"] if i == 2 else []} for i, name in enumerate(ids)]
     cli._print_preprocess_summary(rows, cli.Path("prep"))
-    lines = buffer.getvalue().splitlines()
-    assert max(len(line) for line in lines) <= 80
-    for name in ids:
-        assert any(name in line for line in lines), name
-    assert any("failed" in line and ids[1] in line for line in lines)  # the status is not cut either
+    text = buffer.getvalue()
+    assert "…" not in text
+    for i, name in enumerate(ids):
+        line = next(line for line in text.splitlines() if name in line)
+        assert ("failed" if i == 1 else "done") in line and "0.910" in line
+    if id_length < 30:  # boxed table
+        assert max(len(line) for line in text.splitlines()) <= 80 and "┃ subject" in text
+
+
+@pytest.mark.parametrize("subject", ["sub-01", "sub-01_ses-baseline_run-01"])
+def test_wide_tables_shrink_without_cutting(monkeypatch, subject):
+    """An evaluate-like table of 9 columns: borderless when that fits, else one line per row; nothing cut."""
+    buffer = _log(monkeypatch)
+    table = cli.Table(cli._id_column(), "AUROC", "AUPRC", "best Dice", "Dice@FPR 0.01", "Dice@FPR 0.05", "lesions found",
+                      "FP clusters", "image score", title="evaluation")
+    for name in (subject, "pooled"):
+        table.add_row(name, "0.967", "0.674", "0.671", "0.500", "0.400", "12/12", "3.250", "0.123")
+    cli._print_table(table)
+    text = buffer.getvalue()
+    assert "…" not in text
+    line = next(line for line in text.splitlines() if subject in line)
+    assert all(value in line for value in ("0.967", "0.674", "0.671", "0.500", "0.400", "12/12", "3.250", "0.123"))
+    if subject == "sub-01":
+        assert max(len(line) for line in text.splitlines()) <= 80 and "Dice@FPR" in text
+    else:
+        assert "best Dice: 0.671" in line

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
@@ -333,7 +334,7 @@ def _print_preprocess_summary(rows: list[dict[str, Any]], output: Path) -> None:
             style = "red" if row["status"] == "failed" else "yellow" if row["warnings"] else None
             detail.add_row(row["subject"], row["status"], f"{row['seconds']:.1f}", _fmt(row["mask_dice"]), _fmt(row["ncc"]),
                            (row["error"] or "").removeprefix(f"{row['input']}: ") or "; ".join(row["warnings"]), style=style)
-        out.print(detail)
+        _print_table(detail)
     for row in rows:
         if row["status"] == "failed":
             console.print(Text("failed: ", style="red") + Text(row["error"]), highlight=False, soft_wrap=True)
@@ -523,7 +524,7 @@ def score(
     if as_json:
         print(json.dumps(records, indent=2))
     else:
-        out.print(table)
+        _print_table(table)
     for message in busy:
         console.print(f"[yellow]skipped[/yellow] {message}")
     for failure in failures:
@@ -663,7 +664,7 @@ def evaluate(
                       *(_fmt(row.get(fpr_key("dice", f))) for f in fprs), f"{row['n_detected']}/{row['n_lesions']}",
                       _fmt(row["n_fp_clusters"]) if row["subject"] == "pooled" else str(row["n_fp_clusters"]),
                       _fmt(row.get("image_score")), style="bold" if row["subject"] == "pooled" else None)
-    out.print(table)
+    _print_table(table)
     image = result.pooled["image_level"]
     out.print(f"image level ({image['unit']}s): AUROC {_fmt(image['auroc'])}, F1 {_fmt(image['f1'])} at threshold {_fmt(image['threshold'])} "
               f"({image['threshold_source']})", highlight=False)
@@ -678,6 +679,43 @@ def evaluate(
 def _id_column() -> Column:
     """The subject column of summary tables: never cut or wrapped (the other columns shrink instead)."""
     return Column("subject", no_wrap=True)
+
+
+def _print_table(table: Table) -> None:
+    """Print a summary table without cutting a cell, at any console width (80 in logs).
+
+    As it is when it fits; else with columns sized so that no word is cut (headers and texts
+    wrap between words), boxed or, if only that fits, borderless; else one line per row
+    (``header: value`` pairs, long lines left whole for the terminal or the log to wrap).
+    """
+    cells = [[str(cell) for cell in column.cells] for column in table.columns]
+    texts = [[str(column.header), *column_cells] for column, column_cells in zip(table.columns, cells)]
+    natural = [max(len(text) for text in column_texts) for column_texts in texts]
+    needed = [natural[i] if column.no_wrap else max(len(word) for text in texts[i] for word in text.split() or [""]) or 1
+              for i, column in enumerate(table.columns)]
+    count = len(table.columns)
+    if sum(natural) + 3 * count + 1 <= out.width:
+        out.print(table)
+        return
+    for extra, compact in ((3 * count + 1, False), (2 * (count - 1), True)):
+        if sum(needed) + extra <= out.width:
+            widths = list(needed)
+            for _ in range(out.width - extra - sum(widths)):  # spare room to the columns that wrap most
+                deficit, index = max((natural[i] - widths[i], i) for i in range(count))
+                if deficit <= 0:
+                    break
+                widths[index] += 1
+            for column, width in zip(table.columns, widths):
+                column.width = width
+            if compact:
+                table.box, table.show_edge, table.pad_edge, table.collapse_padding = box.SIMPLE_HEAD, False, False, True
+            out.print(table)
+            return
+    if table.title:
+        out.print(str(table.title), highlight=False)
+    headers = [" ".join(str(column.header).split()) for column in table.columns]
+    for row in zip(*cells):
+        out.print("  ".join(f"{name}: {value}" for name, value in zip(headers, row) if value), highlight=False, soft_wrap=True)
 
 
 def _fmt(value: Any) -> str:
