@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from uadct import default_outputs as rules
@@ -43,18 +42,7 @@ def test_rules(tmp_path, monkeypatch):
     assert rules.score_output(["a.nii.gz"], [Path("a.nii.gz")]) != Path("a.nii.gz")
 
 
-@pytest.fixture(scope="module")
-def healthy_model(atlas_grid_subjects, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    _, prep = atlas_grid_subjects(root, ["h0", "h1"])
-    model = root / "threshold.pt"
-    done = CliRunner().invoke(app, ["train", str(prep), "-o", str(model), "--model", "threshold",
-                                    "--validation-patches", "64", "--patches-per-epoch", "256"])
-    assert done.exit_code == 0, done.output
-    return model
-
-
-def test_preprocess_and_score_without_output(small_atlas_path, atlas_grid_subjects, healthy_model, tmp_path, monkeypatch):
+def test_preprocess_and_score_without_output(small_atlas_path, atlas_grid_subjects, threshold_model, tmp_path, monkeypatch):
     raw, _ = atlas_grid_subjects(tmp_path, ["s1", "s2"], prepare=False)
     before = _files(raw)
     runner = CliRunner()
@@ -75,14 +63,14 @@ def test_preprocess_and_score_without_output(small_atlas_path, atlas_grid_subjec
     assert list((derivative / "sub-01" / "anat").glob("sub-01_*desc-preproc_T1w.nii.gz"))
 
     monkeypatch.chdir(tmp_path)
-    one = runner.invoke(app, ["score", str(healthy_model), str(raw / "s1.nii.gz"), "--batch-size", "4096"])
+    one = runner.invoke(app, ["score", str(threshold_model), str(raw / "s1.nii.gz"), "--batch-size", "4096"])
     assert one.exit_code == 0, one.output
     assert (tmp_path / "s1_anomaly.nii.gz").is_file() and (tmp_path / "s1_anomaly.json").is_file()
-    many = runner.invoke(app, ["score", str(healthy_model), str(raw), "--batch-size", "4096", "--json"])
+    many = runner.invoke(app, ["score", str(threshold_model), str(raw), "--batch-size", "4096", "--json"])
     assert many.exit_code == 0, many.output
     assert sorted(p.name for p in (tmp_path / "raw-maps").glob("*.nii.gz")) == ["s1.nii.gz", "s2.nii.gz"]
     assert _files(raw) == before  # the inputs were never touched
     # the usage lines of before keep working
-    explicit = runner.invoke(app, ["score", str(healthy_model), str(raw / "s2.nii.gz"), "-o", str(tmp_path / "m.nii.gz"),
+    explicit = runner.invoke(app, ["score", str(threshold_model), str(raw / "s2.nii.gz"), "-o", str(tmp_path / "m.nii.gz"),
                                    "--batch-size", "4096"])
     assert explicit.exit_code == 0 and (tmp_path / "m.nii.gz").is_file()

@@ -95,7 +95,7 @@ def test_broken_series_refused_in_one_line(head, tmp_path, breakage, expected):
     assert "\n" not in str(error.value)
 
 
-def test_preprocess_and_score_a_dicom_folder(small_atlas_path, atlas_grid_subjects, tmp_path, monkeypatch):
+def test_preprocess_and_score_a_dicom_folder(small_atlas_path, threshold_model, tmp_path, monkeypatch):
     """`uadct preprocess dicom/` and `uadct score model.pt dicom/`: the map is NIfTI on the series' grid."""
     template = read_image(small_atlas_path)
     scan = sitk.Cast(sitk.Round(template * 1000.0), sitk.sitkInt16)
@@ -113,12 +113,8 @@ def test_preprocess_and_score_a_dicom_folder(small_atlas_path, atlas_grid_subjec
     prepared = read_image(prep / "patient01" / "image.nii.gz")
     assert prepared.GetSize() == template.GetSize()
 
-    _, healthy = atlas_grid_subjects(tmp_path / "healthy", ["h0", "h1"])
-    model = tmp_path / "threshold.pt"
-    trained = runner.invoke(app, ["train", str(healthy), "-o", str(model), "--model", "threshold", "--validation-patches", "64", "--patches-per-epoch", "256"])
-    assert trained.exit_code == 0, trained.output
     monkeypatch.chdir(tmp_path)
-    scored = runner.invoke(app, ["score", str(model), str(series), "--batch-size", "4096"])
+    scored = runner.invoke(app, ["score", str(threshold_model), str(series), "--batch-size", "4096"])
     assert scored.exit_code == 0, scored.output
     anomaly_map = read_image(tmp_path / "patient01_anomaly.nii.gz", allow_empty=True)
     _same_grid(anomaly_map, dicom_image)
