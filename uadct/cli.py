@@ -118,7 +118,9 @@ def demo(
 ) -> None:
     """Generate a demo cohort from the SRI24 head T1: healthy scans, and test scans with lesion masks."""
     from uadct.demo import generate_cohort
+    from uadct.outputs import check_output_folder
 
+    check_output_folder(output)
     with _progress() as bar:
         task = bar.add_task("demo cohort", total=healthy + test, info="")
         cohort = generate_cohort(output, healthy, test, seed=seed, voxel_scale=voxel_scale,
@@ -185,6 +187,8 @@ def preprocess(
     force: bool = typer.Option(False, "--force", help="Redo subjects that are already complete."),
     shard: Optional[str] = typer.Option(None, help="I/N: do only shard I (0-based) of N; default from SLURM array variables."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE",
+                                             help="Memory one scan may take when read, e.g. 8G (default 2G); larger scans are refused from their header."),
 ) -> None:
     """Skull-strip, register to the atlas, normalise and mask every scan."""
     import os
@@ -195,6 +199,11 @@ def preprocess(
     from uadct.outputs import check_output_folder, refuse_shared_names
     from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
 
+    if max_memory:  # workers inherit it
+        from uadct.io import MAX_IMAGE_MEMORY_ENV
+        from uadct.memory import parse_memory
+
+        os.environ[MAX_IMAGE_MEMORY_ENV] = str(parse_memory(max_memory))
     names = parse_sequences(sequences)
     participants = [label for item in participant_label or [] for label in item.replace(",", " ").split()]
     if reference is not None and not names:
@@ -600,6 +609,9 @@ def evaluate(
 ) -> None:
     """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
     from uadct.evaluate import EvaluationOptions, evaluate_folder, fpr_key
+    from uadct.outputs import check_output_folder
+
+    check_output_folder(output)
 
     try:
         fprs = tuple(float(item) for item in fpr.split(",") if item.strip())
