@@ -637,7 +637,7 @@ def _image_level(
     else:
         applied, source, optimistic = f1_threshold, "F1-optimal on this set, optimistic", True
     result.update({"threshold": applied, "threshold_source": source, "optimistic": optimistic})
-    if scores.size and np.all(scores == scores.flat[0]):  # a constant score separates nothing
+    if scores.size > 1 and np.all(scores == scores.flat[0]):  # a constant score separates nothing
         result.update({name: math.nan for name in IMAGE_METRIC_FIELDS})
         result.update(threshold=math.nan, f1_optimal_threshold=math.nan,
                       degenerate="every image score is equal: no threshold separates abnormal from normal")

@@ -234,11 +234,11 @@ def _read_nifti_header(path: Path) -> Any:
         raise InputError(f"{path}: complex voxel type {dtype.name} is not supported (expected real intensities)")
     if dtype.kind not in "iufb":
         raise InputError(f"{path}: unsupported voxel type {dtype} (expected real intensities)")
-    check_read_memory(path, tuple(shape), dtype.itemsize, str(dtype))
     if len(shape) >= 3:
         _check_nifti_affines(path, header, shape[:3])
     offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))  # 352 when the header says 0
-    _check_nifti_data_size(path, header, offset + n_voxels * dtype.itemsize)
+    _check_nifti_data_size(path, header, offset + n_voxels * dtype.itemsize)  # streamed, never held
+    check_read_memory(path, tuple(shape), dtype.itemsize, str(dtype))
     return nifti
 
 
