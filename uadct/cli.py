@@ -200,10 +200,9 @@ def preprocess(
     from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
 
     if max_memory:  # workers inherit it
-        from uadct.io import MAX_IMAGE_MEMORY_ENV
         from uadct.memory import parse_memory
 
-        os.environ[MAX_IMAGE_MEMORY_ENV] = str(parse_memory(max_memory))
+        _allow_image_memory(parse_memory(max_memory))
     names = parse_sequences(sequences)
     participants = [label for item in participant_label or [] for label in item.replace(",", " ").split()]
     if reference is not None and not names:
@@ -413,14 +412,12 @@ def score(
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
     from uadct.checkpoint import load_checkpoint
-    from uadct.io import MAX_IMAGE_MEMORY_ENV
     from uadct.memory import parse_memory
     from uadct.scoring import score_if_needed
 
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
-    if budget is not None:  # also the memory one scan may take when read
-        os.environ[MAX_IMAGE_MEMORY_ENV] = str(budget)
+    _allow_image_memory(budget)  # also the memory one scan may take when read
     if mood and str(output).endswith((".nii", ".nii.gz")):
         raise InputError(f"{output}: --mood writes a folder of maps named like the inputs; give a folder, not a NIfTI file name")
     checkpoint = load_checkpoint(model)
@@ -506,6 +503,15 @@ def _check_score_outputs(targets: dict[Path, tuple[Path, Optional[Path]]], outpu
     for folder_or_file in (output, brain_mask_out):
         if folder_or_file is not None:
             (check_output_folder if many else check_output_file)(folder_or_file)
+
+
+def _allow_image_memory(budget: int | None) -> None:
+    """``--max-memory`` raises (never lowers) the memory one scan may take when read, for this
+    process and its workers; :func:`main` restores the previous value when the command ends."""
+    from uadct.io import DEFAULT_MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY_ENV
+
+    if budget is not None and budget > DEFAULT_MAX_IMAGE_BYTES:
+        os.environ[MAX_IMAGE_MEMORY_ENV] = str(budget)
 
 
 def _parse_batch_size(text: str) -> int | None:
@@ -673,6 +679,7 @@ def _fmt(value: Any) -> str:
 
 def main() -> None:
     """Console-script entry point: UadctError -> one line on stderr, exit code 2."""
+    previous_allowance = os.environ.get("UADCT_MAX_IMAGE_MEMORY")
     try:
         app()
     except UadctError as exc:
@@ -682,3 +689,8 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    finally:  # in-process callers (tests, notebooks) get the environment back
+        if previous_allowance is None:
+            os.environ.pop("UADCT_MAX_IMAGE_MEMORY", None)
+        else:
+            os.environ["UADCT_MAX_IMAGE_MEMORY"] = previous_allowance
