@@ -8,7 +8,7 @@ The rules (documented in docs/outputs.md):
 - ``train``: ``<model>.pt`` in the working directory (``cae.pt``).
 - ``score``: one scan ``scan.nii.gz`` (or one DICOM series folder, or one prepared subject) ->
   ``<id>_anomaly.nii.gz`` in the working directory; one folder of scans or prepared subjects
-  ``F`` -> the sibling ``F-maps/``; several inputs or ``-`` -> ``maps/`` in the working directory.
+  ``F`` -> the sibling ``F-maps/``; several inputs, ``-`` or ``--mood`` -> ``maps/`` in the working directory.
 - ``heatmap``: ``<map id>_heatmap.png`` in the working directory; with ``--html``, ``heatmaps.html``.
 - ``evaluate``: the maps folder ``M`` -> the sibling ``M-report/``.
 - ``demo``: ``uadct-demo/`` in the working directory.
@@ -56,15 +56,15 @@ def train_output(model: str) -> Path:
     return Path(f"{model}.pt")
 
 
-def score_output(inputs: list[str], paths: list[Path]) -> Path:
+def score_output(inputs: list[str], paths: list[Path], folder: bool = False) -> Path:
     """Default output of ``uadct score``: one map for one scan, else a folder of maps.
 
     ``inputs`` are the arguments as typed, ``paths`` what they expanded to (scans, prepared
-    subject folders, DICOM series folders).
+    subject folders, DICOM series folders); ``folder``: always a folder (``--mood``).
     """
     if len(inputs) == 1 and inputs[0] != "-":
         given = Path(inputs[0])
-        if len(paths) == 1 and paths[0] == given:  # one scan, one series, one prepared subject
+        if len(paths) == 1 and paths[0] == given and not folder:  # one scan, one series, one prepared subject
             return Path(map_name(given))
         if given.is_dir():
             return _sibling(given, "-maps")
