@@ -533,6 +533,24 @@ def heatmap(
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Checkpoint written by `uadct train`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Network file to write (model.onnx or model.ts); <file>.json goes beside it."),
+    export_format: str = typer.Option("onnx", "--format", metavar="onnx|torchscript", help="ONNX (needs uadct[export]) or TorchScript."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Export the patch network (dynamic batch axis) with a JSON of its preprocessing and patch metadata."""
+    from uadct.export import export_checkpoint
+
+    if output.exists() and not force:
+        raise InputError(f"{output}: exists; pass --force to overwrite")
+    result = export_checkpoint(model, output, export_format)
+    out.print(f"{result.format}: {result.path} (inputs {', '.join(result.inputs)}; outputs {', '.join(result.outputs)})")
+    out.print(f"metadata: {result.json_path}")
+
+
 # ----------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(
