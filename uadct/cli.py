@@ -507,10 +507,14 @@ def heatmap(
     unit: Optional[str] = typer.Option(None, help="Colour-bar label (default: from the map's score sidecar)."),
     resample: bool = typer.Option(False, "--resample", help="Resample a map/label on another grid onto the scan through the affines."),
     as_html: bool = typer.Option(False, "--html", help="Draw every subject of the folders into one self-contained HTML page."),
+    interactive: bool = typer.Option(False, "--interactive", help="Write an interactive NiiVue page (scroll, crosshair, threshold and opacity sliders) instead of pictures; no network needed to open it."),
 ) -> None:
     """Overlay the anomaly map on the scan: 3-view montage (radiological), colour bar, lesion outline."""
     from uadct.report import render_heatmap, render_html
 
+    if interactive:
+        _interactive_page(subject, anomaly_map, output, label, threshold, resample, as_html)
+        return
     if not as_html:
         path = render_heatmap(subject, anomaly_map, output, label=label, n_slices=slices, threshold=threshold,
                               unit=unit, resample=resample)
@@ -549,6 +553,31 @@ def export(
     result = export_checkpoint(model, output, export_format)
     out.print(f"{result.format}: {result.path} (inputs {', '.join(result.inputs)}; outputs {', '.join(result.outputs)})")
     out.print(f"metadata: {result.json_path}")
+
+
+def _interactive_page(subject: Path, anomaly_map: Path, output: Path, label: Optional[Path], threshold: Optional[float],
+                      resample: bool, folders: bool) -> None:
+    """`heatmap --interactive`: one subject's files, or with --html the folders, into a NiiVue page."""
+    from uadct.viewer import ViewerSubject, match_subjects, write_viewer
+
+    if folders:
+        subjects, failed = match_subjects(subject, anomaly_map, label)
+    else:
+        from uadct.io import strip_nifti_suffix
+
+        subjects, failed = [ViewerSubject(strip_nifti_suffix(subject), subject, anomaly_map, label)], []
+    with _progress() as bar:
+        task = bar.add_task("viewer", total=len(subjects), info="")
+
+        def report(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, info=name)
+
+        result = write_viewer(subjects, output, threshold=threshold, resample=resample, failed=failed, progress=report)
+    out.print(f"viewer: {result.path} ({len(result.subjects)} subject(s))")
+    for name, error in result.failed:
+        console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- evaluate
