@@ -193,9 +193,7 @@ def _verify(network: Any, path: Path, format: str, example: tuple, output_names:
         except ImportError:
             log.warning("%s: onnxruntime is not installed; the exported file was not checked", path)
             return
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _onnx_session(onnxruntime, path, 1)
         feed = {item.name: tensor.numpy() for item, tensor in zip(session.get_inputs(), check)}
         found = session.run(output_names, feed)
     else:
@@ -296,13 +294,14 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def onnx_predictor(path: str | Path, output: str | None = None,
-                   volume_shape: tuple[int, int, int] | None = None) -> Callable[..., np.ndarray]:
+def onnx_predictor(path: str | Path, output: str | None = None, volume_shape: tuple[int, int, int] | None = None,
+                   threads: int = 0) -> Callable[..., np.ndarray]:
     """An exported ONNX file as a numpy predictor for :func:`uadct.patches.sliding_window_map`.
 
     ``(B, *patch) -> (B, *patch)`` or ``(B,)``, like :func:`uadct.scoring.patch_predictor`;
     a position-conditioned network also takes the patch starts ``(B, 3)`` and needs
-    ``volume_shape``. Runs on onnxruntime's CPU provider, one thread per call graph.
+    ``volume_shape``. Runs on onnxruntime's CPU provider with ``threads`` threads (0: one per
+    core), which wait without spinning (spinning threads take the CPU from everything else).
     """
     try:
         import onnxruntime
@@ -317,9 +316,7 @@ def onnx_predictor(path: str | Path, output: str | None = None,
         raise ExportError(f"{path}: the exported network has no {key!r} output; it has {', '.join(names)}")
     spec = PatchSpec(metadata["patch"]["size"], metadata["patch"]["dims"])
     conditioned = any(item["name"] == "positions" for item in metadata["inputs"])
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = _onnx_session(onnxruntime, path, threads)
 
     def predict(patches: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
         feed = {"patches": np.ascontiguousarray(patches, dtype=np.float32)[:, None]}
@@ -330,6 +327,16 @@ def onnx_predictor(path: str | Path, output: str | None = None,
         return session.run([key], feed)[0]
 
     return predict
+
+
+def _onnx_session(onnxruntime: Any, path: str | Path, threads: int) -> Any:
+    """A CPU inference session whose worker threads do not spin while waiting."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def exportable_models() -> dict[str, str | None]:
