@@ -241,6 +241,7 @@ def test_headless_chromium_draws_scan_overlay_and_outline_without_network(chromi
         state = browser.wait_for("['drawn', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
         assert state == "drawn", browser.evaluate("document.getElementById('status').textContent")
         drawn_after = time.monotonic() - started
+        location = browser.evaluate("document.getElementById('location').textContent")
         shown = browser.screenshot()
         from matplotlib.image import imsave
 
@@ -253,9 +254,14 @@ def test_headless_chromium_draws_scan_overlay_and_outline_without_network(chromi
         hidden_pixels = browser.screenshot()
         imsave(tmp_path / "viewer_hidden.png", hidden_pixels)
         hidden = _colour_counts(hidden_pixels)
+        # the subject list: another subject loads in the same page
+        browser.evaluate("document.querySelectorAll('#subjects button')[1].click() || true")
+        switched = browser.wait_for("document.getElementById('status').textContent === 'sub-02 drawn'"
+                                    " && document.body.dataset.state === 'drawn'")
         urls = browser.requested_urls()
     finally:
         browser.close()
+    assert switched
     shown_urls = [url[:40] + ("..." if len(url) > 40 else "") for url in urls]
     print(f"drawn after {drawn_after:.1f} s, done after {time.monotonic() - started:.1f} s;")
     print(f"screenshot {tmp_path / 'viewer.png'}; drawn: {first}; threshold at max, outline off: {hidden}; requests: {shown_urls}")
@@ -264,6 +270,9 @@ def test_headless_chromium_draws_scan_overlay_and_outline_without_network(chromi
     assert first["outline"] > 50  # the cyan lesion outline
     assert hidden["overlay"] < 0.02 * first["overlay"] and hidden["outline"] < 0.1 * first["outline"]
     assert hidden["grey"] > 0.9 * first["grey"]  # the scan is still there
+    # the crosshair starts on the map's maximum, and NiiVue reads the map's own value there
+    peak = float(sitk.GetArrayFromImage(sitk.ReadImage(str(cohort / "maps" / "sub-01.nii.gz"))).max())
+    assert float(re.search(r"map (\S+)$", location).group(1)) == pytest.approx(peak, rel=1e-3), location
     network = [url for url in urls if not url.startswith(("file:", "data:", "blob:", "about:"))]
     assert network == [], network
     assert any(url.startswith("file:") for url in urls)  # the page itself was seen: requests are recorded
