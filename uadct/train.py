@@ -51,6 +51,7 @@ from uadct.models import AnomalyModel, build_model
 from uadct.memory import BatchPlan, available_memory, plan_batch, training_memory
 from uadct.patches import PatchSpec, extract_patches, patch_centres, valid_training_positions
 from uadct.preprocess.pipeline import SIDECAR, find_prepared, library_versions, load_prepared
+from uadct.preprocess.resolution import training_resolution
 
 log = logging.getLogger(__name__)
 
@@ -944,6 +945,7 @@ def _train(
             "patch": {"size": spec.size, "dims": spec.dims},
             "preprocess": signature["config"],
             "atlas": signature["atlas"],
+            "resolution": training_resolution([_read_sidecar(Path(f)) for f in [*train_dirs, *val_dirs]]),
             "training": {
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
                 "best_epoch": best_epoch,

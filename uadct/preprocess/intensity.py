@@ -7,7 +7,7 @@ import SimpleITK as sitk
 
 from uadct.errors import PreprocessError
 
-NORMALIZATIONS = ("percentile", "zscore", "ct-window")
+NORMALIZATIONS = ("tissue", "percentile", "zscore", "ct-window")
 CT_BRAIN_WINDOW_HU = (40.0, 80.0)  # (level, width) of the standard brain window, Hounsfield units
 
 
@@ -42,8 +42,10 @@ def normalize_intensity(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Normalise ``(D, H, W)`` intensities under ``mask``; background set to 0.
 
-    ``percentile``: the low percentile maps to 0 and the high one to 1 (the papers'
-    default, 5/95). ``zscore``: zero mean, unit standard deviation under the mask.
+    ``tissue``: the dominant normal-tissue peak of the brain histogram maps to 1 and
+    zero intensity stays 0 (see :func:`uadct.preprocess.tissue.tissue_peak`; robust to
+    lesions, MR only). ``percentile``: the low percentile maps to 0 and the high one to 1
+    (the papers' default, 5/95). ``zscore``: zero mean, unit standard deviation under the mask.
     ``ct-window``: a fixed window of a CT in Hounsfield units, ``ct_window`` = (level,
     width) in HU: level - width/2 maps to 0, level + width/2 to 1, clipped to [0, 1].
     Returns the float32 array and the statistics used.
@@ -51,7 +53,14 @@ def normalize_intensity(
     inside = array[mask > 0]
     if inside.size == 0:
         raise PreprocessError("the brain mask is empty: nothing to normalise")
-    if method == "percentile":
+    if method == "tissue":
+        from uadct.preprocess.tissue import tissue_peak
+
+        stats = tissue_peak(array, mask)
+        offset, scale = 0.0, stats["peak"]
+        if not scale > 0:
+            raise PreprocessError(f"the tissue peak is not positive ({scale:g}): use --normalization percentile for this scan")
+    elif method == "percentile":
         low, high = np.percentile(inside, percentiles)
         scale = high - low
         stats = {"low": float(low), "high": float(high)}
