@@ -161,7 +161,9 @@ class ContrastAugmenter:
     background would see a different intensity scale and background at scoring time.
     By default the augmented image is therefore re-normalised the way preprocessing
     normalised the original: its brain ``percentiles`` map to 0 and 1, and voxels
-    outside the mask are left as they are (0 in prepared data). Both normalisations use
+    outside the mask are left as they are (0 in prepared data). With ``normalization``
+    ``"tissue"`` (preprocessing mapped the tissue peak to 1), the augmented image is
+    divided by where the transform takes the intensity 1, so its tissue peak is 1 again. Both normalisations use
     the whole image's statistics (from the subject's stored quantiles passed through the
     same transform), never the patch's own, as the method precomputes them per image.
 
@@ -175,6 +177,7 @@ class ContrastAugmenter:
     noise_background: bool = False
     noise_std: float = 1.0
     percentiles: tuple[float, float] = (5.0, 95.0)
+    normalization: str = "percentile"  # how preprocessing normalised: "tissue" re-normalises the tissue peak to 1 instead
     mean_: np.ndarray | None = field(default=None, repr=False)
     components_: np.ndarray | None = field(default=None, repr=False)
     half_widths_: np.ndarray | None = field(default=None, repr=False)
@@ -276,6 +279,9 @@ class ContrastAugmenter:
         if self.zscore:
             offset = reference.mean(axis=1, keepdims=True)
             scale = reference.std(axis=1, keepdims=True)
+        elif self.normalization == "tissue":  # the original's tissue peak was 1: wherever it moved maps back to 1
+            offset = np.zeros((count, 1))
+            scale = _transform(np.ones(1), tissue, new_means, new_sds)
         else:
             low, high = np.percentile(reference, self.percentiles, axis=1, keepdims=True)
             offset, scale = low, high - low

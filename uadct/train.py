@@ -873,7 +873,7 @@ def _train(
     val_volumes, val_signature = load_volumes(val_dirs, spec, config.max_background, config.exclude_labels)
     if val_signature != signature:
         raise UadctError(f"{prep_dir}: subjects were preprocessed with different parameters; preprocess all subjects alike")
-    augmenter = ContrastAugmenter().fit([v.tissue.theta for v in train_volumes if v.tissue is not None]) if gmm else None
+    augmenter = ContrastAugmenter(normalization=(signature["config"] or {}).get("normalization", "percentile")).fit([v.tissue.theta for v in train_volumes if v.tissue is not None]) if gmm else None
     model = build_model(config.model, {"patch_size": config.patch_size, "dims": config.dims, **config.model_options}).to(device)
     check_training_memory(model, spec, config, device, distributed.world_size, max_memory)
     optimizers = model.configure_optimizers(config.learning_rate)
