@@ -165,7 +165,7 @@ def preprocess(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, a BIDS dataset, or - for paths on stdin."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
     atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
-    modality: str = typer.Option("mr", help="mr (deepbet, N4, percentile) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
+    modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue-peak normalisation) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
     skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
     hdbet_weights: Optional[Path] = typer.Option(None, help="HD-BET weights folder. [default: $UADCT_HDBET_WEIGHTS, then ~/hd-bet_params/release_2.0.0]"),
     registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),

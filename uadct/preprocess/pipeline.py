@@ -60,7 +60,7 @@ BIAS_CORRECTIONS = ("robust", "n4")
 
 # per-modality defaults of the fields that differ (see PreprocessConfig.for_modality)
 MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mr": {"skull_strip": "deepbet", "bias_correction": True, "bias_correction_method": "n4", "normalization": "percentile"},
+    "mr": {"skull_strip": "deepbet", "bias_correction": True, "bias_correction_method": "robust", "normalization": "tissue"},
     "ct": {"skull_strip": "ct", "bias_correction": False, "normalization": "ct-window"},
 }
 
@@ -73,8 +73,8 @@ class PreprocessConfig:
     skull_strip: str = "deepbet"
     registration: str = "affine"
     bias_correction: bool = True
-    bias_correction_method: str = "n4"  # "robust": N4 fitted on normal tissue only (uadct.preprocess.tissue); "n4": whole mask
-    normalization: str = "percentile"
+    bias_correction_method: str = "robust"  # "robust": N4 fitted on normal tissue only (uadct.preprocess.tissue); "n4": whole mask
+    normalization: str = "tissue"  # the tissue peak -> 1 (lesion-robust); "percentile" was the default before
     percentiles: tuple[float, float] = (5.0, 95.0)
     ct_window: tuple[float, float] = CT_BRAIN_WINDOW_HU  # (level, width) in HU, for normalization="ct-window"
     mask_threshold: float = 0.5
@@ -102,7 +102,7 @@ class PreprocessConfig:
 
     @classmethod
     def for_modality(cls, modality: str, **overrides: Any) -> "PreprocessConfig":
-        """Defaults for ``mr`` (deepbet, N4, percentile) or ``ct`` (HU thresholds, no N4, brain window).
+        """Defaults for ``mr`` (deepbet, robust N4, tissue peak) or ``ct`` (HU thresholds, no N4, brain window).
 
         ``overrides`` that are not None replace the modality's defaults.
         """

@@ -37,9 +37,10 @@ STRIPE_QUANTILE = 0.05  # half-width of the white stripe, in quantile
 def normal_tissue_mask(array: np.ndarray, mask: np.ndarray, k: float = OUTLIER_SDS) -> np.ndarray:
     """``(D, H, W)`` bool: the brain voxels (``mask`` > 0) whose intensity is that of normal tissue.
 
-    Out: voxels brighter than the dominant tissue peak (:func:`tissue_peak`) plus ``k``
-    times its standard deviation (from the half width at half maximum of the peak's
-    bright side: white matter on T1, the brightest large tissue class), and voxels darker
+    Out: voxels brighter than the brightest large tissue peak (``bright_peak`` of
+    :func:`tissue_peak`: white matter on T1, grey/white matter on FLAIR) plus ``k``
+    times its standard deviation (from the half width at half maximum of its bright
+    side), and voxels darker
     than the brain median minus ``k`` robust SDs (1.4826 x MAD). Falls back to the whole
     mask when fewer than 20 % of the brain voxels would remain.
     """
@@ -50,7 +51,7 @@ def normal_tissue_mask(array: np.ndarray, mask: np.ndarray, k: float = OUTLIER_S
     peak = tissue_peak(array, brain)
     median = float(np.median(inside))
     spread = MAD_TO_SD * float(np.median(np.abs(inside - median)))
-    upper = peak["peak"] + k * peak["peak_sd"]
+    upper = peak["bright_peak"] + k * peak["bright_peak_sd"]
     lower = median - k * spread
     tissue = brain & (array <= upper) & (array >= lower)
     if tissue.sum() < MIN_TISSUE_FRACTION * brain.sum():
@@ -112,7 +113,10 @@ def tissue_peak(array: np.ndarray, mask: np.ndarray, bins: int = HISTOGRAM_BINS,
     bins, smoothed with a Gaussian of 2 bins), refined as the mean of the voxels whose
     quantile lies within ``stripe`` of the peak's. Returns ``peak``, ``peak_sd`` (from
     the half width at half maximum of the peak's bright side), ``stripe_sd`` (the SD of
-    the stripe's voxels) and ``mode`` (the bin centre), in the array's units.
+    the stripe's voxels), ``mode`` (the bin centre), and ``bright_peak`` and
+    ``bright_peak_sd``: the brightest local maximum at least half as high as the highest
+    (white matter on T1 even where grey matter's peak is higher, as at 2 mm), in the
+    array's units.
     """
     inside = np.asarray(array[mask > 0], dtype=np.float64)
     inside = inside[np.isfinite(inside)]
@@ -129,9 +133,31 @@ def tissue_peak(array: np.ndarray, mask: np.ndarray, bins: int = HISTOGRAM_BINS,
     lo_index = int(max(0.0, rank - stripe) * (ordered.size - 1))
     hi_index = int(min(1.0, rank + stripe) * (ordered.size - 1))
     window = ordered[lo_index:hi_index + 1]
-    top = int(np.argmax(smooth))
-    above = np.nonzero(smooth[top:] < 0.5 * smooth[top])[0]
     bin_width = edges[1] - edges[0]
-    half_width = (above[0] if above.size else smooth.size - top) * bin_width
-    return {"peak": float(window.mean()), "peak_sd": float(max(half_width, bin_width) * HWHM_TO_SD),
-            "stripe_sd": float(window.std()), "mode": float(mode)}
+
+    def bright_side_sd(top: int) -> float:
+        above = np.nonzero(smooth[top:] < 0.5 * smooth[top])[0]
+        return float(max((above[0] if above.size else smooth.size - top) * bin_width, bin_width) * HWHM_TO_SD)
+
+    top = int(np.argmax(smooth))
+    interior = smooth[1:-1]
+    maxima = np.nonzero((interior >= smooth[:-2]) & (interior >= smooth[2:]) & (interior >= 0.5 * smooth[top]))[0] + 1
+    bright = int(maxima.max()) if maxima.size else top
+    return {"peak": float(window.mean()), "peak_sd": bright_side_sd(top), "stripe_sd": float(window.std()),
+            "mode": float(mode), "bright_peak": float(0.5 * (edges[bright] + edges[bright + 1])),
+            "bright_peak_sd": bright_side_sd(bright)}
+
+
+def tissue_statistics(array: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Median and robust SD (1.4826 x MAD) of the normal tissue (:func:`normal_tissue_mask`) under ``mask``.
+
+    What ``tissue`` normalisation anchors on: unlike the 5th/95th percentiles of the
+    whole brain, the bulk of the normal tissue barely moves when a lesion is added.
+    """
+    tissue = np.asarray(array[normal_tissue_mask(array, mask)], dtype=np.float64)
+    median = float(np.median(tissue))
+    spread = MAD_TO_SD * float(np.median(np.abs(tissue - median)))
+    if not spread > 0:
+        raise PreprocessError("the normal tissue has constant intensity: cannot normalise")
+    return {"tissue_median": median, "tissue_sd": spread, "tissue_voxels": int(tissue.size)}
+
