@@ -74,7 +74,7 @@ class PreprocessConfig:
     registration: str = "affine"
     bias_correction: bool = True
     bias_correction_method: str = "robust"  # "robust": N4 fitted on normal tissue only (uadct.preprocess.tissue); "n4": whole mask
-    normalization: str = "tissue"  # the tissue peak -> 1 (lesion-robust); "percentile" was the default before
+    normalization: str = "tissue"  # normal-tissue median -> 0.5, 4 robust SDs -> 1 (lesion-robust); "percentile" before
     percentiles: tuple[float, float] = (5.0, 95.0)
     ct_window: tuple[float, float] = CT_BRAIN_WINDOW_HU  # (level, width) in HU, for normalization="ct-window"
     mask_threshold: float = 0.5
@@ -102,7 +102,7 @@ class PreprocessConfig:
 
     @classmethod
     def for_modality(cls, modality: str, **overrides: Any) -> "PreprocessConfig":
-        """Defaults for ``mr`` (deepbet, robust N4, tissue peak) or ``ct`` (HU thresholds, no N4, brain window).
+        """Defaults for ``mr`` (deepbet, robust N4, tissue normalisation) or ``ct`` (HU thresholds, no N4, brain window).
 
         ``overrides`` that are not None replace the modality's defaults.
         """

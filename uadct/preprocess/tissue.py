@@ -1,20 +1,22 @@
-"""Lesion-robust intensity steps: N4 fitted on normal tissue only, and normalisation on the tissue peak.
+"""Lesion-robust intensity steps: N4 fitted on normal tissue only, and normalisation anchored on normal tissue.
 
 A large lesion breaks the two classic steps. N4 fitted under the whole brain mask takes a
 large hyper-intense region for bias field and flattens it; percentiles of a lesioned brain
 move with the lesion load, so normalised maps of different subjects stop being comparable.
 
-- :func:`normal_tissue_mask`: brain voxels whose intensity lies within ``k`` robust
-  standard deviations (1.4826 x MAD) of the brain median; a lesion far brighter or darker
-  than the bulk of the tissue falls out (and so may CSF, which N4 does not need).
+- :func:`tissue_peak`: peaks of the brain histogram: the highest (refined as a "white
+  stripe", Shinohara et al. 2014) and the brightest that is at least half as high
+  (white matter on T1, grey/white matter on FLAIR), with their widths.
+- :func:`normal_tissue_mask`: brain voxels neither brighter than the brightest large peak
+  plus ``k`` of its SDs nor darker than the brain median minus ``k`` robust SDs; a lesion
+  far brighter or darker than the tissue falls out (and so may CSF, which N4 does not need).
 - :func:`correct_bias_field_robust`: N4 (SimpleITK, shrunk grid) fitted only under that
   mask, found on the raw scan, then found again on the corrected one and refitted. The
   B-spline field is smooth, so it is interpolated across the excluded lesion instead of
   being bent into it.
-- :func:`tissue_peak`: the dominant peak of the brain histogram (white matter on T1 and
-  T2, grey/white matter on FLAIR), refined as the mean of the voxels within +-5 % in
-  quantile of the peak (the "white stripe" of Shinohara et al. 2014). A lesion of a few
-  per cent of the brain shifts it far less than it shifts the 95th percentile.
+- :func:`tissue_statistics`: median and robust SD of the normal tissue, what ``tissue``
+  normalisation anchors on; a lesion of a few per cent of the brain moves them far less
+  than it moves the 95th percentile.
 """
 
 from __future__ import annotations
