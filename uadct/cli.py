@@ -172,12 +172,14 @@ def preprocess(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, a BIDS dataset, or - for paths on stdin."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
     atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
-    modality: str = typer.Option("mr", help="mr (deepbet, N4, percentile) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
+    modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue normalisation) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
     skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
     hdbet_weights: Optional[Path] = typer.Option(None, help="HD-BET weights folder. [default: $UADCT_HDBET_WEIGHTS, then ~/hd-bet_params/release_2.0.0]"),
     registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="N4 bias-field correction. [default: on for mr, off for ct]"),
-    normalization: Optional[str] = typer.Option(None, help="percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    bias_field: Optional[str] = typer.Option(None, "--bias-field", help="robust (N4 fitted on normal tissue only, keeps large lesions) or n4 (N4 under the whole brain mask). [default: from --modality]"),
+    normalization: Optional[str] = typer.Option(None, help="tissue (normal-tissue median -> 0.5, 4 robust SDs -> 1), percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    resolution_mm: Optional[float] = typer.Option(None, "--resolution-mm", metavar="MM", help="Blur finer scans to this effective resolution first (a cohort of mixed resolutions). [default: none]"),
     ct_level: Optional[float] = typer.Option(None, help="ct-window level in HU. [default: 40]"),
     ct_width: Optional[float] = typer.Option(None, help="ct-window width in HU. [default: 80]"),
     sequences: Optional[str] = typer.Option(None, help="Sequences per subject, e.g. T1w,FLAIR: BIDS suffixes, or files named <subject>_<sequence>.nii.gz. [default: one scan per subject; T1w for BIDS]"),
@@ -215,7 +217,8 @@ def preprocess(
     if ct_level is not None or ct_width is not None:
         window = (ct_level if ct_level is not None else CT_BRAIN_WINDOW_HU[0], ct_width if ct_width is not None else CT_BRAIN_WINDOW_HU[1])
     config = PreprocessConfig.for_modality(modality, atlas=atlas, skull_strip=skull_strip, registration=registration,
-                                           bias_correction=bias_correction, normalization=normalization, ct_window=window,
+                                           bias_correction=bias_correction, bias_correction_method=bias_field,
+                                           normalization=normalization, ct_window=window, resolution_mm=resolution_mm,
                                            sequences=tuple(names) or None,
                                            reference=resolve_reference(names, reference) if names else None)
     if config.skull_strip == "hd-bet":
@@ -408,6 +411,7 @@ def score(
     output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar",
                                               help="Which model output to map (default: the model's first declared output)."),
     mood: bool = typer.Option(False, "--mood", help="MOOD challenge layout: maps in [0, 1] named like the inputs in the output folder, plus <name>.nii.gz.txt sample scores."),
+    harmonize: bool = typer.Option(True, "--harmonize/--no-harmonize", help="Blur a raw scan finer than the model's training data to the coarsest training resolution first."),
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
@@ -444,7 +448,7 @@ def score(
             try:
                 outcome = score_if_needed(checkpoint, path, target, force=force, brain_mask_path=mask_target, stride=stride,
                                           batch_size=batch, device=device, gaussian_sigma=gaussian, output_kind=output_kind,
-                                          mood=mood, max_memory=budget)
+                                          mood=mood, max_memory=budget, harmonize=harmonize)
             except UadctError as exc:
                 if not many:
                     raise
