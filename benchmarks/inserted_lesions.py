@@ -97,7 +97,7 @@ def main() -> None:
     for folder in lesion_subjects:
         image, mask = read_prepared(folder)
         lesioned.append((*insert_lesions(image, mask, rng), mask))
-    train_voxels = np.concatenate([read_prepared(p)[0][read_prepared(p)[1]][::7] for p in sorted(args.train.iterdir())[:20]])
+    train_voxels = np.concatenate([image[mask][::7] for image, mask in (read_prepared(p) for p in sorted(args.train.iterdir())[:20])])
     median = float(np.median(train_voxels))
     mad = float(np.median(np.abs(train_voxels - median)))
     maps: dict[str, tuple[list[np.ndarray], list[np.ndarray], float]] = {}
