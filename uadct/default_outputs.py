@@ -11,6 +11,7 @@ The rules (documented in docs/outputs.md):
   ``F`` -> the sibling ``F-maps/``; several inputs, ``-`` or ``--mood`` -> ``maps/`` in the working directory.
 - ``heatmap``: ``<map id>_heatmap.png`` in the working directory; with ``--html``, ``heatmaps.html``.
 - ``evaluate``: the maps folder ``M`` -> the sibling ``M-report/``.
+- ``export``: ``<checkpoint name>.onnx`` (``.ts`` for TorchScript) in the working directory.
 - ``demo``: ``uadct-demo/`` in the working directory.
 
 Every rule yields a path outside the input files and folders (a BIDS derivative lives in the
@@ -90,6 +91,12 @@ def heatmap_output(anomaly_map: Path, html: bool) -> Path:
 def evaluate_output(maps: Path) -> Path:
     """Default report folder of ``uadct evaluate MAPS LABELS``: the sibling ``MAPS-report/``."""
     return _sibling(maps, "-report")
+
+
+def export_output(checkpoint: Path, export_format: str) -> Path:
+    """Default file of ``uadct export``: ``<checkpoint name>.onnx`` (``.ts`` for TorchScript) here."""
+    suffix = ".ts" if export_format.strip().lower() == "torchscript" else ".onnx"
+    return Path(Path(checkpoint).name.removesuffix(".pt") + suffix)
 
 
 def demo_output() -> Path:

@@ -29,6 +29,7 @@ from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
+from uadct.preprocess.resolution import harmonized_config
 from uadct.train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ def score_volume(
         raise UadctError(f"batch size must be at least 1 patch, got {batch_size}")
     torch_device = resolve_device(device)
     model = checkpoint.model.to(torch_device).eval()
+    if hasattr(model, "score_volume") and output_kind in (None, "voxel") and gaussian_sigma is None:
+        if plan_out is not None:  # voxel-wise models (normative) map the whole volume at once
+            plan_out.update({"whole_volume": True})
+        return model.score_volume(image, mask)
     predictor = patch_predictor(model, torch_device, output_kind, volume_shape=image.shape, spec=spec)
     plan = plan_scoring_batch(model, spec, image.shape, torch_device, batch_size, max_memory)
     log.info("scoring %s", plan.describe())
@@ -246,6 +251,7 @@ def score_scan(
     output_kind: str | None = None,
     mood: bool = False,
     max_memory: int | None = None,
+    harmonize: bool = True,
 ) -> ScoreResult:
     """Score a raw scan (or a prepared subject folder) and write its native-space map.
 
@@ -254,7 +260,9 @@ def score_scan(
     atlas grid and the brain mask on the subject's grid. With ``mood`` the map is scaled
     to [0, 1] (see :func:`mood_scaled`) and the image-level score of the scaled map, also
     in [0, 1], is written alone to ``<map>.txt`` (MOOD sample score). ``batch_size`` None:
-    automatic within ``max_memory`` bytes (see :func:`score_volume`).
+    automatic within ``max_memory`` bytes (see :func:`score_volume`). ``harmonize``: blur a
+    raw scan finer than the model's training data to its resolution first (see
+    :mod:`uadct.preprocess.resolution`).
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint_path = Path(checkpoint)
@@ -275,10 +283,11 @@ def score_scan(
         transform = prepared.atlas_to_subject
         native = prepared.native_reference
         input_sha = prepared.sidecar.get("input", {}).get("sha256")
+        resolution = prepared.sidecar.get("resolution", {})
     else:
         image = read_image(subject)
         try:
-            config = PreprocessConfig.from_dict(checkpoint.preprocess)
+            config = harmonized_config(PreprocessConfig.from_dict(checkpoint.preprocess), checkpoint.metadata, harmonize)
         except (TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{checkpoint_path or 'checkpoint'}: its preprocessing settings are invalid ({exc})") from None
         atlas = load_atlas(config.atlas)
@@ -292,6 +301,7 @@ def score_scan(
             raise type(exc)(f"{subject}: {exc}") from None
         atlas_image, atlas_mask, transform, native = result.image, result.mask, result.atlas_to_subject, image
         input_sha = sha256_of(subject)
+        resolution = result.resolution
     timings["preprocess"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     mask_array = sitk.GetArrayFromImage(atlas_mask)
@@ -342,6 +352,7 @@ def score_scan(
             "settings": settings,
             "batch": plan,
             "timings_s": timings,
+            "resolution": resolution,
         },
         json_path,
     )
