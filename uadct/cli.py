@@ -389,13 +389,25 @@ def score(
     output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar",
                                               help="Which model output to map (default: the model's first declared output)."),
     mood: bool = typer.Option(False, "--mood", help="MOOD challenge layout: maps in [0, 1] named like the inputs in the output folder, plus <name>.nii.gz.txt sample scores."),
+    units: str = typer.Option("raw", metavar="raw|quantile|z|logp", help="Map units: the model's score, or calibrated on healthy validation subjects: quantile, z, or -log10 of the healthy exceedance probability."),
+    fpr: Optional[float] = typer.Option(None, "--fpr", help="Voxel false-positive rate (on healthy validation subjects) of the lesion-mask threshold, e.g. 0.01."),
+    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="Binary lesion mask (map above the --fpr threshold) on the input's grid: file, or folder for several."),
+    median_filter: int = typer.Option(0, "--median-filter", metavar="N", help="Median-filter the map (N voxels per side, atlas grid) before units and threshold (0: off)."),
+    erode_mask: float = typer.Option(0.0, "--erode-mask", metavar="MM", help="Drop brain voxels within MM mm of the brain border (0: off)."),
+    min_component_size: int = typer.Option(0, "--min-component-size", metavar="N", help="Drop lesion-mask clusters smaller than N voxels (0: off)."),
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
     from uadct.checkpoint import load_checkpoint
     from uadct.memory import parse_memory
+    from uadct.postprocess import MapOptions, PostProcess
     from uadct.scoring import score_if_needed
 
+    if mask_out is not None and fpr is None:
+        raise InputError("--mask-out needs --fpr (the healthy false-positive rate of the mask's threshold)")
+    if units not in ("raw", "quantile", "z", "logp"):
+        raise InputError(f"--units must be raw, quantile, z or logp, got {units!r}")
+    map_options = MapOptions(units, fpr, PostProcess(median_filter, erode_mask, min_component_size))
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
     checkpoint = load_checkpoint(model)
@@ -420,12 +432,16 @@ def score(
             mask_target = None
             if brain_mask_out is not None:
                 mask_target = brain_mask_out / f"{name}.nii.gz" if many else brain_mask_out
+            lesion_target = None
+            if mask_out is not None:
+                lesion_target = mask_out / f"{name}.nii.gz" if many else mask_out
             started = time.perf_counter()
             record: dict[str, Any] = {"subject": name, "input": str(path), "map": str(target)}
             try:
                 outcome = score_if_needed(checkpoint, path, target, force=force, brain_mask_path=mask_target, stride=stride,
                                           batch_size=batch, device=device, gaussian_sigma=gaussian, output_kind=output_kind,
-                                          mood=mood, max_memory=budget)
+                                          mood=mood, max_memory=budget, map_options=map_options,
+                                          lesion_mask_path=lesion_target)
             except UadctError as exc:
                 if not many:
                     raise
@@ -493,6 +509,37 @@ def _collect_score_inputs(inputs: list[str]) -> list[Path]:
     if not paths:
         raise InputError(f"nothing to score in {', '.join(inputs)}")
     return paths
+
+
+# ----------------------------------------------------------------------------- calibrate
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="Checkpoint (file or pretrained model name)."),
+    prep: list[Path] = typer.Argument(..., help="Healthy prepared subject folders, or a folder of them."),
+    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint to write with the calibration added (may be MODEL itself)."),
+    stride: int = typer.Option(4, help="Patch stride in voxels (as `uadct score` will use)."),
+    gaussian: Optional[float] = typer.Option(None, "--gaussian", metavar="SIGMA", help="Gaussian overlap averaging (as `uadct score`)."),
+    output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar"),
+    median_filter: int = typer.Option(0, "--median-filter", metavar="N", help="Median filter of the maps (as `uadct score`)."),
+    erode_mask: float = typer.Option(0.0, "--erode-mask", metavar="MM", help="Brain-mask erosion in mm (as `uadct score`)."),
+    exclude_labels: Optional[Path] = typer.Option(None, help="Folder of <subject>.nii.gz lesion masks whose voxels are left out."),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Calibrate a model on healthy subjects for given scoring settings (for --units and --fpr)."""
+    from uadct.calibrate_maps import calibrate_checkpoint
+    from uadct.calibration import describe_settings
+    from uadct.postprocess import PostProcess
+    from uadct.preprocess.pipeline import SIDECAR, find_prepared
+    from uadct.pretrained import resolve_checkpoint
+
+    folders = [f for item in prep for f in ([item] if (item / SIDECAR).is_file() else find_prepared(item))]
+    with _progress() as bar:
+        task = bar.add_task("calibrate", total=len(folders), info="")
+        path, calibration = calibrate_checkpoint(resolve_checkpoint(model), folders, output, stride, gaussian, output_kind,
+                                                 PostProcess(median_filter, erode_mask), device, exclude_labels,
+                                                 progress=lambda done, total: bar.update(task, completed=done))
+    out.print(f"calibrated {path} on {len(calibration.subjects)} subject(s), {calibration.n_voxels} brain voxels: "
+              f"{describe_settings(calibration.settings)}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- heatmap

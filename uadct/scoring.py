@@ -27,6 +27,7 @@ from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, write_
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
+from uadct.postprocess import MapOptions, clean_lesion_mask, finish_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
 from uadct.train import resolve_device
 
@@ -220,7 +221,7 @@ def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int = IM
 
 
 def score_settings(checkpoint: Checkpoint, stride: int = 4, gaussian_sigma: float | None = None,
-                   output_kind: str | None = None, mood: bool = False) -> dict[str, Any]:
+                   output_kind: str | None = None, mood: bool = False, map_options: MapOptions | None = None) -> dict[str, Any]:
     """Everything that decides a map's values; a map made with other settings is not "done"."""
     return {
         "checkpoint_sha256": checkpoint.sha256,
@@ -228,6 +229,7 @@ def score_settings(checkpoint: Checkpoint, stride: int = 4, gaussian_sigma: floa
         "gaussian_sigma": gaussian_sigma,
         "output_kind": resolve_output_kind(checkpoint.model, output_kind),
         "mood": bool(mood),
+        **(map_options.settings() if map_options is not None else {}),  # only non-default options: old maps stay "done"
     }
 
 
@@ -245,6 +247,8 @@ def score_scan(
     output_kind: str | None = None,
     mood: bool = False,
     max_memory: int | None = None,
+    map_options: MapOptions | None = None,
+    lesion_mask_path: str | Path | None = None,
 ) -> ScoreResult:
     """Score a raw scan (or a prepared subject folder) and write its native-space map.
 
@@ -253,8 +257,16 @@ def score_scan(
     atlas grid and the brain mask on the subject's grid. With ``mood`` the map is scaled
     to [0, 1] (see :func:`mood_scaled`) and the image-level score of the scaled map, also
     in [0, 1], is written alone to ``<map>.txt`` (MOOD sample score). ``batch_size`` None:
-    automatic within ``max_memory`` bytes (see :func:`score_volume`).
+    automatic within ``max_memory`` bytes (see :func:`score_volume`). ``map_options``:
+    post-processing, calibrated units and a healthy false-positive rate (see
+    :mod:`uadct.postprocess`); with its ``fpr``, ``lesion_mask_path`` receives the binary
+    lesion mask (uint8, the input's grid).
     """
+    map_options = map_options or MapOptions()
+    if lesion_mask_path is not None and map_options.fpr is None:
+        raise UadctError(f"{lesion_mask_path}: a lesion mask needs a false-positive rate (--fpr)")
+    if mood and (map_options.units != "raw" or map_options.fpr is not None):
+        raise UadctError("--mood maps are scaled to [0, 1] by the MOOD rule; leave out --units and --fpr")
     if not isinstance(checkpoint, Checkpoint):
         checkpoint_path = Path(checkpoint)
         checkpoint = load_checkpoint(checkpoint_path)
@@ -262,7 +274,7 @@ def score_scan(
         checkpoint_path = None
     subject = Path(subject)
     out_path = Path(out_path)
-    settings = score_settings(checkpoint, stride, gaussian_sigma, output_kind, mood)
+    settings = score_settings(checkpoint, stride, gaussian_sigma, output_kind, mood, map_options)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     if subject.is_dir():
@@ -296,6 +308,10 @@ def score_scan(
         checkpoint, sitk.GetArrayFromImage(atlas_image), mask_array, stride, batch_size, device, progress,
         gaussian_sigma=gaussian_sigma, output_kind=output_kind, max_memory=max_memory, plan_out=plan,
     )
+    finished = finish_map(atlas_map, mask_array, tuple(atlas_image.GetSpacing()[::-1]), checkpoint.metadata, settings, map_options)
+    atlas_map, mask_array = finished.anomaly_map, finished.mask
+    if map_options.post.map_settings():
+        atlas_mask = array_like(mask_array, atlas_mask)
     scaling = None
     if mood:
         scale = checkpoint.metadata.get(MOOD_SCALE_KEY)
@@ -310,8 +326,18 @@ def score_scan(
     if mood:  # linear interpolation cannot leave [0, 1]; clamp float rounding anyway
         native_map = sitk.Clamp(native_map, sitk.sitkFloat32, 0.0, 1.0)
     timings["resample"] = round(time.perf_counter() - clock, 3)
+    lesion_mask = None
+    if finished.threshold is not None:
+        above = (sitk.GetArrayFromImage(native_map) > finished.threshold) & (sitk.GetArrayFromImage(native_mask) > 0)
+        lesion_mask = sitk.GetImageFromArray(clean_lesion_mask(above, map_options.post).astype(np.uint8))
+        lesion_mask.CopyInformation(native)
+        finished.record["lesion_voxels"] = int(sitk.GetArrayViewFromImage(lesion_mask).sum())
+        finished.record["lesion_mask"] = str(lesion_mask_path) if lesion_mask_path is not None else None
     score = image_level_score(atlas_map, mask_array)
     write_image(native_map, out_path)
+    if lesion_mask is not None and lesion_mask_path is not None:
+        Path(lesion_mask_path).parent.mkdir(parents=True, exist_ok=True)
+        write_image(lesion_mask, lesion_mask_path)
     if mood:
         write_text(f"{score:.6f}\n", mood_score_path(out_path))
     if atlas_map_path is not None:
@@ -332,6 +358,7 @@ def score_scan(
             "output_kind": settings["output_kind"],
             "gaussian_sigma": gaussian_sigma,
             "mood_scaling": scaling,
+            **finished.record,
             "settings": settings,
             "batch": plan,
             "timings_s": timings,
@@ -399,14 +426,17 @@ def score_if_needed(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = score_settings(checkpoint, options.get("stride", 4), options.get("gaussian_sigma"),
-                              options.get("output_kind"), options.get("mood", False))
+                              options.get("output_kind"), options.get("mood", False), options.get("map_options"))
+    lesion_mask_path = options.get("lesion_mask_path")
     with output_lock(out_path.parent, out_path.name) as mine:
         if not mine:
             return ScoreOutcome("busy", message=f"{out_path}: another task is writing this map")
-        for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path):
+        for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path, lesion_mask_path):
             if written is not None:
                 remove_stale_temporaries(written)
         state = map_state(out_path, settings)
+        if state == "done" and lesion_mask_path is not None and not Path(lesion_mask_path).is_file():
+            state = "missing"
         if state == "done" and not force:
             return ScoreOutcome("skipped", message=f"{out_path}: done")
         if state == "different" and not force:
