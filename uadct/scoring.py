@@ -118,6 +118,10 @@ def score_volume(
         raise UadctError(f"batch size must be at least 1 patch, got {batch_size}")
     torch_device = resolve_device(device)
     model = checkpoint.model.to(torch_device).eval()
+    if hasattr(model, "score_volume") and output_kind in (None, "voxel") and gaussian_sigma is None:
+        if plan_out is not None:  # voxel-wise models (normative) map the whole volume at once
+            plan_out.update({"whole_volume": True})
+        return model.score_volume(image, mask)
     predictor = patch_predictor(model, torch_device, output_kind, volume_shape=image.shape, spec=spec)
     plan = plan_scoring_batch(model, spec, image.shape, torch_device, batch_size, max_memory)
     log.info("scoring %s", plan.describe())

@@ -938,8 +938,13 @@ def _train(
                                  **_hook_options(run, statistics_positions))
         from uadct.scoring import MOOD_SCALE_KEY, estimate_score_scale
 
-        score_scale = estimate_score_scale(model, validation[0], validation[1], config.batch_size, device,
-                                           hook_options=lambda rows: _hook_options(run, validation[2][rows]))
+        if hasattr(model, "fit_volumes"):  # voxel-wise models (normative) fit and calibrate on whole volumes
+            from uadct.training_volumes import fit_volume_model
+
+            score_scale = fit_volume_model(model, train_volumes, val_volumes, train_dirs, val_dirs, config.exclude_labels)
+        else:
+            score_scale = estimate_score_scale(model, validation[0], validation[1], config.batch_size, device,
+                                               hook_options=lambda rows: _hook_options(run, validation[2][rows]))
         calibration = []
         if config.calibration_subjects > 0:  # maps of whole held-out healthy subjects -> calibrated units, FPR thresholds
             from uadct.calibrate_maps import calibrate_trained_model
