@@ -351,10 +351,25 @@ def train(
 def models_list(
     name: Optional[str] = typer.Argument(None, help="Show this model's options (for `train -O KEY=VALUE`)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the options of every model."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="List the pretrained models shipped in the package with their model cards."),
+    as_json: bool = typer.Option(False, "--json", help="With --pretrained: print the model cards as JSON."),
 ) -> None:
     """List the available models, or one model's options with their defaults and meaning."""
     from uadct.models import available_models
     from uadct.models.base import model_class, model_options
+
+    if pretrained:
+        from uadct.pretrained import card_text, model_card, pretrained_names
+
+        names = [name] if name is not None else pretrained_names()
+        if as_json:
+            print(json.dumps({n: model_card(n) for n in names}, indent=2))
+            return
+        if not names:
+            out.print("no pretrained models are shipped in this installation")
+        for item in names:
+            out.print(card_text(item, model_card(item)), highlight=False, soft_wrap=True)
+        return
 
     if name is None and not verbose:
         table = Table("model", "description")
@@ -372,7 +387,7 @@ def models_list(
 # ----------------------------------------------------------------------------- score
 @app.command()
 def score(
-    model: Path = typer.Argument(..., help="Checkpoint written by `uadct train`."),
+    model: str = typer.Argument(..., help="Checkpoint written by `uadct train`, or a pretrained model's name (`uadct models --pretrained`), e.g. t1."),
     inputs: list[str] = typer.Argument(..., help="Raw scans, prepared subject folders, a folder of scans, or -."),
     output: Path = typer.Option(..., "-o", "--output", help="Map file for one input; a folder for several."),
     stride: int = typer.Option(4, help="Patch stride in voxels."),
@@ -401,6 +416,7 @@ def score(
     from uadct.checkpoint import load_checkpoint
     from uadct.memory import parse_memory
     from uadct.postprocess import MapOptions, PostProcess
+    from uadct.pretrained import resolve_checkpoint
     from uadct.scoring import score_if_needed
 
     if mask_out is not None and fpr is None:
@@ -410,7 +426,7 @@ def score(
     map_options = MapOptions(units, fpr, PostProcess(median_filter, erode_mask, min_component_size))
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
-    checkpoint = load_checkpoint(model)
+    checkpoint = load_checkpoint(resolve_checkpoint(model))
     paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=_subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
@@ -421,7 +437,7 @@ def score(
     failures: list[str] = []
     busy: list[str] = []
     records: list[dict[str, Any]] = []
-    table = Table("subject", "map", "image score", "seconds", title=f"score with {model.name}")
+    table = Table("subject", "map", "image score", "seconds", title=f"score with {Path(model).name}")
     with _progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
         for path in paths:

@@ -272,7 +272,9 @@ def score_scan(
     if mood and (map_options.units != "raw" or map_options.fpr is not None):
         raise UadctError("--mood maps are scaled to [0, 1] by the MOOD rule; leave out --units and --fpr")
     if not isinstance(checkpoint, Checkpoint):
-        checkpoint_path = Path(checkpoint)
+        from uadct.pretrained import resolve_checkpoint
+
+        checkpoint_path = resolve_checkpoint(checkpoint)  # a file, or a shipped model's name
         checkpoint = load_checkpoint(checkpoint_path)
     else:
         checkpoint_path = None

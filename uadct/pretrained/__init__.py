@@ -49,3 +49,28 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
         return PRETRAINED_DIR / f"{text}.pt"
     names = ", ".join(pretrained_names()) or "none"
     raise CheckpointError(f"{text}: no such checkpoint file, and not a pretrained model name (pretrained: {names})")
+
+
+def card_text(name: str, card: dict[str, Any]) -> str:
+    """A model card as readable text (for `uadct models --pretrained`)."""
+    lines = [f"[bold]{name}[/bold]: {card.get('title', '')}"]
+    for key, label in (("method", "method"), ("preprocessing", "preprocessing")):
+        if card.get(key):
+            lines.append(f"  {label}: {card[key]}")
+    data = card.get("training_data") or {}
+    if data:
+        lines.append("  training data: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in data.items()))
+    for row in card.get("benchmark", {}).get("rows", []):
+        lines.append("  benchmark: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in row.items()))
+    if card.get("benchmark", {}).get("note"):
+        lines.append(f"  benchmark note: {card['benchmark']['note']}")
+    speed = card.get("speed") or {}
+    if speed:
+        lines.append("  speed: " + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in speed.items()))
+    for limit in card.get("limits", []):
+        lines.append(f"  limit: {limit}")
+    lines.append(f"  file: {PRETRAINED_DIR / card.get('file', name + '.pt')} ({card.get('size_bytes', '?')} bytes)")
+    lines.append(f"  SHA-256: {card.get('sha256', '?')}")
+    if card.get("rebuild"):
+        lines.append(f"  rebuild: {card['rebuild']}")
+    return "\n".join(lines)
