@@ -78,21 +78,66 @@ def reproducible_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     clean = {k: v for k, v in metadata.items() if k not in ("model", "model_config")}
     clean["training"] = {k: v for k, v in metadata.get("training", {}).items() if k not in VOLATILE_TRAINING_KEYS}
     clean["history"] = [{k: v for k, v in row.items() if "second" not in k} for row in metadata.get("history", [])]
+    if ATLAS != clean.get("preprocess", {}).get("atlas"):  # a reused preparation's template file, verified identical
+        from uadct.atlas import load_atlas
+
+        clean["preprocess"] = {**clean["preprocess"], "atlas": ATLAS}
+        clean["atlas"] = {"name": ATLAS, "sha256": load_atlas(ATLAS).checksum}
     clean["pretrained"] = {"name": NAME, "source": "IXI T1 (ixi-t1-2mm)", "held_out_benchmark_subjects": HELD_OUT,
                            "split_seed": SPLIT_SEED, "rebuild": "python benchmarks/build_pretrained.py DATA/ixi-t1-2mm"}
     return clean
 
 
-def build(data: Path, out: Path, jobs: int, count: int | None = None, prepare_only: bool = False) -> Path | None:
+def reusable_preparation(prepared: Path, template: Path, scans: list[Path]) -> dict[Path, Path]:
+    """Scans -> folders of an existing preprocessing made with this script's chain on a template
+    file identical (voxels and geometry) to :data:`ATLAS`; subjects made otherwise are skipped."""
+    import SimpleITK as sitk
+
+    from uadct.atlas import load_atlas
+    from uadct.io import read_image
+
+    ours, theirs = load_atlas(ATLAS).brain, read_image(template)
+    same = (np.array_equal(sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(theirs))
+            and ours.GetOrigin() == theirs.GetOrigin() and ours.GetSpacing() == theirs.GetSpacing()
+            and ours.GetDirection() == theirs.GetDirection())
+    if not same:
+        raise SystemExit(f"{template}: not the {ATLAS} template (voxels or geometry differ)")
+    expected = {k: v for k, v in preprocess_config().to_dict().items() if k != "atlas"}
+    template_sha = sha256_of(template)
+    found: dict[Path, Path] = {}
+    for scan in scans:
+        folder = prepared / scan.name.split(".nii")[0]
+        try:
+            sidecar = json.loads((folder / "preprocess.json").read_text())
+        except (OSError, ValueError):
+            continue
+        config = {k: v for k, v in sidecar.get("config", {}).items() if k != "atlas"}
+        if (config == expected and sidecar.get("atlas", {}).get("sha256") == template_sha
+                and sidecar.get("input", {}).get("sha256") == sha256_of(scan)):
+            found[scan] = folder
+    return found
+
+
+def build(data: Path, out: Path, jobs: int, count: int | None = None, prepare_only: bool = False,
+          prepared: Path | None = None, template: Path | None = None) -> Path | None:
     """Preprocess, train and write ``out/t1.pt`` (reproducible bytes); its path."""
     all_scans, held = training_scans(data)
     scans, _ = training_scans(data, count)
     log.info("%d training scans, %d held out for the benchmark", len(scans), len(held))
     prep = out / "prep"  # every training scan, prepared in the split's order (the first ones first)
-    ordered = sorted(all_scans, key=lambda s: (s not in scans, all_scans.index(s)))
-    outcome = preprocess_many(ordered if prepare_only else scans, prep, preprocess_config(), jobs=jobs)
-    if outcome.failed:
-        raise SystemExit(f"preprocessing failed: {outcome.failed}")
+    folders: dict[Path, Path] = {}
+    if prepared is not None:
+        if template is None:
+            raise SystemExit("--prepared needs --template (the template file that preprocessing used)")
+        folders = reusable_preparation(prepared, template, scans)
+        scans = sorted(folders)
+        log.info("reusing %d prepared subjects from %s", len(folders), prepared)
+    else:
+        ordered = sorted(all_scans, key=lambda s: (s not in scans, all_scans.index(s)))
+        outcome = preprocess_many(ordered if prepare_only else scans, prep, preprocess_config(), jobs=jobs)
+        if outcome.failed:
+            raise SystemExit(f"preprocessing failed: {outcome.failed}")
+        folders = {scan: prep / scan.name.split(".nii")[0] for scan in scans}
     if prepare_only:
         return None
     chosen = out / f"train-{len(scans)}"  # links to the chosen prepared subjects: training sees exactly these
@@ -101,7 +146,7 @@ def build(data: Path, out: Path, jobs: int, count: int | None = None, prepare_on
         name = scan.name.split(".nii")[0]
         link = chosen / name
         if not link.exists():
-            link.symlink_to((prep / name).resolve(), target_is_directory=True)
+            link.symlink_to(folders[scan].resolve(), target_is_directory=True)
     raw = out / "train" / f"{NAME}-{len(scans)}.pt"
     train_model(chosen, raw, train_config(), resume=False)
     checkpoint = load_checkpoint(raw)
@@ -118,11 +163,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="preprocessing workers (default: one per CPU, so each uses one thread)")
     parser.add_argument("--subjects", type=int, default=SUBJECTS,
                         help=f"training subjects: the first N of the split's order after the held-out ones (default {SUBJECTS}; 0: all 52)")
+    parser.add_argument("--prepared", type=Path, help="reuse this folder's prepared IXI subjects (same chain; checked)")
+    parser.add_argument("--template", type=Path, help="with --prepared: the template file it was registered to (must equal sri24@2mm)")
     parser.add_argument("--prepare-only", action="store_true", help="only preprocess (every training scan, in the split's order)")
     parser.add_argument("--install", action="store_true", help="copy the result into uadct/pretrained/ and update the card's SHA-256")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = build(options.data, options.output, max(1, options.jobs), options.subjects or None, options.prepare_only)
+    path = build(options.data, options.output, max(1, options.jobs), options.subjects or None, options.prepare_only,
+                 options.prepared, options.template)
     if path is None:
         return 0
     digest = sha256_of(path)
