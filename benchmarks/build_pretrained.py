@@ -65,7 +65,10 @@ def training_scans(data: Path, count: int | None = None) -> tuple[list[Path], li
 
 
 def preprocess_config() -> PreprocessConfig:
-    return PreprocessConfig.for_modality("mr", atlas=ATLAS)
+    """The chain the shipped model was built with, pinned (not the current defaults, which may move on)."""
+    return PreprocessConfig.from_dict({"atlas": ATLAS, "skull_strip": "deepbet", "registration": "affine",
+                                       "bias_correction": True, "bias_correction_method": "n4",
+                                       "normalization": "percentile", "percentiles": [5.0, 95.0]})
 
 
 def train_config() -> TrainConfig:
@@ -111,7 +114,7 @@ def reusable_preparation(prepared: Path, template: Path, scans: list[Path]) -> d
             sidecar = json.loads((folder / "preprocess.json").read_text())
         except (OSError, ValueError):
             continue
-        config = {k: v for k, v in sidecar.get("config", {}).items() if k != "atlas"}
+        config = {k: v for k, v in PreprocessConfig.from_dict(sidecar.get("config", {})).to_dict().items() if k != "atlas"}
         if (config == expected and sidecar.get("atlas", {}).get("sha256") == template_sha
                 and sidecar.get("input", {}).get("sha256") == sha256_of(scan)):
             found[scan] = folder

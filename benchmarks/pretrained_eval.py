@@ -143,14 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--prepare-only", action="store_true")
-    parser.add_argument("--chain-of-build", action="store_true",
-                        help="preprocess with build_pretrained.py's chain instead of the checkpoint's (to prepare before the model exists)")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = options.output
     shipped = load_checkpoint(resolve_checkpoint(options.model))
-    config = PreprocessConfig.from_dict(shipped.preprocess) if not options.chain_of_build else \
-        PreprocessConfig.for_modality("mr", atlas="sri24@2mm")
+    config = PreprocessConfig.from_dict(shipped.preprocess)  # the model's own chain, as `uadct score` runs it
     clean_raw = held_out(options.data, options.test)
     mslub_raw = out / "inputs" / "mslub-t1"
     mslub_raw.mkdir(parents=True, exist_ok=True)
