@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--also", action="append", default=[], metavar="ROW=CHECKPOINT",
+                        help="more checkpoints to evaluate beside the shipped one (same chain), e.g. a variant")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = options.output
@@ -167,12 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     ixi = [(prepared[p.name.split(".nii")[0]], sitk.GetArrayFromImage(read_image(labels / p.name)) > 0) for p in lesioned_raw]
     mslub = [(prepared[p], sitk.GetArrayFromImage(read_image(options.data / "mslub" / p / "lesion.nii.gz")) > 0) for p in MSLUB]
     models: dict[str, Checkpoint] = {f"pretrained {options.model}": shipped}
+    for item in options.also:
+        row, _, path = item.rpartition("=")
+        models[row] = load_checkpoint(path)
     for mode in ("intensity", "deviation"):
         path = out / "models" / f"threshold-{mode}.pt"
         if not path.is_file():
             train_model(options.train_prep, path, TrainConfig(model="threshold", model_options={"mode": mode}, device="cpu",
                                                               workers=0, calibration_subjects=1000), resume=False)
-        models[f"threshold {mode}"] = load_checkpoint(path)
+        baseline = load_checkpoint(path)
+        # trained on the same prepared subjects as the shipped model; when those were a reused preparation
+        # (build_pretrained.py --prepared) their template file was verified identical to the model's atlas
+        baseline.metadata["preprocess"] = {**baseline.metadata["preprocess"], "atlas": shipped.preprocess["atlas"]}
+        models[f"threshold {mode}"] = baseline
     results: dict[str, dict[str, Any]] = {}
     for row, checkpoint in models.items():
         folder = out / "maps" / row.replace(" ", "-")

@@ -6,7 +6,9 @@
 
 Runs the command line in a fresh process (so import time counts, as it does for a user),
 ``--runs`` times, and prints wall seconds, the sidecar's preprocess/score/resample split
-and the peak resident memory of the process (ru_maxrss of the child). Nothing is asserted.
+the CPU seconds of the process (user + sys over all its threads: on a busy shared machine the wall
+time mostly measures the others; CPU / 2 is a floor for the wall time on 2 idle cores) and the peak
+resident memory of the process (ru_maxrss of the child). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -52,15 +54,19 @@ def main(argv: list[str] | None = None) -> int:
             out = work / f"map{run}.nii.gz"
             command = [sys.executable, "-m", "uadct", "score", options.model, str(scan), "-o", str(out), "--fpr", "0.01",
                        "--mask-out", str(work / f"lesions{run}.nii.gz"), "--device", options.device, "--force"]
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             seconds = time.perf_counter() - started
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-2000:])
                 return 1
             peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: kB; max over children so far
             timings = json.loads(out.with_name(f"map{run}.json").read_text())["timings_s"]
-            print(f"run {run}: {seconds:.1f} s wall (preprocess {timings.get('preprocess')} s, score {timings.get('score')} s, "
+            load = os.getloadavg()[0]
+            print(f"run {run}: {seconds:.1f} s wall, {cpu:.1f} s CPU (user+sys, all threads; load average {load:.1f}) (preprocess {timings.get('preprocess')} s, score {timings.get('score')} s, "
                   f"resample {timings.get('resample')} s); peak RSS {peak_mb:.0f} MB")
     return 0
 
