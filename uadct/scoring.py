@@ -294,7 +294,10 @@ def score_scan(
         input_sha = prepared.sidecar.get("input", {}).get("sha256")
     else:
         image = read_image(subject)
-        config = PreprocessConfig.from_dict(checkpoint.preprocess)
+        try:
+            config = PreprocessConfig.from_dict(checkpoint.preprocess)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{checkpoint_path or 'checkpoint'}: its preprocessing settings are invalid ({exc})") from None
         atlas = load_atlas(config.atlas)
         expected = checkpoint.metadata.get("atlas", {}).get("sha256")
         if expected and expected != atlas.checksum:
@@ -314,6 +317,9 @@ def score_scan(
         checkpoint, sitk.GetArrayFromImage(atlas_image), mask_array, stride, batch_size, device, progress,
         gaussian_sigma=gaussian_sigma, output_kind=output_kind, max_memory=max_memory, plan_out=plan,
     )
+    if not np.isfinite(atlas_map).all():
+        raise UadctError(f"{subject}: the model gave NaN or infinite scores ({checkpoint_path or 'checkpoint'}); "
+                         "no map was written")
     finished = finish_map(atlas_map, mask_array, tuple(atlas_image.GetSpacing()[::-1]), checkpoint.metadata, settings, map_options)
     atlas_map, mask_array = finished.anomaly_map, finished.mask
     if map_options.post.map_settings():
@@ -388,9 +394,21 @@ def mood_score_path(map_path: str | Path) -> Path:
     return Path(str(map_path) + ".txt")
 
 
-def map_state(out_path: str | Path, settings: dict[str, Any]) -> str:
-    """``"done"`` (map and sidecar there, same settings), ``"different"`` (made with other
-    settings or another checkpoint) or ``"missing"`` (absent, or left incomplete by a killed run)."""
+def input_checksum(subject: str | Path) -> str | None:
+    """SHA-256 of a raw scan, or the one a prepared folder's sidecar records for its input."""
+    subject = Path(subject)
+    if subject.is_dir():
+        try:
+            return json.loads((subject / SIDECAR).read_text()).get("input", {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return sha256_of(subject) if subject.is_file() else None
+
+
+def map_state(out_path: str | Path, settings: dict[str, Any], input_sha256: str | None = None) -> str:
+    """``"done"`` (map and sidecar there, same settings, same input checksum when given),
+    ``"stale"`` (the input was replaced since), ``"different"`` (made with other settings or
+    another checkpoint) or ``"missing"`` (absent, or left incomplete by a killed run)."""
     out_path = Path(out_path)
     json_path = map_sidecar_path(out_path)
     if not out_path.is_file() or not json_path.is_file():
@@ -398,10 +416,13 @@ def map_state(out_path: str | Path, settings: dict[str, Any]) -> str:
     if settings.get("mood") and not mood_score_path(out_path).is_file():
         return "missing"
     try:
-        recorded = json.loads(json_path.read_text()).get("settings")
+        sidecar = json.loads(json_path.read_text())
+        recorded = sidecar.get("settings")
     except (OSError, ValueError, AttributeError):
         return "missing"
-    return "done" if recorded == settings else "different"
+    if recorded != settings:
+        return "different"
+    return "stale" if input_sha256 is not None and sidecar.get("input_sha256") != input_sha256 else "done"
 
 
 @dataclass
@@ -440,7 +461,7 @@ def score_if_needed(
         for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path, lesion_mask_path):
             if written is not None:
                 remove_stale_temporaries(written)
-        state = map_state(out_path, settings)
+        state = map_state(out_path, settings, input_checksum(subject))
         if state == "done" and lesion_mask_path is not None and not Path(lesion_mask_path).is_file():
             state = "missing"
         if state == "done" and not force:

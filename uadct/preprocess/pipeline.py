@@ -21,6 +21,7 @@ is built under a temporary name and renamed into place, so it is complete or abs
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import logging
 import shutil
@@ -37,6 +38,7 @@ from uadct import __version__
 from uadct.atlas import Atlas, load_atlas
 from uadct.errors import InputError, PreprocessError, UadctError
 from uadct.locks import output_lock, remove_stale_temporaries
+from uadct.outputs import folder_mode, write_failure
 from uadct.io import (array_like, grid_image, grid_of, read_image, same_grid, sha256_of, strip_nifti_suffix, write_image,
                       write_json)
 from uadct.preprocess.bids import SINGLE, SubjectInputs, bids_file_names, write_derivative_description
@@ -413,6 +415,7 @@ def write_prepared(result: PreprocessedSubject, sidecar: dict[str, Any], subject
     subject_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{subject_dir.name}.", suffix=".tmp", dir=subject_dir.parent))
     try:
+        os.chmod(staging, folder_mode())  # mkdtemp makes it 0700; the umask decides
         write_image(result.image, staging / files["images"][reference])
         for name, image in result.others.items():
             write_image(image, staging / files["images"][name])
@@ -428,6 +431,9 @@ def write_prepared(result: PreprocessedSubject, sidecar: dict[str, Any], subject
         staging.rename(subject_dir)
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
+    except OSError as exc:  # disk full, read-only: one line, nothing half-written left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failure(subject_dir, exc) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
