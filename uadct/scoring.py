@@ -29,6 +29,7 @@ from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, m
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
 from uadct.postprocess import MapOptions, clean_lesion_mask, finish_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
+from uadct.preprocess.resolution import harmonized_config
 from uadct.train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ def score_scan(
     output_kind: str | None = None,
     mood: bool = False,
     max_memory: int | None = None,
+    harmonize: bool = True,
     map_options: MapOptions | None = None,
     lesion_mask_path: str | Path | None = None,
 ) -> ScoreResult:
@@ -261,10 +263,11 @@ def score_scan(
     atlas grid and the brain mask on the subject's grid. With ``mood`` the map is scaled
     to [0, 1] (see :func:`mood_scaled`) and the image-level score of the scaled map, also
     in [0, 1], is written alone to ``<map>.txt`` (MOOD sample score). ``batch_size`` None:
-    automatic within ``max_memory`` bytes (see :func:`score_volume`). ``map_options``:
-    post-processing, calibrated units and a healthy false-positive rate (see
-    :mod:`uadct.postprocess`); with its ``fpr``, ``lesion_mask_path`` receives the binary
-    lesion mask (uint8, the input's grid).
+    automatic within ``max_memory`` bytes (see :func:`score_volume`). ``harmonize``: blur a
+    raw scan finer than the model's training data to its resolution first (see
+    :mod:`uadct.preprocess.resolution`). ``map_options``: post-processing, calibrated units
+    and a healthy false-positive rate (see :mod:`uadct.postprocess`); with its ``fpr``,
+    ``lesion_mask_path`` receives the binary lesion mask (uint8, the input's grid).
     """
     map_options = map_options or MapOptions()
     if lesion_mask_path is not None and map_options.fpr is None:
@@ -292,10 +295,11 @@ def score_scan(
         transform = prepared.atlas_to_subject
         native = prepared.native_reference
         input_sha = prepared.sidecar.get("input", {}).get("sha256")
+        resolution = prepared.sidecar.get("resolution", {})
     else:
         image = read_image(subject)
         try:
-            config = PreprocessConfig.from_dict(checkpoint.preprocess)
+            config = harmonized_config(PreprocessConfig.from_dict(checkpoint.preprocess), checkpoint.metadata, harmonize)
         except (TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{checkpoint_path or 'checkpoint'}: its preprocessing settings are invalid ({exc})") from None
         atlas = load_atlas(config.atlas)
@@ -309,6 +313,7 @@ def score_scan(
             raise type(exc)(f"{subject}: {exc}") from None
         atlas_image, atlas_mask, transform, native = result.image, result.mask, result.atlas_to_subject, image
         input_sha = sha256_of(subject)
+        resolution = result.resolution
     timings["preprocess"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     mask_array = sitk.GetArrayFromImage(atlas_mask)
@@ -374,6 +379,7 @@ def score_scan(
             "settings": settings,
             "batch": plan,
             "timings_s": timings,
+            "resolution": resolution,
         },
         json_path,
     )
