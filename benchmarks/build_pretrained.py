@@ -78,7 +78,9 @@ def train_config(options: dict[str, Any] | None = None) -> TrainConfig:
 
 def reproducible_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """The metadata without clock/machine-dependent fields and without local paths."""
-    clean = {k: v for k, v in metadata.items() if k not in ("model", "model_config")}
+    # "resolution" (the training resolution that `uadct score --harmonize` blurs finer scans to) is left out:
+    # the shipped file was benchmarked without that blur; adding it needs a new evaluation (MSLUB T1 is 1 mm)
+    clean = {k: v for k, v in metadata.items() if k not in ("model", "model_config", "resolution")}
     clean["training"] = {k: v for k, v in metadata.get("training", {}).items() if k not in VOLATILE_TRAINING_KEYS}
     clean["history"] = [{k: v for k, v in row.items() if "second" not in k} for row in metadata.get("history", [])]
     if ATLAS != clean.get("preprocess", {}).get("atlas"):  # a reused preparation's template file, verified identical
