@@ -672,18 +672,18 @@ def _collect_score_inputs(inputs: list[str]) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- calibrate
-@app.command()
+@app.command(short_help="Calibrate a model on healthy subjects (for --units and --fpr).")
 def calibrate(
     model: str = typer.Argument(..., help="Checkpoint (file or pretrained model name)."),
     prep: list[Path] = typer.Argument(..., help="Healthy prepared subject folders, or a folder of them."),
-    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint to write with the calibration added (may be MODEL itself)."),
+    output: Path = typer.Option(..., "-o", "--output", help="New checkpoint to write: MODEL with the calibration added (never MODEL itself)."),
     stride: int = typer.Option(4, help="Patch stride in voxels (as `uadct score` will use)."),
     gaussian: Optional[float] = typer.Option(None, "--gaussian", metavar="SIGMA", help="Gaussian overlap averaging (as `uadct score`)."),
-    output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar"),
+    output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar", help="Which model output to map (as `uadct score`)."),
     median_filter: int = typer.Option(0, "--median-filter", metavar="N", help="Median filter of the maps (as `uadct score`)."),
     erode_mask: float = typer.Option(0.0, "--erode-mask", metavar="MM", help="Brain-mask erosion in mm (as `uadct score`)."),
     exclude_labels: Optional[Path] = typer.Option(None, help="Folder of <subject>.nii.gz lesion masks whose voxels are left out."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
 ) -> None:
     """Calibrate a model on healthy subjects for given scoring settings (for --units and --fpr)."""
     from uadct.calibrate_maps import calibrate_checkpoint
@@ -692,10 +692,15 @@ def calibrate(
     from uadct.preprocess.pipeline import SIDECAR, find_prepared
     from uadct.pretrained import resolve_checkpoint
 
+    from uadct.outputs import check_output_file, refuse_overwriting_inputs
+
+    checkpoint_path = resolve_checkpoint(model)
+    refuse_overwriting_inputs([output], [checkpoint_path, *prep])
+    check_output_file(output, "calibrated checkpoint")
     folders = [f for item in prep for f in ([item] if (item / SIDECAR).is_file() else find_prepared(item))]
     with _progress() as bar:
         task = bar.add_task("calibrate", total=len(folders), info="")
-        path, calibration = calibrate_checkpoint(resolve_checkpoint(model), folders, output, stride, gaussian, output_kind,
+        path, calibration = calibrate_checkpoint(checkpoint_path, folders, output, stride, gaussian, output_kind,
                                                  PostProcess(median_filter, erode_mask), device, exclude_labels,
                                                  progress=lambda done, total: bar.update(task, completed=done))
     out.print(f"calibrated {path} on {len(calibration.subjects)} subject(s), {calibration.n_voxels} brain voxels: "
