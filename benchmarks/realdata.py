@@ -87,7 +87,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, default=Path("bench_out/realdata"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--full", action="store_true", help="more training subjects, patch 32, long training (GPU)")
-    parser.add_argument("--models", default="all", help="registry names (comma-separated) or 'all'")
+    parser.add_argument("--models", default="all", help="registry names (comma-separated), 'all', or 'none' (only --variants)")
     parser.add_argument("--tests", default="ixi,mslub-flair,mslub-t2,mslub-t1")
     parser.add_argument("--model-options", default="{}", help='JSON {"model": {"field": value}} for the models\' configs')
     parser.add_argument("--variants", default="{}",
@@ -113,7 +113,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def model_rows(spec: str, extra_options: dict[str, dict[str, Any]], variants: dict[str, list[Any]],
                full: bool) -> dict[str, tuple[str, dict[str, Any]]]:
     """Row name -> (registry model, config overrides): every threshold mode, then the models, then variants."""
-    names = sorted(available_models()) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    names = sorted(available_models()) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip() and n.strip() != "none"]
     rows: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in names:
         fields = set(model_class(name).Config.__dataclass_fields__)
