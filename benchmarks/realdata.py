@@ -138,7 +138,7 @@ def model_rows(spec: str, extra_options: dict[str, dict[str, Any]], variants: di
 
 # ----------------------------------------------------------------------------- preparation
 def template(work: Path) -> Path:
-    path = work / "atlas_sri24_2mm.nii.gz"
+    path = (work / "atlas_sri24_2mm.nii.gz").resolve()  # the path is part of the recorded preprocessing config
     if not path.is_file():
         write_image(coarse_brain_template(load_atlas("sri24"), 2.0), path)
     return path
