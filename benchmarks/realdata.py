@@ -29,7 +29,7 @@ Tests (voxel level inside each scan's brain mask on its own native grid):
 
 Rows: every registry model (small CPU settings by default), every ``threshold`` mode,
 and the raw intensity of the native scan inside the same brain mask (``raw`` and its robust
-|z| ``raw-|z|``: |x - median| / MAD over the subject's brain). Metrics (uadct.metrics): pooled
+|z| ``raw-z``: |x - median| / MAD over the subject's brain). Metrics (uadct.metrics): pooled
 and per-subject AUROC, AUPRC, best Dice; Dice and lesion detection rate at the validation
 1 % FPR threshold; image-level AUROC (ixi). Mean and standard deviation over ``--seeds``
 (models are retrained with each seed; IXI lesions are redrawn with each seed).
@@ -258,7 +258,7 @@ def raw_maps(subject: Subject) -> dict[str, tuple[np.ndarray, float]]:
     centre = float(np.median(values))
     mad = max(float(np.median(np.abs(values - centre))), 1e-6)
     z = np.abs(array - centre) / mad
-    return {"raw": (array, image_level_score(array, subject.brain)), "raw-|z|": (z, image_level_score(z, subject.brain))}
+    return {"raw": (array, image_level_score(array, subject.brain)), "raw-z": (z, image_level_score(z, subject.brain))}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                 if test not in options.tests:
                     continue
                 maps = {s.name: raw_maps(s) for s in [*subjects[0], *subjects[1], *validation]}
-                for row in ("raw", "raw-|z|"):
+                for row in ("raw", "raw-z"):
                     def trio(group: list[Subject]) -> list[tuple[Subject, np.ndarray, float]]:
                         return [(s, *maps[s.name][row]) for s in group]
                     note(test, row, seed, measure(trio(subjects[0]), trio(validation), trio(subjects[1])), None, 0, None, 0)
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             prepared = mslub_prepared[sequence]
             subjects = {d.name: Subject(d, labels / f"{d.name}.nii.gz") for d in prepared}
             raw = {n: raw_maps(s) for n, s in subjects.items()}
-            for row_name in ("raw", "raw-|z|"):
+            for row_name in ("raw", "raw-z"):
                 trios = {n: (subjects[n], *raw[n][row_name]) for n in subjects}
                 note(test, row_name, seed, measure_folds(trios, subjects), None, 0, None, 0)
             for row, (model, overrides) in rows.items():
