@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" must not be read as markup
 )
 atlas_app = typer.Typer(help="Fetch, list and locate registration atlases.", no_args_is_help=True)
 app.add_typer(atlas_app, name="atlas")
@@ -51,6 +52,10 @@ def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # library warnings (numpy, torch, ITK) would print lines before the one-line error
+        import warnings
+
+        warnings.simplefilter("ignore")
 
 
 def _progress() -> Progress:
@@ -113,7 +118,9 @@ def demo(
 ) -> None:
     """Generate a demo cohort from the SRI24 head T1: healthy scans, and test scans with lesion masks."""
     from uadct.demo import generate_cohort
+    from uadct.outputs import check_output_folder
 
+    check_output_folder(output)
     with _progress() as bar:
         task = bar.add_task("demo cohort", total=healthy + test, info="")
         cohort = generate_cohort(output, healthy, test, seed=seed, voxel_scale=voxel_scale,
@@ -165,12 +172,14 @@ def preprocess(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, a BIDS dataset, or - for paths on stdin."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
     atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
-    modality: str = typer.Option("mr", help="mr (deepbet, N4, percentile) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
+    modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue normalisation) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
     skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
     hdbet_weights: Optional[Path] = typer.Option(None, help="HD-BET weights folder. [default: $UADCT_HDBET_WEIGHTS, then ~/hd-bet_params/release_2.0.0]"),
     registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="N4 bias-field correction. [default: on for mr, off for ct]"),
-    normalization: Optional[str] = typer.Option(None, help="percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    bias_field: Optional[str] = typer.Option(None, "--bias-field", help="robust (N4 fitted on normal tissue only, keeps large lesions) or n4 (N4 under the whole brain mask). [default: from --modality]"),
+    normalization: Optional[str] = typer.Option(None, help="tissue (normal-tissue median -> 0.5, 4 robust SDs -> 1), percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    resolution_mm: Optional[float] = typer.Option(None, "--resolution-mm", metavar="MM", help="Blur finer scans to this effective resolution first (a cohort of mixed resolutions). [default: none]"),
     ct_level: Optional[float] = typer.Option(None, help="ct-window level in HU. [default: 40]"),
     ct_width: Optional[float] = typer.Option(None, help="ct-window width in HU. [default: 80]"),
     sequences: Optional[str] = typer.Option(None, help="Sequences per subject, e.g. T1w,FLAIR: BIDS suffixes, or files named <subject>_<sequence>.nii.gz. [default: one scan per subject; T1w for BIDS]"),
@@ -180,6 +189,8 @@ def preprocess(
     force: bool = typer.Option(False, "--force", help="Redo subjects that are already complete."),
     shard: Optional[str] = typer.Option(None, help="I/N: do only shard I (0-based) of N; default from SLURM array variables."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE",
+                                             help="Memory one scan may take when read, e.g. 8G (default 2G); larger scans are refused from their header."),
 ) -> None:
     """Skull-strip, register to the atlas, normalise and mask every scan."""
     import os
@@ -187,19 +198,27 @@ def preprocess(
     from uadct.batch import resolve_shard, select_shard
     from uadct.preprocess.bids import parse_sequences, resolve_reference
     from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
+    from uadct.outputs import check_output_folder, refuse_shared_names
     from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
 
+    if max_memory:  # workers inherit it
+        from uadct.memory import parse_memory
+
+        _allow_image_memory(parse_memory(max_memory))
     names = parse_sequences(sequences)
     participants = [label for item in participant_label or [] for label in item.replace(",", " ").split()]
     if reference is not None and not names:
         raise InputError("--reference needs --sequences")
     subjects = select_shard(_collect_subjects(inputs, names, reference, participants or None), resolve_shard(shard),
                             key=lambda s: s.subject)
+    check_output_folder(output)
+    refuse_shared_names(((str(s.folder), s.reference_path) for s in subjects), output)
     window = None
     if ct_level is not None or ct_width is not None:
         window = (ct_level if ct_level is not None else CT_BRAIN_WINDOW_HU[0], ct_width if ct_width is not None else CT_BRAIN_WINDOW_HU[1])
     config = PreprocessConfig.for_modality(modality, atlas=atlas, skull_strip=skull_strip, registration=registration,
-                                           bias_correction=bias_correction, normalization=normalization, ct_window=window,
+                                           bias_correction=bias_correction, bias_correction_method=bias_field,
+                                           normalization=normalization, ct_window=window, resolution_mm=resolution_mm,
                                            sequences=tuple(names) or None,
                                            reference=resolve_reference(names, reference) if names else None)
     if config.skull_strip == "hd-bet":
@@ -307,10 +326,13 @@ def train(
     """
     from uadct.memory import parse_memory
     from uadct.models.base import parse_model_options
+    from uadct.outputs import check_output_file, refuse_overwriting_inputs
     from uadct.train import TrainConfig, train_model
 
     if dims not in (2, 3):
         raise InputError(f"--dims must be 2 or 3, got {dims}")
+    check_output_file(output, "checkpoint")  # before training, not after it
+    refuse_overwriting_inputs([output, Path(f"{output}.resume.pt")], [prep])
     budget = parse_memory(max_memory) if max_memory else None
     augmentations = tuple(a.strip() for a in augment.split(",") if a.strip() and a.strip() != "none")
     config = TrainConfig(model=model, patch_size=patch_size, dims=dims, batch_size=batch_size, learning_rate=learning_rate,
@@ -389,6 +411,7 @@ def score(
     output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar",
                                               help="Which model output to map (default: the model's first declared output)."),
     mood: bool = typer.Option(False, "--mood", help="MOOD challenge layout: maps in [0, 1] named like the inputs in the output folder, plus <name>.nii.gz.txt sample scores."),
+    harmonize: bool = typer.Option(True, "--harmonize/--no-harmonize", help="Blur a raw scan finer than the model's training data to the coarsest training resolution first."),
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
@@ -398,6 +421,9 @@ def score(
 
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
+    _allow_image_memory(budget)  # also the memory one scan may take when read
+    if mood and str(output).endswith((".nii", ".nii.gz")):
+        raise InputError(f"{output}: --mood writes a folder of maps named like the inputs; give a folder, not a NIfTI file name")
     checkpoint = load_checkpoint(model)
     paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=_subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
@@ -406,6 +432,8 @@ def score(
     many = mood or not str(output).endswith((".nii", ".nii.gz"))
     if not many and len(paths) > 1:
         raise InputError(f"{output}: {len(paths)} inputs need an output folder, not a single map file")
+    targets = {path: _score_targets(path, output, brain_mask_out, many, mood) for path in paths}
+    _check_score_outputs(targets, output, brain_mask_out, many)
     failures: list[str] = []
     busy: list[str] = []
     records: list[dict[str, Any]] = []
@@ -414,18 +442,13 @@ def score(
         task = bar.add_task("score", total=len(paths), info="")
         for path in paths:
             name = _subject_name(path)
-            target = output / f"{name}.nii.gz" if many else output
-            if mood and not path.is_dir():
-                target = output / path.name  # MOOD: the map carries the input's file name
-            mask_target = None
-            if brain_mask_out is not None:
-                mask_target = brain_mask_out / f"{name}.nii.gz" if many else brain_mask_out
+            target, mask_target = targets[path]
             started = time.perf_counter()
             record: dict[str, Any] = {"subject": name, "input": str(path), "map": str(target)}
             try:
                 outcome = score_if_needed(checkpoint, path, target, force=force, brain_mask_path=mask_target, stride=stride,
                                           batch_size=batch, device=device, gaussian_sigma=gaussian, output_kind=output_kind,
-                                          mood=mood, max_memory=budget)
+                                          mood=mood, max_memory=budget, harmonize=harmonize)
             except UadctError as exc:
                 if not many:
                     raise
@@ -455,6 +478,44 @@ def score(
         console.print(f"[red]failed[/red] {failure}")
     if failures:
         raise typer.Exit(1)
+
+
+def _score_targets(path: Path, output: Path, brain_mask_out: Optional[Path], many: bool,
+                   mood: bool) -> tuple[Path, Optional[Path]]:
+    """The map and brain-mask files one input is written to."""
+    name = _subject_name(path)
+    target = output / f"{name}.nii.gz" if many else output
+    if mood and not path.is_dir():
+        target = output / path.name  # MOOD: the map carries the input's file name
+    mask_target = None
+    if brain_mask_out is not None:
+        mask_target = brain_mask_out / f"{name}.nii.gz" if many else brain_mask_out
+    return target, mask_target
+
+
+def _check_score_outputs(targets: dict[Path, tuple[Path, Optional[Path]]], output: Path,
+                         brain_mask_out: Optional[Path], many: bool) -> None:
+    """Before any scoring: no output replaces an input or another output, and every folder is writable."""
+    from uadct.io import map_sidecar_path
+    from uadct.outputs import check_output_file, check_output_folder, refuse_overwriting_inputs, refuse_shared_outputs
+    from uadct.scoring import mood_score_path
+
+    written = {path: [target, map_sidecar_path(target), mood_score_path(target), mask]
+               for path, (target, mask) in targets.items()}
+    refuse_shared_outputs(written.items())
+    refuse_overwriting_inputs([item for items in written.values() for item in items], list(targets))
+    for folder_or_file in (output, brain_mask_out):
+        if folder_or_file is not None:
+            (check_output_folder if many else check_output_file)(folder_or_file)
+
+
+def _allow_image_memory(budget: int | None) -> None:
+    """``--max-memory`` raises (never lowers) the memory one scan may take when read, for this
+    process and its workers; :func:`main` restores the previous value when the command ends."""
+    from uadct.io import DEFAULT_MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY_ENV
+
+    if budget is not None and budget > DEFAULT_MAX_IMAGE_BYTES:
+        os.environ[MAX_IMAGE_MEMORY_ENV] = str(budget)
 
 
 def _parse_batch_size(text: str) -> int | None:
@@ -507,10 +568,17 @@ def heatmap(
     unit: Optional[str] = typer.Option(None, help="Colour-bar label (default: from the map's score sidecar)."),
     resample: bool = typer.Option(False, "--resample", help="Resample a map/label on another grid onto the scan through the affines."),
     as_html: bool = typer.Option(False, "--html", help="Draw every subject of the folders into one self-contained HTML page."),
+    interactive: bool = typer.Option(False, "--interactive", help="Write an interactive NiiVue page (scroll, crosshair, threshold and opacity sliders) instead of pictures; no network needed to open it."),
 ) -> None:
     """Overlay the anomaly map on the scan: 3-view montage (radiological), colour bar, lesion outline."""
+    from uadct.outputs import check_output_file, refuse_overwriting_inputs
     from uadct.report import render_heatmap, render_html
 
+    refuse_overwriting_inputs([output], [p for p in (subject, anomaly_map, label) if p is not None])
+    check_output_file(output, "PNG" if not (as_html or interactive) else "HTML page")
+    if interactive:
+        _interactive_page(subject, anomaly_map, output, label, threshold, resample, as_html)
+        return
     if not as_html:
         path = render_heatmap(subject, anomaly_map, output, label=label, n_slices=slices, threshold=threshold,
                               unit=unit, resample=resample)
@@ -527,6 +595,52 @@ def heatmap(
         result = render_html(subject, anomaly_map, output, labels_dir=label, n_slices=slices, threshold=threshold,
                              resample=resample, progress=report)
     out.print(f"html: {result.path} ({len(result.subjects)} subject(s))")
+    for name, error in result.failed:
+        console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Checkpoint written by `uadct train`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Network file to write (model.onnx or model.ts); <file>.json goes beside it."),
+    export_format: str = typer.Option("onnx", "--format", metavar="onnx|torchscript", help="ONNX (needs uadct[export]) or TorchScript."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Export the patch network (dynamic batch axis) with a JSON of its preprocessing and patch metadata."""
+    from uadct.export import export_checkpoint, export_json_path
+    from uadct.outputs import check_output_file, refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([output, export_json_path(output)], [model])
+    check_output_file(output, "exported network")
+    if output.exists() and not force:
+        raise InputError(f"{output}: exists; pass --force to overwrite")
+    result = export_checkpoint(model, output, export_format)
+    out.print(f"{result.format}: {result.path} (inputs {', '.join(result.inputs)}; outputs {', '.join(result.outputs)})")
+    out.print(f"metadata: {result.json_path}")
+
+
+def _interactive_page(subject: Path, anomaly_map: Path, output: Path, label: Optional[Path], threshold: Optional[float],
+                      resample: bool, folders: bool) -> None:
+    """`heatmap --interactive`: one subject's files, or with --html the folders, into a NiiVue page."""
+    from uadct.viewer import ViewerSubject, match_subjects, write_viewer
+
+    if folders:
+        subjects, failed = match_subjects(subject, anomaly_map, label)
+    else:
+        from uadct.io import strip_nifti_suffix
+
+        subjects, failed = [ViewerSubject(strip_nifti_suffix(subject), subject, anomaly_map, label)], []
+    with _progress() as bar:
+        task = bar.add_task("viewer", total=len(subjects), info="")
+
+        def report(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, info=name)
+
+        result = write_viewer(subjects, output, threshold=threshold, resample=resample, failed=failed, progress=report)
+    out.print(f"viewer: {result.path} ({len(result.subjects)} subject(s))")
     for name, error in result.failed:
         console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
     if result.failed:
@@ -555,6 +669,9 @@ def evaluate(
 ) -> None:
     """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
     from uadct.evaluate import EvaluationOptions, evaluate_folder, fpr_key
+    from uadct.outputs import check_output_folder
+
+    check_output_folder(output)
 
     try:
         fprs = tuple(float(item) for item in fpr.split(",") if item.strip())
@@ -579,7 +696,7 @@ def evaluate(
                   "image_score": None}
     for row in result.per_subject + [pooled_row]:
         table.add_row(str(row["subject"]), _fmt(row.get("auroc")), _fmt(row.get("auprc")), _fmt(row.get("best_dice")),
-                      *(_fmt(row.get(fpr_key("dice", f))) for f in fprs), f"{row['n_detected']}/{row['n_lesions']}",
+                      *(_fmt(row.get(fpr_key("dice", f))) for f in fprs), _lesions_cell(row, result.pooled["lesion"]),
                       _fmt(row["n_fp_clusters"]) if row["subject"] == "pooled" else str(row["n_fp_clusters"]),
                       _fmt(row.get("image_score")), style="bold" if row["subject"] == "pooled" else None)
     out.print(table)
@@ -594,6 +711,16 @@ def evaluate(
         raise typer.Exit(1)
 
 
+def _lesions_cell(row: dict[str, Any], lesion: dict[str, Any]) -> str:
+    """Lesions found, or that the threshold flags the whole brain (nothing was detected)."""
+    if row.get("threshold_flags") == "everything":
+        return "threshold flags everything"
+    flagged_all = lesion.get("subjects_where_threshold_flags_everything") or []
+    if row["subject"] == "pooled" and flagged_all:
+        return f"{row['n_detected']}/{row['n_lesions']} ({len(flagged_all)} subject(s): threshold flags everything)"
+    return f"{row['n_detected']}/{row['n_lesions']}"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -606,6 +733,7 @@ def _fmt(value: Any) -> str:
 
 def main() -> None:
     """Console-script entry point: UadctError -> one line on stderr, exit code 2."""
+    previous_allowance = os.environ.get("UADCT_MAX_IMAGE_MEMORY")
     try:
         app()
     except UadctError as exc:
@@ -615,3 +743,8 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    finally:  # in-process callers (tests, notebooks) get the environment back
+        if previous_allowance is None:
+            os.environ.pop("UADCT_MAX_IMAGE_MEMORY", None)
+        else:
+            os.environ["UADCT_MAX_IMAGE_MEMORY"] = previous_allowance

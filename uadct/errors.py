@@ -25,3 +25,7 @@ class AtlasError(UadctError):
 
 class PreprocessError(UadctError):
     """A preprocessing step failed for one subject (e.g. empty brain mask)."""
+
+
+class OutputError(UadctError):
+    """An output cannot be written where asked, or would destroy one of the command's inputs."""

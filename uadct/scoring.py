@@ -28,6 +28,7 @@ from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
+from uadct.preprocess.resolution import harmonized_config
 from uadct.train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ def score_scan(
     output_kind: str | None = None,
     mood: bool = False,
     max_memory: int | None = None,
+    harmonize: bool = True,
 ) -> ScoreResult:
     """Score a raw scan (or a prepared subject folder) and write its native-space map.
 
@@ -257,7 +259,9 @@ def score_scan(
     atlas grid and the brain mask on the subject's grid. With ``mood`` the map is scaled
     to [0, 1] (see :func:`mood_scaled`) and the image-level score of the scaled map, also
     in [0, 1], is written alone to ``<map>.txt`` (MOOD sample score). ``batch_size`` None:
-    automatic within ``max_memory`` bytes (see :func:`score_volume`).
+    automatic within ``max_memory`` bytes (see :func:`score_volume`). ``harmonize``: blur a
+    raw scan finer than the model's training data to its resolution first (see
+    :mod:`uadct.preprocess.resolution`).
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint_path = Path(checkpoint)
@@ -278,9 +282,13 @@ def score_scan(
         transform = prepared.atlas_to_subject
         native = prepared.native_reference
         input_sha = prepared.sidecar.get("input", {}).get("sha256")
+        resolution = prepared.sidecar.get("resolution", {})
     else:
         image = read_image(subject)
-        config = PreprocessConfig.from_dict(checkpoint.preprocess)
+        try:
+            config = harmonized_config(PreprocessConfig.from_dict(checkpoint.preprocess), checkpoint.metadata, harmonize)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{checkpoint_path or 'checkpoint'}: its preprocessing settings are invalid ({exc})") from None
         atlas = load_atlas(config.atlas)
         expected = checkpoint.metadata.get("atlas", {}).get("sha256")
         if expected and expected != atlas.checksum:
@@ -292,6 +300,7 @@ def score_scan(
             raise type(exc)(f"{subject}: {exc}") from None
         atlas_image, atlas_mask, transform, native = result.image, result.mask, result.atlas_to_subject, image
         input_sha = sha256_of(subject)
+        resolution = result.resolution
     timings["preprocess"] = round(time.perf_counter() - clock, 3)
     clock = time.perf_counter()
     mask_array = sitk.GetArrayFromImage(atlas_mask)
@@ -300,6 +309,9 @@ def score_scan(
         checkpoint, sitk.GetArrayFromImage(atlas_image), mask_array, stride, batch_size, device, progress,
         gaussian_sigma=gaussian_sigma, output_kind=output_kind, max_memory=max_memory, plan_out=plan,
     )
+    if not np.isfinite(atlas_map).all():
+        raise UadctError(f"{subject}: the model gave NaN or infinite scores ({checkpoint_path or 'checkpoint'}); "
+                         "no map was written")
     scaling = None
     if mood:
         scale = checkpoint.metadata.get(MOOD_SCALE_KEY)
@@ -339,6 +351,7 @@ def score_scan(
             "settings": settings,
             "batch": plan,
             "timings_s": timings,
+            "resolution": resolution,
         },
         json_path,
     )
@@ -359,9 +372,21 @@ def mood_score_path(map_path: str | Path) -> Path:
     return Path(str(map_path) + ".txt")
 
 
-def map_state(out_path: str | Path, settings: dict[str, Any]) -> str:
-    """``"done"`` (map and sidecar there, same settings), ``"different"`` (made with other
-    settings or another checkpoint) or ``"missing"`` (absent, or left incomplete by a killed run)."""
+def input_checksum(subject: str | Path) -> str | None:
+    """SHA-256 of a raw scan, or the one a prepared folder's sidecar records for its input."""
+    subject = Path(subject)
+    if subject.is_dir():
+        try:
+            return json.loads((subject / SIDECAR).read_text()).get("input", {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return sha256_of(subject) if subject.is_file() else None
+
+
+def map_state(out_path: str | Path, settings: dict[str, Any], input_sha256: str | None = None) -> str:
+    """``"done"`` (map and sidecar there, same settings, same input checksum when given),
+    ``"stale"`` (the input was replaced since), ``"different"`` (made with other settings or
+    another checkpoint) or ``"missing"`` (absent, or left incomplete by a killed run)."""
     out_path = Path(out_path)
     json_path = map_sidecar_path(out_path)
     if not out_path.is_file() or not json_path.is_file():
@@ -369,10 +394,13 @@ def map_state(out_path: str | Path, settings: dict[str, Any]) -> str:
     if settings.get("mood") and not mood_score_path(out_path).is_file():
         return "missing"
     try:
-        recorded = json.loads(json_path.read_text()).get("settings")
+        sidecar = json.loads(json_path.read_text())
+        recorded = sidecar.get("settings")
     except (OSError, ValueError, AttributeError):
         return "missing"
-    return "done" if recorded == settings else "different"
+    if recorded != settings:
+        return "different"
+    return "stale" if input_sha256 is not None and sidecar.get("input_sha256") != input_sha256 else "done"
 
 
 @dataclass
@@ -410,7 +438,7 @@ def score_if_needed(
         for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path):
             if written is not None:
                 remove_stale_temporaries(written)
-        state = map_state(out_path, settings)
+        state = map_state(out_path, settings, input_checksum(subject))
         if state == "done" and not force:
             return ScoreOutcome("skipped", message=f"{out_path}: done")
         if state == "different" and not force:

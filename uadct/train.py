@@ -51,6 +51,7 @@ from uadct.models import AnomalyModel, build_model
 from uadct.memory import BatchPlan, available_memory, plan_batch, training_memory
 from uadct.patches import PatchSpec, extract_patches, patch_centres, valid_training_positions
 from uadct.preprocess.pipeline import SIDECAR, find_prepared, library_versions, load_prepared
+from uadct.preprocess.resolution import training_resolution
 
 log = logging.getLogger(__name__)
 
@@ -872,7 +873,7 @@ def _train(
     val_volumes, val_signature = load_volumes(val_dirs, spec, config.max_background, config.exclude_labels)
     if val_signature != signature:
         raise UadctError(f"{prep_dir}: subjects were preprocessed with different parameters; preprocess all subjects alike")
-    augmenter = ContrastAugmenter().fit([v.tissue.theta for v in train_volumes if v.tissue is not None]) if gmm else None
+    augmenter = ContrastAugmenter(normalization=(signature["config"] or {}).get("normalization", "percentile")).fit([v.tissue.theta for v in train_volumes if v.tissue is not None]) if gmm else None
     model = build_model(config.model, {"patch_size": config.patch_size, "dims": config.dims, **config.model_options}).to(device)
     check_training_memory(model, spec, config, device, distributed.world_size, max_memory)
     optimizers = model.configure_optimizers(config.learning_rate)
@@ -949,6 +950,7 @@ def _train(
             "patch": {"size": spec.size, "dims": spec.dims},
             "preprocess": signature["config"],
             "atlas": signature["atlas"],
+            "resolution": training_resolution([_read_sidecar(Path(f)) for f in [*train_dirs, *val_dirs]]),
             "training": {
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
                 "best_epoch": best_epoch,

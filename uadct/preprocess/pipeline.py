@@ -21,6 +21,7 @@ is built under a temporary name and renamed into place, so it is complete or abs
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import logging
 import shutil
@@ -37,12 +38,14 @@ from uadct import __version__
 from uadct.atlas import Atlas, load_atlas
 from uadct.errors import InputError, PreprocessError, UadctError
 from uadct.locks import output_lock, remove_stale_temporaries
+from uadct.outputs import folder_mode, write_failure
 from uadct.io import (array_like, grid_image, grid_of, read_image, same_grid, sha256_of, strip_nifti_suffix, write_image,
                       write_json)
 from uadct.preprocess.bids import SINGLE, SubjectInputs, bids_file_names, write_derivative_description
 from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU, correct_bias_field, normalize_intensity
 from uadct.preprocess.masks import binarize_and_open, mask_volume_ml
 from uadct.preprocess.register import Registration, load_affine, register_to_atlas, save_transform
+from uadct.preprocess.resolution import effective_voxel_mm, harmonize_resolution, voxel_size_mm
 from uadct.preprocess.skullstrip import extract_brain_mask
 
 log = logging.getLogger(__name__)
@@ -54,9 +57,12 @@ FAILED_REGISTRATION_DICE = 0.5  # below: the subject fails (registration diverge
 SCALE_RANGE = (0.5, 2.0)  # singular values of the atlas->subject matrix outside: diverged
 
 
+LEGACY_BIAS_CORRECTION = "n4"  # what configs recorded without bias_correction_method ran
+BIAS_CORRECTIONS = ("robust", "n4")
+
 # per-modality defaults of the fields that differ (see PreprocessConfig.for_modality)
 MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mr": {"skull_strip": "deepbet", "bias_correction": True, "normalization": "percentile"},
+    "mr": {"skull_strip": "deepbet", "bias_correction": True, "bias_correction_method": "robust", "normalization": "tissue"},
     "ct": {"skull_strip": "ct", "bias_correction": False, "normalization": "ct-window"},
 }
 
@@ -69,13 +75,15 @@ class PreprocessConfig:
     skull_strip: str = "deepbet"
     registration: str = "affine"
     bias_correction: bool = True
-    normalization: str = "percentile"
+    bias_correction_method: str = "robust"  # "robust": N4 fitted on normal tissue only (uadct.preprocess.tissue); "n4": whole mask
+    normalization: str = "tissue"  # normal-tissue median -> 0.5, 4 robust SDs -> 1 (lesion-robust); "percentile" before
     percentiles: tuple[float, float] = (5.0, 95.0)
     ct_window: tuple[float, float] = CT_BRAIN_WINDOW_HU  # (level, width) in HU, for normalization="ct-window"
     mask_threshold: float = 0.5
     mask_opening_radius: int = 2
     sequences: tuple[str, ...] = ()  # e.g. ("T1w", "FLAIR"); empty: one scan per subject
     reference: str = ""  # the sequence that is skull-stripped and registered (default: the first)
+    resolution_mm: float | None = None  # blur finer scans to this effective resolution first (uadct.preprocess.resolution)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -88,6 +96,7 @@ class PreprocessConfig:
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("bias_correction_method", LEGACY_BIAS_CORRECTION)  # recorded before the field existed
         for name in ("percentiles", "ct_window", "sequences"):
             if name in values:
                 values[name] = tuple(values[name])
@@ -95,7 +104,7 @@ class PreprocessConfig:
 
     @classmethod
     def for_modality(cls, modality: str, **overrides: Any) -> "PreprocessConfig":
-        """Defaults for ``mr`` (deepbet, N4, percentile) or ``ct`` (HU thresholds, no N4, brain window).
+        """Defaults for ``mr`` (deepbet, robust N4, tissue normalisation) or ``ct`` (HU thresholds, no N4, brain window).
 
         ``overrides`` that are not None replace the modality's defaults.
         """
@@ -103,6 +112,11 @@ class PreprocessConfig:
             raise InputError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITY_DEFAULTS)}")
         values = dict(MODALITY_DEFAULTS[modality])
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("bias_correction_method", LEGACY_BIAS_CORRECTION) not in BIAS_CORRECTIONS:
+            raise InputError(f"unknown bias-field correction {values['bias_correction_method']!r}; "
+                             f"choose one of {', '.join(BIAS_CORRECTIONS)}")
+        if values.get("resolution_mm") is not None and not values["resolution_mm"] > 0:
+            raise InputError(f"the target resolution must be positive, got {values['resolution_mm']:g} mm")
         return cls(**values)
 
 
@@ -121,6 +135,7 @@ class PreprocessedSubject:
     others: dict[str, sitk.Image] = field(default_factory=dict)  # other sequences, same grid and mask
     other_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    resolution: dict[str, Any] = field(default_factory=dict)  # input voxel size, blur, effective resolution (mm)
 
     @property
     def subject_to_atlas(self) -> sitk.AffineTransform:
@@ -154,15 +169,22 @@ def run_preprocessing(
         timings[name] = round(now - clock, 3)
         clock = now
 
-    native_mask = extract_brain_mask(image, config.skull_strip, mask_path, hdbet_weights)
+    native_image = image
+    resolution: dict[str, Any] = {"input_voxel_mm": voxel_size_mm(image), "effective_mm": effective_voxel_mm(voxel_size_mm(image))}
+    if config.resolution_mm:
+        image, resolution = harmonize_resolution(image, config.resolution_mm)
+        others = {name: harmonize_resolution(other, config.resolution_mm)[0] for name, other in (others or {}).items()}
+        lap("harmonize_resolution")
+    native_mask = extract_brain_mask(native_image, config.skull_strip, mask_path, hdbet_weights)
     lap("skull_strip")
     brain_ml = mask_volume_ml(native_mask)
     if brain_ml < MIN_BRAIN_ML and config.skull_strip != "none":
         raise PreprocessError(f"the brain mask is tiny ({brain_ml:.0f} ml): skull-stripping failed")
     if brain_ml <= 0:
         raise PreprocessError("the brain mask is empty")
+    bias_quality: dict[str, float] = {}
     if config.bias_correction:
-        image = correct_bias_field(image, native_mask)
+        image, bias_quality = _bias_correct(image, native_mask, config.bias_correction_method)
         lap("bias_correction")
     brain = sitk.Mask(image, native_mask)
     registration: Registration = register_to_atlas(brain, atlas.brain, config.registration)
@@ -177,6 +199,7 @@ def run_preprocessing(
     if not mask_array.any():
         raise PreprocessError("the brain mask is empty after registration (registration diverged)")
     quality = registration_quality(sitk.GetArrayViewFromImage(warped), mask_array, atlas)
+    quality.update({f"bias_{k}": v for k, v in bias_quality.items()})
     if not quality["mask_dice"] >= FAILED_REGISTRATION_DICE:
         raise PreprocessError(f"registration diverged: Dice of the warped brain mask with the atlas brain is "
                               f"{quality['mask_dice']:.2f} (< {FAILED_REGISTRATION_DICE})")
@@ -193,7 +216,7 @@ def run_preprocessing(
             warnings.append(f"{name} resampled onto the reference's grid")
             other = sitk.Resample(other, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         if config.bias_correction:
-            other = correct_bias_field(other, native_mask)
+            other = _bias_correct(other, native_mask, config.bias_correction_method)[0]
         other_warped = sitk.Resample(sitk.Mask(other, native_mask), atlas.brain, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         try:
             other_normalized, other_stats[name] = normalize_intensity(
@@ -207,7 +230,7 @@ def run_preprocessing(
         image=array_like(normalized, atlas.brain),
         mask=mask,
         atlas_to_subject=transform,
-        native_grid=grid_of(image),
+        native_grid=grid_of(native_image),
         parameter_text=registration.parameter_text,
         normalization_stats=stats,
         timings=timings,
@@ -215,7 +238,19 @@ def run_preprocessing(
         others=prepared_others,
         other_stats=other_stats,
         warnings=warnings,
+        resolution=resolution,
     )
+
+
+def _bias_correct(image: sitk.Image, mask: sitk.Image, method: str) -> tuple[sitk.Image, dict[str, float]]:
+    """N4 under the whole mask (``n4``) or on normal tissue only (``robust``)."""
+    if method == "robust":
+        from uadct.preprocess.tissue import correct_bias_field_robust
+
+        return correct_bias_field_robust(image, mask)
+    if method == "n4":
+        return correct_bias_field(image, mask), {}
+    raise PreprocessError(f"unknown bias correction {method!r}; choose one of {', '.join(BIAS_CORRECTIONS)}")
 
 
 def check_transform(transform: sitk.AffineTransform, scale_range: tuple[float, float] = SCALE_RANGE) -> None:
@@ -385,6 +420,7 @@ def _preprocess_locked(inputs: SubjectInputs, subject_dir: Path, config: Preproc
         "config": config.to_dict(),
         "atlas": {"name": atlas.name, "sha256": atlas.checksum},
         "native_grid": result.native_grid,
+        "resolution": result.resolution,
         "normalization_stats": result.normalization_stats,
         "sequence_normalization_stats": result.other_stats,
         "timings_s": result.timings,
@@ -413,6 +449,7 @@ def write_prepared(result: PreprocessedSubject, sidecar: dict[str, Any], subject
     subject_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{subject_dir.name}.", suffix=".tmp", dir=subject_dir.parent))
     try:
+        os.chmod(staging, folder_mode())  # mkdtemp makes it 0700; the umask decides
         write_image(result.image, staging / files["images"][reference])
         for name, image in result.others.items():
             write_image(image, staging / files["images"][name])
@@ -428,6 +465,9 @@ def write_prepared(result: PreprocessedSubject, sidecar: dict[str, Any], subject
         staging.rename(subject_dir)
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
+    except OSError as exc:  # disk full, read-only: one line, nothing half-written left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failure(subject_dir, exc) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
