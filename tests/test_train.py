@@ -234,7 +234,7 @@ def test_cli_resume_file_of_other_settings_is_refused_and_force_starts_over(prep
         if event == "epoch":
             raise RuntimeError("stop")
 
-    config = TrainConfig(batch_size=16, patches_per_epoch=64, validation_patches=32, max_epochs=2, patience=200,
+    config = TrainConfig(model="cae", batch_size=16, patches_per_epoch=64, validation_patches=32, max_epochs=2, patience=200,
                          device="cpu", learning_rate=0.1)
     with pytest.raises(RuntimeError):
         train_model(prep, model, config, progress=crash)
