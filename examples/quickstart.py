@@ -3,7 +3,9 @@
 Generates a demo cohort from the SRI24 head T1 (healthy scans, and test scans with
 inserted lesions and their masks), then runs `uadct preprocess`, `uadct train`,
 `uadct score`, `uadct heatmap` and `uadct evaluate`, timing each step, and ends with
-the evaluation table and the paths of the outputs.
+the evaluation table and the paths of the outputs. The test scans are also scored by the
+pretrained T1 model shipped in the package (`uadct score t1 ...`: no training), with a
+binary lesion mask at a 1 % healthy false-positive rate.
 
     python examples/quickstart.py --output demo_out
 """
@@ -69,6 +71,11 @@ def main() -> None:
                             "--force"], timings)
     run("baseline: evaluate", ["evaluate", str(root / "maps_threshold"), str(cohort / "labels"), "-o",
                                str(root / "report_threshold"), "--brain-masks", str(masks)], timings)
+    # the pretrained model shipped in the package: raw scans in, no training (uadct models --pretrained)
+    run("pretrained: score", ["score", "t1", str(cohort / "test"), "-o", str(root / "maps_pretrained"),
+                              "--fpr", "0.01", "--mask-out", str(root / "lesions_pretrained"), "--force"], timings)
+    run("pretrained: evaluate", ["evaluate", str(root / "maps_pretrained"), str(cohort / "labels"), "-o",
+                                 str(root / "report_pretrained"), "--brain-masks", str(masks)], timings)
     run("heatmap", ["heatmap", str(tests[0]), str(maps / f"{first}.nii.gz"), "-o", str(png),
                     "--label", str(cohort / "labels" / f"{first}.nii.gz")], timings)
     run("evaluate", ["evaluate", str(maps), str(cohort / "labels"), "-o", str(report), "--brain-masks", str(masks)], timings)
@@ -78,16 +85,21 @@ def main() -> None:
     baseline = json.loads((root / "report_threshold" / "metrics.json").read_text())
     baseline_rows = {row["subject"]: row for row in baseline["per_subject"]}
     baseline_rows["pooled"] = baseline["pooled"]
+    pretrained = json.loads((root / "report_pretrained" / "metrics.json").read_text())
+    pretrained_rows = {row["subject"]: row for row in pretrained["per_subject"]}
+    pretrained_rows["pooled"] = pretrained["pooled"]
     name = json.loads((maps / f"{first}.json").read_text()).get("model") or "default model"
     table = Table(title=f"uadct demo: inserted lesions, voxel level inside the brain ({name}, the default model, "
-                        "beside the threshold baseline)")
+                        "beside the threshold baseline and the pretrained t1 model, which was not trained here)")
     for column in ("subject", f"{name} AUROC", f"{name} AUPRC", f"{name} best Dice", "threshold AUROC", "threshold AUPRC",
-                   "threshold best Dice"):
+                   "threshold best Dice", "pretrained t1 AUROC", "pretrained t1 AUPRC", "pretrained t1 best Dice"):
         table.add_column(column)
     for row in metrics["per_subject"] + [{"subject": "pooled", **metrics["pooled"]}]:
         other = baseline_rows.get(row["subject"], {})
+        shipped = pretrained_rows.get(row["subject"], {})
         table.add_row(str(row["subject"]), *(_fmt(row.get(k)) for k in ("auroc", "auprc", "best_dice")),
                       _fmt(other.get("auroc")), _fmt(other.get("auprc")), _fmt(other.get("best_dice")),
+                      _fmt(shipped.get("auroc")), _fmt(shipped.get("auprc")), _fmt(shipped.get("best_dice")),
                       style="bold" if row["subject"] == "pooled" else None)
     console.print(table)
     steps = Table("step", "seconds", title=f"wall time {total:.0f} s")
@@ -97,6 +109,7 @@ def main() -> None:
     console.print(f"map:    {maps / (first + '.nii.gz')}")
     console.print(f"PNG:    {png}")
     console.print(f"report: {report / 'report.md'}")
+    console.print(f"pretrained t1 maps: {root / 'maps_pretrained'}; lesion masks (1 % healthy FPR): {root / 'lesions_pretrained'}")
 
 
 def _fmt(value) -> str:

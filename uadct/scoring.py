@@ -22,11 +22,13 @@ import torch
 
 from uadct.atlas import load_atlas
 from uadct.checkpoint import Checkpoint, load_checkpoint
+from uadct.dicom import is_dicom_folder
 from uadct.errors import CheckpointError, InputError, UadctError
 from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, write_image, write_json, write_text
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
+from uadct.postprocess import MapOptions, clean_lesion_mask, finish_map
 from uadct.preprocess.pipeline import SIDECAR, PreprocessConfig, load_prepared, run_preprocessing
 from uadct.preprocess.resolution import harmonized_config
 from uadct.train import resolve_device
@@ -225,7 +227,7 @@ def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int = IM
 
 
 def score_settings(checkpoint: Checkpoint, stride: int = 4, gaussian_sigma: float | None = None,
-                   output_kind: str | None = None, mood: bool = False) -> dict[str, Any]:
+                   output_kind: str | None = None, mood: bool = False, map_options: MapOptions | None = None) -> dict[str, Any]:
     """Everything that decides a map's values; a map made with other settings is not "done"."""
     return {
         "checkpoint_sha256": checkpoint.sha256,
@@ -233,6 +235,7 @@ def score_settings(checkpoint: Checkpoint, stride: int = 4, gaussian_sigma: floa
         "gaussian_sigma": gaussian_sigma,
         "output_kind": resolve_output_kind(checkpoint.model, output_kind),
         "mood": bool(mood),
+        **(map_options.settings() if map_options is not None else {}),  # only non-default options: old maps stay "done"
     }
 
 
@@ -251,6 +254,8 @@ def score_scan(
     mood: bool = False,
     max_memory: int | None = None,
     harmonize: bool = True,
+    map_options: MapOptions | None = None,
+    lesion_mask_path: str | Path | None = None,
 ) -> ScoreResult:
     """Score a raw scan (or a prepared subject folder) and write its native-space map.
 
@@ -261,19 +266,28 @@ def score_scan(
     in [0, 1], is written alone to ``<map>.txt`` (MOOD sample score). ``batch_size`` None:
     automatic within ``max_memory`` bytes (see :func:`score_volume`). ``harmonize``: blur a
     raw scan finer than the model's training data to its resolution first (see
-    :mod:`uadct.preprocess.resolution`).
+    :mod:`uadct.preprocess.resolution`). ``map_options``: post-processing, calibrated units
+    and a healthy false-positive rate (see :mod:`uadct.postprocess`); with its ``fpr``,
+    ``lesion_mask_path`` receives the binary lesion mask (uint8, the input's grid).
     """
+    map_options = map_options or MapOptions()
+    if lesion_mask_path is not None and map_options.fpr is None:
+        raise UadctError(f"{lesion_mask_path}: a lesion mask needs a false-positive rate (--fpr)")
+    if mood and (map_options.units != "raw" or map_options.fpr is not None):
+        raise UadctError("--mood maps are scaled to [0, 1] by the MOOD rule; leave out --units and --fpr")
     if not isinstance(checkpoint, Checkpoint):
-        checkpoint_path = Path(checkpoint)
+        from uadct.pretrained import resolve_checkpoint
+
+        checkpoint_path = resolve_checkpoint(checkpoint)  # a file, or a shipped model's name
         checkpoint = load_checkpoint(checkpoint_path)
     else:
         checkpoint_path = None
     subject = Path(subject)
     out_path = Path(out_path)
-    settings = score_settings(checkpoint, stride, gaussian_sigma, output_kind, mood)
+    settings = score_settings(checkpoint, stride, gaussian_sigma, output_kind, mood, map_options)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    if subject.is_dir():
+    if subject.is_dir() and not is_dicom_folder(subject):  # a DICOM series folder is a raw scan
         if not (subject / SIDECAR).is_file():
             raise InputError(f"{subject}: a folder must be a prepared subject (with {SIDECAR})")
         prepared = load_prepared(subject)
@@ -312,6 +326,10 @@ def score_scan(
     if not np.isfinite(atlas_map).all():
         raise UadctError(f"{subject}: the model gave NaN or infinite scores ({checkpoint_path or 'checkpoint'}); "
                          "no map was written")
+    finished = finish_map(atlas_map, mask_array, tuple(atlas_image.GetSpacing()[::-1]), checkpoint.metadata, settings, map_options)
+    atlas_map, mask_array = finished.anomaly_map, finished.mask
+    if map_options.post.map_settings():
+        atlas_mask = array_like(mask_array, atlas_mask)
     scaling = None
     if mood:
         scale = checkpoint.metadata.get(MOOD_SCALE_KEY)
@@ -326,8 +344,18 @@ def score_scan(
     if mood:  # linear interpolation cannot leave [0, 1]; clamp float rounding anyway
         native_map = sitk.Clamp(native_map, sitk.sitkFloat32, 0.0, 1.0)
     timings["resample"] = round(time.perf_counter() - clock, 3)
+    lesion_mask = None
+    if finished.threshold is not None:
+        above = (sitk.GetArrayFromImage(native_map) > finished.threshold) & (sitk.GetArrayFromImage(native_mask) > 0)
+        lesion_mask = sitk.GetImageFromArray(clean_lesion_mask(above, map_options.post).astype(np.uint8))
+        lesion_mask.CopyInformation(native)
+        finished.record["lesion_voxels"] = int(sitk.GetArrayViewFromImage(lesion_mask).sum())
+        finished.record["lesion_mask"] = str(lesion_mask_path) if lesion_mask_path is not None else None
     score = image_level_score(atlas_map, mask_array)
     write_image(native_map, out_path)
+    if lesion_mask is not None and lesion_mask_path is not None:
+        Path(lesion_mask_path).parent.mkdir(parents=True, exist_ok=True)
+        write_image(lesion_mask, lesion_mask_path)
     if mood:
         write_text(f"{score:.6f}\n", mood_score_path(out_path))
     if atlas_map_path is not None:
@@ -348,6 +376,7 @@ def score_scan(
             "output_kind": settings["output_kind"],
             "gaussian_sigma": gaussian_sigma,
             "mood_scaling": scaling,
+            **finished.record,
             "settings": settings,
             "batch": plan,
             "timings_s": timings,
@@ -431,14 +460,17 @@ def score_if_needed(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     settings = score_settings(checkpoint, options.get("stride", 4), options.get("gaussian_sigma"),
-                              options.get("output_kind"), options.get("mood", False))
+                              options.get("output_kind"), options.get("mood", False), options.get("map_options"))
+    lesion_mask_path = options.get("lesion_mask_path")
     with output_lock(out_path.parent, out_path.name) as mine:
         if not mine:
             return ScoreOutcome("busy", message=f"{out_path}: another task is writing this map")
-        for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path):
+        for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path, lesion_mask_path):
             if written is not None:
                 remove_stale_temporaries(written)
         state = map_state(out_path, settings, input_checksum(subject))
+        if state == "done" and lesion_mask_path is not None and not Path(lesion_mask_path).is_file():
+            state = "missing"
         if state == "done" and not force:
             return ScoreOutcome("skipped", message=f"{out_path}: done")
         if state == "different" and not force:

@@ -36,6 +36,7 @@ import SimpleITK as sitk
 
 from uadct import __version__
 from uadct.atlas import Atlas, load_atlas
+from uadct.dicom import is_dicom_folder
 from uadct.errors import InputError, PreprocessError, UadctError
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.outputs import folder_mode, write_failure
@@ -378,7 +379,7 @@ def preprocess_subject(
     if inputs.missing:
         raise InputError(f"{reference_path}: no {', '.join(inputs.missing)} scan for subject {inputs.subject}")
     for path in inputs.images.values():
-        if not Path(path).is_file():
+        if not Path(path).is_file() and not is_dicom_folder(path):  # a DICOM series folder is one scan
             raise InputError(f"{path}: file not found")
     checksums = {name: sha256_of(path) for name, path in inputs.images.items()}
     if not force and is_complete(subject_dir, config, checksums):
