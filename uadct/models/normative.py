@@ -87,7 +87,10 @@ class NormativeModel(NonTrainableModel):
         self._register_load_state_dict_pre_hook(self._resize_buffers)
 
     def _resize_buffers(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """The stored box's size is only known from the checkpoint: take the incoming shapes."""
+        """The stored box's size is only known from the checkpoint: take the incoming shapes.
+        Checkpoints written before ``tail_code`` existed used the configured tail (``auto`` did not exist)."""
+        if prefix + "tail_code" not in state_dict:
+            state_dict[prefix + "tail_code"] = self.tail_code.clone()
         for key in ("location", "scale"):
             incoming = state_dict.get(prefix + key)
             if incoming is not None and tuple(incoming.shape) != tuple(getattr(self, key).shape):
