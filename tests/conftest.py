@@ -53,7 +53,8 @@ def atlas_grid_subjects(small_atlas_path):
     Returns ``(raw_dir, prep_dir)``.
     """
     from uadct.io import read_image, write_image
-    from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+    from uadct.preprocess.batch import preprocess_many
+    from uadct.preprocess.config import PreprocessConfig
 
     template = read_image(small_atlas_path)
     array = sitk.GetArrayFromImage(template)

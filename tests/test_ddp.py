@@ -14,7 +14,7 @@ from torch import nn
 
 from uadct.checkpoint import load_checkpoint
 from uadct.models.base import AnomalyModel, ModelConfig
-from uadct.train import TrainConfig, resume_path, train_model
+from uadct.training import TrainConfig, resume_path, train_model
 
 
 class LinearAutoencoder(AnomalyModel):
@@ -80,8 +80,8 @@ def test_two_processes_average_gradients_like_one_process_with_the_global_batch(
 
 
 def test_torchrun_two_processes_train_a_model_that_loads_and_scores(prep, tmp_path):
-    from uadct.preprocess.pipeline import find_prepared
-    from uadct.scoring import score_scan
+    from uadct.inference import score_scan
+    from uadct.preprocess.prepared import find_prepared
 
     out = tmp_path / "model.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -14,8 +14,10 @@ from uadct.cli import app
 from uadct.errors import InputError, PreprocessError
 from uadct.io import read_image, same_grid, write_image
 from uadct.preprocess.bids import SubjectInputs
-from uadct.preprocess.pipeline import (PreprocessConfig, check_transform, find_prepared, load_prepared, preprocess_many,
-                                       preprocess_subject)
+from uadct.preprocess.batch import preprocess_many
+from uadct.preprocess.chain import check_transform, preprocess_subject
+from uadct.preprocess.config import PreprocessConfig
+from uadct.preprocess.prepared import find_prepared, load_prepared
 
 runner = CliRunner()
 FAST = dict(skull_strip="none", registration="none", bias_correction=False)

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from uadct.cli import app
 from uadct.io import read_image, write_image
-from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+from uadct.preprocess.batch import preprocess_many
+from uadct.preprocess.config import PreprocessConfig
 
 runner = CliRunner()
 FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction"]

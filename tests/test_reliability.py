@@ -128,8 +128,8 @@ def test_real_allocation_failure_halves_the_batch(scoring_setup, tmp_path):
         import json, resource, sys
         import numpy as np, SimpleITK as sitk
         from uadct.checkpoint import load_checkpoint
-        from uadct.preprocess.pipeline import load_prepared
-        from uadct.scoring import score_volume
+        from uadct.inference import score_volume
+        from uadct.preprocess.prepared import load_prepared
         checkpoint = load_checkpoint({str(model)!r})
         prepared = load_prepared({str(prep / 'case-2')!r})
         image, mask = sitk.GetArrayFromImage(prepared.image), sitk.GetArrayFromImage(prepared.mask)

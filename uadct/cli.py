@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -123,12 +122,13 @@ def demo(
 
 # ----------------------------------------------------------------------------- preprocess
 def _collect_inputs(inputs: list[str]) -> list[Path]:
+    from uadct.batch import read_path_list
     from uadct.io import is_nifti, list_niftis
 
     paths: list[Path] = []
     for item in inputs:
         if item == "-":
-            paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
+            paths += read_path_list()
             continue
         path = Path(item)
         if path.is_dir():
@@ -187,7 +187,8 @@ def preprocess(
     from uadct.batch import resolve_shard, select_shard
     from uadct.preprocess.bids import parse_sequences, resolve_reference
     from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
-    from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+    from uadct.preprocess.batch import preprocess_many
+    from uadct.preprocess.config import PreprocessConfig
 
     names = parse_sequences(sequences)
     participants = [label for item in participant_label or [] for label in item.replace(",", " ").split()]
@@ -236,9 +237,11 @@ def _preprocess_row(record: Any) -> dict[str, Any]:
                            "seconds": record.seconds, "folder": str(record.folder) if record.folder else None,
                            "mask_dice": None, "ncc": None, "warnings": [], "error": record.error}
     if record.folder is not None:
+        from uadct.preprocess.prepared import PreparedFolder
+
         try:
-            sidecar = json.loads((record.folder / "preprocess.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            sidecar = PreparedFolder(record.folder).sidecar
+        except InputError:
             return row
         quality = sidecar.get("quality", {})
         row.update(mask_dice=quality.get("mask_dice"), ncc=quality.get("ncc"), warnings=sidecar.get("warnings", []),
@@ -307,7 +310,7 @@ def train(
     """
     from uadct.memory import parse_memory
     from uadct.models.base import parse_model_options
-    from uadct.train import TrainConfig, train_model
+    from uadct.training import TrainConfig, train_model
 
     if dims not in (2, 3):
         raise InputError(f"--dims must be 2 or 3, got {dims}")
@@ -392,68 +395,44 @@ def score(
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
-    from uadct.checkpoint import load_checkpoint
+    from uadct.inference import Inferer, score_many, subject_name
     from uadct.memory import parse_memory
-    from uadct.scoring import score_if_needed
 
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
-    checkpoint = load_checkpoint(model)
-    paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=_subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
-    # a NIfTI name means one map file; anything else is a folder (a shard may hold a single subject)
-    many = mood or not str(output).endswith((".nii", ".nii.gz"))
-    if not many and len(paths) > 1:
-        raise InputError(f"{output}: {len(paths)} inputs need an output folder, not a single map file")
-    failures: list[str] = []
-    busy: list[str] = []
-    records: list[dict[str, Any]] = []
-    table = Table("subject", "map", "image score", "seconds", title=f"score with {model.name}")
+    paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=subject_name)
+    inferer = Inferer(model, stride, batch, device, gaussian, output_kind, mood, budget)
     with _progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
-        for path in paths:
-            name = _subject_name(path)
-            target = output / f"{name}.nii.gz" if many else output
-            if mood and not path.is_dir():
-                target = output / path.name  # MOOD: the map carries the input's file name
-            mask_target = None
-            if brain_mask_out is not None:
-                mask_target = brain_mask_out / f"{name}.nii.gz" if many else brain_mask_out
-            started = time.perf_counter()
-            record: dict[str, Any] = {"subject": name, "input": str(path), "map": str(target)}
-            try:
-                outcome = score_if_needed(checkpoint, path, target, force=force, brain_mask_path=mask_target, stride=stride,
-                                          batch_size=batch, device=device, gaussian_sigma=gaussian, output_kind=output_kind,
-                                          mood=mood, max_memory=budget)
-            except UadctError as exc:
-                if not many:
-                    raise
-                failures.append(str(exc))
-                records.append({**record, "status": "failed", "error": str(exc)})
-                bar.update(task, advance=1, info=f"{name}: failed")
-                continue
-            seconds = time.perf_counter() - started
-            if outcome.result is None:
-                label = "(exists)" if outcome.status == "skipped" else "(busy: another task)"
-                if outcome.status == "busy":
-                    busy.append(outcome.message)
-                table.add_row(name, str(target), label, "-")
-                records.append({**record, "status": outcome.status})
-                bar.update(task, advance=1, info=f"{name}: {outcome.status}")
-                continue
-            bar.update(task, advance=1, info=f"{name}: {outcome.result.image_score:.4f}")
-            table.add_row(name, str(target), f"{outcome.result.image_score:.4f}", f"{seconds:.1f}")
-            records.append({**record, "status": "done", "image_score": outcome.result.image_score, "seconds": round(seconds, 2)})
+
+        def report(record: Any) -> None:
+            done = "image_score" in record.values
+            bar.update(task, advance=1, info=f"{record.subject}: " + (f"{record.values['image_score']:.4f}" if done else record.status))
+
+        outcome = score_many(inferer, paths, output, force, brain_mask_out, progress=report)
+    table = Table("subject", "map", "image score", "seconds", title=f"score with {model.name}")
+    rows: list[dict[str, Any]] = []
+    for record in outcome.records:
+        row: dict[str, Any] = {"subject": record.subject, "input": str(record.input), "map": str(record.output), "status": record.status}
+        if record.status == "failed":
+            row["error"] = record.error
+        elif "image_score" in record.values:
+            row.update(image_score=record.values["image_score"], seconds=record.seconds)
+            table.add_row(record.subject, str(record.output), f"{record.values['image_score']:.4f}", f"{record.seconds:.1f}")
+        else:
+            table.add_row(record.subject, str(record.output), "(exists)" if record.status == "skipped" else "(busy: another task)", "-")
+        rows.append(row)
     if as_json:
-        print(json.dumps(records, indent=2))
+        print(json.dumps(rows, indent=2))
     else:
         out.print(table)
-    for message in busy:
+    for _, message in outcome.busy:
         console.print(f"[yellow]skipped[/yellow] {message}")
-    for failure in failures:
-        console.print(f"[red]failed[/red] {failure}")
-    if failures:
+    for _, error in outcome.failed:
+        console.print(f"[red]failed[/red] {error}")
+    if outcome.failed:
         raise typer.Exit(1)
 
 
@@ -470,22 +449,16 @@ def _parse_batch_size(text: str) -> int | None:
     return value
 
 
-def _subject_name(path: Path) -> str:
-    from uadct.io import strip_nifti_suffix
-    from uadct.preprocess.pipeline import prepared_name
-
-    return prepared_name(path) if path.is_dir() else strip_nifti_suffix(path)
-
-
 def _collect_score_inputs(inputs: list[str]) -> list[Path]:
+    from uadct.batch import read_path_list
     from uadct.io import list_niftis
-    from uadct.preprocess.pipeline import SIDECAR, find_prepared
+    from uadct.preprocess.prepared import PreparedFolder, find_prepared
 
     paths: list[Path] = []
     for item in inputs:
         if item == "-":
-            paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
-        elif Path(item).is_dir() and not (Path(item) / SIDECAR).is_file():
+            paths += read_path_list()
+        elif Path(item).is_dir() and not PreparedFolder(item).exists():
             folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans in it
             paths += find_prepared(folder) or list_niftis(folder)
         else:

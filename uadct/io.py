@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from uadct import __version__
 from uadct.errors import InputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -407,3 +408,17 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of uadct and the libraries whose behaviour shapes the outputs."""
+    import importlib.metadata as metadata
+
+    versions = {"uadct": __version__}
+    for package in ("torch", "SimpleITK", "itk-elastix", "deepbet", "nnunetv2", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+
