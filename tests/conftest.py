@@ -38,6 +38,17 @@ def small_cohort(atlas, tmp_path_factory):
     return generate_cohort(tmp_path_factory.mktemp("cohort"), n_healthy=4, n_test=2, seed=3, atlas=atlas, voxel_scale=2.0)
 
 
+@pytest.fixture(autouse=True)
+def model_registry():
+    """The model registry as it was before the test, restored afterwards (tests register models of their own)."""
+    from uadct.models.base import MODEL_REGISTRY
+
+    before = dict(MODEL_REGISTRY)
+    yield MODEL_REGISTRY
+    MODEL_REGISTRY.clear()
+    MODEL_REGISTRY.update(before)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

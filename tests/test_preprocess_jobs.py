@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
@@ -15,6 +16,8 @@ from uadct.preprocess.config import PreprocessConfig
 
 runner = CliRunner()
 FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction"]
+
+pytestmark = pytest.mark.slow  # spawns preprocessing worker processes
 
 
 def _brains(small_atlas_path, folder, count):

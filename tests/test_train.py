@@ -131,6 +131,7 @@ def test_history_written_as_json_and_csv(prep, tmp_path):
     assert list(rows[0]) == ["epoch", "train_loss", "validation_loss", "seconds", "patches_per_second"]
 
 
+@pytest.mark.slow
 def test_cli_sigterm_then_resume(prep, tmp_path):
     model = tmp_path / "model.pt"
     command = [sys.executable, "-m", "uadct", "train", str(prep), "-o", str(model), "--epochs", "200",
@@ -195,6 +196,7 @@ CLI_TINY = ["--patience", "200", "--batch-size", "16", "--patches-per-epoch", "1
             "--device", "cpu", "--augment", "gmm,flip"]
 
 
+@pytest.mark.slow
 def test_cli_kill_9_then_the_same_command_finishes_like_an_uninterrupted_run(prep, tmp_path):
     """Issue 7: SIGKILL mid-training, then the same command: no truncated file, identical weights."""
     (tmp_path / "whole").mkdir()

@@ -4,6 +4,9 @@ Each command parses options, calls one library function and draws rich progress 
 tables. A :class:`~uadct.errors.UadctError` becomes a one-line message on stderr and
 exit code 2; heavy modules (torch, SimpleITK, itk) are imported inside commands so
 ``uadct --help`` answers at once.
+
+Size: about 590 lines for one job (parsing and printing); most of it is Typer's option
+declarations with their help texts, which read best next to their command.
 """
 
 from __future__ import annotations
@@ -527,7 +530,8 @@ def evaluate(
     image_level: str = typer.Option("subject", metavar="subject|slice", help="Samples of the image-level metrics: subjects or axial slices."),
 ) -> None:
     """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
-    from uadct.evaluate import EvaluationOptions, evaluate_folder, fpr_key
+    from uadct.evaluate import EvaluationOptions, evaluate_folder
+    from uadct.evaluation_report import fpr_key
 
     try:
         fprs = tuple(float(item) for item in fpr.split(",") if item.strip())

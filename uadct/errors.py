@@ -25,3 +25,7 @@ class AtlasError(UadctError):
 
 class PreprocessError(UadctError):
     """A preprocessing step failed for one subject (e.g. empty brain mask)."""
+
+
+class SettingError(UadctError, ValueError):
+    """A setting outside its allowed range (also a ``ValueError`` for library callers)."""
