@@ -187,9 +187,9 @@ def test_exclude_labels_keeps_patches_off_known_lesions(atlas_grid_subjects, tmp
     subjects = find_prepared(prep)
     plain, _ = load_volumes(subjects, spec, 0.5)
     excluded, _ = load_volumes(subjects, spec, 0.5, tmp_path / "labels")
-    assert len(excluded[0].positions) < len(plain[0].positions)
-    assert not extract_patches(lesion, excluded[0].positions, spec).any()
-    assert np.array_equal(excluded[1].positions, plain[1].positions)  # no label: untouched
+    assert len(excluded[0].starts) < len(plain[0].starts)
+    assert not extract_patches(lesion, excluded[0].starts, spec).any()
+    assert np.array_equal(excluded[1].starts, plain[1].starts)  # no label: untouched
 
 
 CLI_TINY = ["--patience", "200", "--batch-size", "16", "--patches-per-epoch", "128", "--validation-patches", "32",

@@ -398,15 +398,17 @@ def score(
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
+    from uadct.checkpoint import load_checkpoint
     from uadct.inference import Inferer, score_many, subject_name
     from uadct.memory import parse_memory
 
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
+    checkpoint = load_checkpoint(model)
+    paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
-    paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=subject_name)
-    inferer = Inferer(model, stride, batch, device, gaussian, output_kind, mood, budget)
+    inferer = Inferer(checkpoint, stride, batch, device, gaussian, output_kind, mood, budget)
     with _progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
 

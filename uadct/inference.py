@@ -33,6 +33,7 @@ from uadct.errors import CheckpointError, InputError, UadctError
 from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, strip_nifti_suffix, write_image, write_text
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
+from uadct.models import AnomalyModel
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
 from uadct.preprocess.chain import run_preprocessing
 from uadct.preprocess.prepared import PreparedFolder, prepared_name
@@ -99,15 +100,15 @@ SCORING_BYTES_PER_VOXEL = 72
 SCORING_BYTES_PER_PATCH_VOXEL = 32
 
 
-def scoring_bytes_per_patch(model: torch.nn.Module, spec: PatchSpec, device: torch.device) -> int:
+def scoring_bytes_per_patch(model: AnomalyModel, spec: PatchSpec, device: torch.device) -> int:
     """Bytes one patch costs while scoring: the model's activations (measured) and the overlap-add's arrays."""
     score = None
-    if getattr(model, "uses_positions", False):  # the probe batch sits at the volume centre
+    if model.uses_positions:  # the probe batch sits at the volume centre
         score = lambda batch: model.score_patches(batch, positions=batch.new_zeros(len(batch), 3))  # noqa: E731
     return inference_bytes_per_patch(model, spec.tensor_shape, device, score) + SCORING_BYTES_PER_PATCH_VOXEL * int(np.prod(spec.shape))
 
 
-def plan_scoring_batch(model: torch.nn.Module, spec: PatchSpec, volume_shape: tuple[int, ...], device: torch.device,
+def plan_scoring_batch(model: AnomalyModel, spec: PatchSpec, volume_shape: tuple[int, ...], device: torch.device,
                        batch_size: int | None = None, max_memory: int | None = None,
                        per_patch: int | None = None) -> BatchPlan:
     """The scoring batch size for ``model`` on a volume of ``volume_shape`` within a memory budget.
