@@ -1,4 +1,4 @@
-"""Reading and writing NIfTI volumes with their geometry, and atomic file writes.
+"""Reading and writing NIfTI volumes with their geometry, atomic file writes, and the version record.
 
 Arrays follow SimpleITK's order: ``(D, H, W)`` = (z, y, x) for a 3D image whose
 physical geometry (spacing in mm, origin, direction) lives on the ``SimpleITK.Image``.
