@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def top_k_mean(values: np.ndarray, k: int) -> float:
-    """Mean of the ``k`` largest of ``values`` (all of them when fewer), in float64; 0.0 when empty."""
+def top_k_mean(values: np.ndarray, k: int, axis: int | None = None) -> float | np.ndarray:
+    """Mean of the ``k`` largest of ``values`` (all of them when fewer), in float64; 0.0 when empty.
+
+    With ``axis`` (of a 2D array): the mean of each row's (``axis=1``) or column's ``k``
+    largest values, as a float64 array.
+    """
+    if axis is not None:
+        values = np.asarray(values)
+        k = max(1, min(int(k), values.shape[axis]))
+        top = np.partition(values, values.shape[axis] - k, axis=axis)
+        return np.take(top, np.arange(values.shape[axis] - k, values.shape[axis]), axis=axis).mean(axis=axis, dtype=np.float64)
     flat = np.asarray(values).reshape(-1)
     if flat.size == 0:
         return 0.0

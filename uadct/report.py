@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from uadct.arrays import bounding_box
+from uadct.arrays import bounding_box, top_k_mean
 from uadct.errors import InputError, UadctError
 from uadct.io import atomic_path, grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix, write_text
 from uadct.scoremap import GENERIC_UNIT, ScoreSidecar
@@ -216,7 +216,7 @@ def choose_slices(
     if threshold is not None:
         flat = values.reshape(depth, -1)
         top = max(1, int(math.ceil(TOP_FRACTION * flat.shape[1])))
-        scores = np.partition(flat, flat.shape[1] - top, axis=1)[:, -top:].sum(axis=1, dtype=np.float64)
+        scores = top_k_mean(flat, top, axis=1)  # per slice; ranks like the sum (same k everywhere)
         has_overlay = (flat > threshold).any(axis=1)
         peak = int(np.argmax(flat.max(axis=1)))
         order = [peak] + [int(i) for i in np.argsort(-scores, kind="stable") if int(i) != peak]
