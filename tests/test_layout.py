@@ -13,7 +13,8 @@ PACKAGE = Path(uadct.__file__).parent
 
 # lower number = lower floor; a module may import its own floor or lower ones only
 LAYERS = {
-    0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.device", "uadct.locks", "uadct.io", "uadct.arrays", "uadct.batch",
+    0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.names", "uadct.outputs", "uadct.device", "uadct.locks", "uadct.io",
+        "uadct.arrays", "uadct.batch",
         "uadct.memory", "uadct.patches", "uadct.augment", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
     1: ("uadct.models", "uadct.preprocess", "uadct.checkpoint", "uadct.synthetic", "uadct.demo"),
     2: ("uadct.training", "uadct.inference"),

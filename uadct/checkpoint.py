@@ -14,7 +14,9 @@ history and library versions. :class:`Checkpoint` reads them through typed prope
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,11 +117,19 @@ def read_checkpoint_payload(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise CheckpointError(f"{path}: not a checkpoint (not a file written by torch.save / `uadct train`)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors ({first[:160]})") from None
+        if "weights only" not in str(exc).lower():
+            raise CheckpointError(f"{path}: not a checkpoint (unreadable: {_plain_first_line(exc)})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f" such as {found.group(1)}" if found else ""
+        raise CheckpointError(f"{path}: refused to load: the file holds pickled objects other than tensors{what}, "
+                              "which could run code; only uadct checkpoints are read") from None
     except Exception as exc:  # any failure to parse an untrusted file is the file's problem
         raise CheckpointError(f"{path}: not a uadct checkpoint ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -137,6 +147,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         metadata = json.loads(payload["metadata"])
     except (KeyError, TypeError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: checkpoint metadata is missing or corrupt") from None
+    check_metadata_types(path, metadata, payload.get("state_dict"))
     try:
         model = build_model(metadata["model"], metadata.get("model_config"))
     except CheckpointError as exc:
@@ -148,8 +159,54 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: weights do not fit model {metadata['model']!r} ({str(exc).splitlines()[0][:160]})") from None
     _check_patch_geometry(path, metadata)
+    _check_finite_weights(path, payload["state_dict"])
     model.to(device).eval()
     return Checkpoint(model, metadata, payload.get("extra", {}), sha256_of(path))
+
+
+def _plain_first_line(exc: BaseException) -> str:
+    """The first line of an exception's text without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0][:120] if text else type(exc).__name__
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_metadata_types(path: str | Path, metadata: Any, state_dict: Any) -> None:
+    """Refuse, with one line, metadata and weights of the wrong types (an edited file):
+    everything the scorer reads must be what ``uadct train`` writes."""
+    def refuse(what: str, found: Any) -> CheckpointError:
+        return CheckpointError(f"{path}: checkpoint {what}, found {type(found).__name__} {str(found)[:60]!r}; "
+                               "the file was edited or is damaged")
+
+    if not isinstance(metadata, dict):
+        raise refuse("metadata must be a JSON object", metadata)
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise refuse("state_dict must map names to tensors", state_dict)
+    if not isinstance(metadata.get("model"), str):
+        raise refuse("'model' must be a model name", metadata.get("model"))
+    for key in ("model_config", "preprocess", "atlas", "patch"):
+        if key in metadata and metadata[key] is not None and not isinstance(metadata[key], dict):
+            raise refuse(f"'{key}' must be a JSON object", metadata[key])
+    patch = metadata.get("patch")
+    if isinstance(patch, dict):
+        for key in ("size", "dims"):
+            value = patch.get(key)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise refuse(f"patch {key} must be a positive whole number", value)
+    scale = metadata.get("score_scale")
+    if scale is not None and not (_is_number(scale) and math.isfinite(scale) and scale > 0):
+        raise refuse("'score_scale' must be a positive number or null", scale)
+
+
+def _check_finite_weights(path: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or infinity (a diverged training or an edited file): they give all-NaN maps."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: weight {name!r} holds NaN or infinite values (diverged training or an edited file); "
+                                  "refusing to score with it")
 
 
 def _check_patch_geometry(path: str | Path, metadata: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: ...]" must not be read as markup
 )
 atlas_app = typer.Typer(help="Fetch, list and locate registration atlases.", no_args_is_help=True)
 app.add_typer(atlas_app, name="atlas")
@@ -53,6 +54,10 @@ def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # library warnings (numpy, torch, ITK) would print lines before the one-line error
+        import warnings
+
+        warnings.simplefilter("ignore")
 
 
 def _progress() -> Progress:
@@ -115,7 +120,9 @@ def demo(
 ) -> None:
     """Generate a demo cohort from the SRI24 head T1: healthy scans, and test scans with lesion masks."""
     from uadct.demo import generate_cohort
+    from uadct.outputs import check_output_folder
 
+    check_output_folder(output)
     with _progress() as bar:
         task = bar.add_task("demo cohort", total=healthy + test, info="")
         cohort = generate_cohort(output, healthy, test, seed=seed, voxel_scale=voxel_scale,
@@ -183,6 +190,8 @@ def preprocess(
     force: bool = typer.Option(False, "--force", help="Redo subjects that are already complete."),
     shard: Optional[str] = typer.Option(None, help="I/N: do only shard I (0-based) of N; default from SLURM array variables."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE",
+                                             help="Memory one scan may take when read, e.g. 8G (default 2G); larger scans are refused from their header."),
 ) -> None:
     """Skull-strip, register to the atlas, normalise and mask every scan."""
     import os
@@ -190,15 +199,22 @@ def preprocess(
     from uadct.batch import resolve_shard, select_shard
     from uadct.preprocess.bids import parse_sequences, resolve_reference
     from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
+    from uadct.outputs import check_output_folder, refuse_shared_names
     from uadct.preprocess.batch import preprocess_many
     from uadct.preprocess.config import PreprocessConfig
 
+    if max_memory:  # workers inherit it
+        from uadct.memory import parse_memory
+
+        _allow_image_memory(parse_memory(max_memory))
     names = parse_sequences(sequences)
     participants = [label for item in participant_label or [] for label in item.replace(",", " ").split()]
     if reference is not None and not names:
         raise InputError("--reference needs --sequences")
     subjects = select_shard(_collect_subjects(inputs, names, reference, participants or None), resolve_shard(shard),
                             key=lambda s: s.subject)
+    check_output_folder(output)
+    refuse_shared_names(((str(s.folder), s.reference_path) for s in subjects), output)
     window = None
     if ct_level is not None or ct_width is not None:
         window = (ct_level if ct_level is not None else CT_BRAIN_WINDOW_HU[0], ct_width if ct_width is not None else CT_BRAIN_WINDOW_HU[1])
@@ -313,10 +329,13 @@ def train(
     """
     from uadct.memory import parse_memory
     from uadct.models.base import parse_model_options
+    from uadct.outputs import check_output_file, refuse_overwriting_inputs
     from uadct.training import TrainConfig, train_model
 
     if dims not in (2, 3):
         raise InputError(f"--dims must be 2 or 3, got {dims}")
+    check_output_file(output, "checkpoint")  # before training, not after it
+    refuse_overwriting_inputs([output, Path(f"{output}.resume.pt")], [prep])
     budget = parse_memory(max_memory) if max_memory else None
     augmentations = tuple(a.strip() for a in augment.split(",") if a.strip() and a.strip() != "none")
     config = TrainConfig(model=model, patch_size=patch_size, dims=dims, batch_size=batch_size, learning_rate=learning_rate,
@@ -404,6 +423,9 @@ def score(
 
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
+    _allow_image_memory(budget)  # also the memory one scan may take when read
+    if mood and str(output).endswith((".nii", ".nii.gz")):
+        raise InputError(f"{output}: --mood writes a folder of maps named like the inputs; give a folder, not a NIfTI file name")
     checkpoint = load_checkpoint(model)
     paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
@@ -439,6 +461,15 @@ def score(
         console.print(f"[red]failed[/red] {error}")
     if outcome.failed:
         raise typer.Exit(1)
+
+
+def _allow_image_memory(budget: int | None) -> None:
+    """``--max-memory`` raises (never lowers) the memory one scan may take when read, for this
+    process and its workers; :func:`main` restores the previous value when the command ends."""
+    from uadct.io import DEFAULT_MAX_IMAGE_BYTES, MAX_IMAGE_MEMORY_ENV
+
+    if budget is not None and budget > DEFAULT_MAX_IMAGE_BYTES:
+        os.environ[MAX_IMAGE_MEMORY_ENV] = str(budget)
 
 
 def _parse_batch_size(text: str) -> int | None:
@@ -487,8 +518,11 @@ def heatmap(
     as_html: bool = typer.Option(False, "--html", help="Draw every subject of the folders into one self-contained HTML page."),
 ) -> None:
     """Overlay the anomaly map on the scan: 3-view montage (radiological), colour bar, lesion outline."""
+    from uadct.outputs import check_output_file, refuse_overwriting_inputs
     from uadct.report import render_heatmap, render_html
 
+    refuse_overwriting_inputs([output], [p for p in (subject, anomaly_map, label) if p is not None])
+    check_output_file(output, "PNG" if not as_html else "HTML page")
     if not as_html:
         path = render_heatmap(subject, anomaly_map, output, label=label, n_slices=slices, threshold=threshold,
                               unit=unit, resample=resample)
@@ -534,6 +568,9 @@ def evaluate(
     """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
     from uadct.evaluate import EvaluationOptions, evaluate_folder
     from uadct.evaluation_report import fpr_key
+    from uadct.outputs import check_output_folder
+
+    check_output_folder(output)
 
     try:
         fprs = tuple(float(item) for item in fpr.split(",") if item.strip())
@@ -558,7 +595,7 @@ def evaluate(
                   "image_score": None}
     for row in result.per_subject + [pooled_row]:
         table.add_row(str(row["subject"]), _fmt(row.get("auroc")), _fmt(row.get("auprc")), _fmt(row.get("best_dice")),
-                      *(_fmt(row.get(fpr_key("dice", f))) for f in fprs), f"{row['n_detected']}/{row['n_lesions']}",
+                      *(_fmt(row.get(fpr_key("dice", f))) for f in fprs), _lesions_cell(row, result.pooled["lesion"]),
                       _fmt(row["n_fp_clusters"]) if row["subject"] == "pooled" else str(row["n_fp_clusters"]),
                       _fmt(row.get("image_score")), style="bold" if row["subject"] == "pooled" else None)
     out.print(table)
@@ -573,6 +610,16 @@ def evaluate(
         raise typer.Exit(1)
 
 
+def _lesions_cell(row: dict[str, Any], lesion: dict[str, Any]) -> str:
+    """Lesions found, or that the threshold flags the whole brain (nothing was detected)."""
+    if row.get("threshold_flags") == "everything":
+        return "threshold flags everything"
+    flagged_all = lesion.get("subjects_where_threshold_flags_everything") or []
+    if row["subject"] == "pooled" and flagged_all:
+        return f"{row['n_detected']}/{row['n_lesions']} ({len(flagged_all)} subject(s): threshold flags everything)"
+    return f"{row['n_detected']}/{row['n_lesions']}"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -585,6 +632,7 @@ def _fmt(value: Any) -> str:
 
 def main() -> None:
     """Console-script entry point: UadctError -> one line on stderr, exit code 2."""
+    previous_allowance = os.environ.get("UADCT_MAX_IMAGE_MEMORY")
     try:
         app()
     except UadctError as exc:
@@ -594,3 +642,8 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    finally:  # in-process callers (tests, notebooks) get the environment back
+        if previous_allowance is None:
+            os.environ.pop("UADCT_MAX_IMAGE_MEMORY", None)
+        else:
+            os.environ["UADCT_MAX_IMAGE_MEMORY"] = previous_allowance

@@ -27,5 +27,9 @@ class PreprocessError(UadctError):
     """A preprocessing step failed for one subject (e.g. empty brain mask)."""
 
 
+class OutputError(UadctError):
+    """An output cannot be written where asked, or would destroy one of the command's inputs."""
+
+
 class SettingError(UadctError, ValueError):
     """A setting outside its allowed range (also a ``ValueError`` for library callers)."""

@@ -333,6 +333,9 @@ def _load_subject(
                 "%s: %d lesion voxel(s) lie outside the brain mask %s and are not counted", label_path, outside, mask_path
             )
     else:
+        if label_path is not None and not scores_volume.any():  # the "brain" would be the label alone: a false perfect score
+            raise InputError(f"{map_path}: the map is all zero, so without --brain-masks there is no brain region to evaluate "
+                             "(only the label's voxels would be scored); give --brain-masks")
         brain = (scores_volume != 0) | lesion_volume
         if not brain.any():
             where = f"its label {label_path} is empty" if label_path is not None else "it has no label"
@@ -407,6 +410,25 @@ def _read_validation(path: Path) -> dict[str, float | None]:
 
 
 # ----------------------------------------------------------------------------- metrics
+def _constant(positives: np.ndarray, negatives: np.ndarray) -> bool:
+    """True when every brain voxel of a subject has the same score (the map carries no information)."""
+    values = [group for group in (positives, negatives) if group.size]
+    if not values:
+        return True
+    low = min(float(group[0]) for group in values)  # groups are sorted ascending
+    high = max(float(group[-1]) for group in values)
+    return low == high
+
+
+def degenerate_flags(n_flagged: int, n_brain: int) -> str | None:
+    """``"everything"`` / ``"nothing"`` when a threshold flags every / no brain voxel, else None."""
+    if n_brain and n_flagged >= n_brain:
+        return "everything"
+    if n_flagged == 0:
+        return "nothing"
+    return None
+
+
 def _binarised(s: _Subject, threshold: float, min_size: int) -> np.ndarray:
     """The subject's brain voxels with ``score >= threshold``, small clusters removed."""
     predicted = (s.scores >= threshold) & s.brain
@@ -432,6 +454,7 @@ def _subject_metrics(s: _Subject, options: EvaluationOptions) -> dict[str, Any]:
         "subject": s.subject,
         "abnormal": bool(s.positives.size),
         "image_score": s.image_score,
+        "constant_map": _constant(s.positives, s.negatives),
         # already sorted: the in-place sort is a cheap pass and saves a copy of each
         **voxel_metrics_from_groups(s.positives, s.negatives, overwrite_input=True),
     }
@@ -482,11 +505,17 @@ def _pooled(
         if math.isnan(lesion_threshold):
             counts = {"n_lesions": 0, "n_detected": 0, "n_predicted_clusters": 0, "n_fp_clusters": 0}
         else:
-            counts = lesion_detection(_binarised(s, lesion_threshold, min_size), s.lesion, options.lesion_overlap)
+            predicted = _binarised(s, lesion_threshold, min_size)
+            counts = lesion_detection(predicted, s.lesion, options.lesion_overlap)
+            row["threshold_flags"] = degenerate_flags(int(np.count_nonzero(predicted)), int(np.count_nonzero(s.brain)))
+            if row["threshold_flags"] == "everything":  # every lesion "found" by flagging the whole brain: not a detection
+                counts = {**counts, "n_detected": 0}
         row.update(counts)
-        row["detection_rate"] = counts["n_detected"] / counts["n_lesions"] if counts["n_lesions"] else math.nan
+        informative = counts["n_lesions"] and row.get("threshold_flags") != "everything"
+        row["detection_rate"] = counts["n_detected"] / counts["n_lesions"] if informative else math.nan
     n_lesions = np.array([row["n_lesions"] for row in per_subject], dtype=np.float64)
     n_detected = np.array([row["n_detected"] for row in per_subject], dtype=np.float64)
+    informative_lesions = float(sum(row["n_lesions"] for row in per_subject if row.get("threshold_flags") != "everything"))
     fp_clusters = np.array([row["n_fp_clusters"] for row in per_subject], dtype=np.float64)
     pooled["lesion"] = {
         "threshold": lesion_threshold,
@@ -494,8 +523,12 @@ def _pooled(
         "min_overlap": options.lesion_overlap,
         "n_lesions": int(n_lesions.sum()),
         "n_detected": int(n_detected.sum()),
-        "detection_rate": float(n_detected.sum() / n_lesions.sum()) if n_lesions.sum() else math.nan,
+        "detection_rate": float(n_detected.sum() / informative_lesions) if informative_lesions else math.nan,
         "fp_clusters_per_subject": float(fp_clusters.mean()),
+        "subjects_where_threshold_flags_everything": [row["subject"] for row in per_subject
+                                                      if row.get("threshold_flags") == "everything"],
+        "subjects_where_threshold_flags_nothing": [row["subject"] for row in per_subject
+                                                   if row.get("threshold_flags") == "nothing"],
     }
     ratio_parts["pooled_detection_rate"] = (n_detected, n_lesions)
 
@@ -561,7 +594,11 @@ def _image_level(
     else:
         applied, source, optimistic = f1_threshold, "F1-optimal on this set, optimistic", True
     result.update({"threshold": applied, "threshold_source": source, "optimistic": optimistic})
-    if math.isnan(applied):
+    if scores.size > 1 and np.all(scores == scores.flat[0]):  # a constant score separates nothing
+        result.update({name: math.nan for name in IMAGE_METRIC_FIELDS})
+        result.update(threshold=math.nan, f1_optimal_threshold=math.nan,
+                      degenerate="every image score is equal: no threshold separates abnormal from normal")
+    elif math.isnan(applied):
         result.update({name: math.nan for name in IMAGE_METRIC_FIELDS})
     else:
         result.update(classification_metrics(scores, abnormal, applied))
@@ -580,5 +617,3 @@ def _brain_region_text(masks_dir: Path | None) -> str:
     if masks_dir is not None:
         return f"the brain mask of each subject from {masks_dir}"
     return "the voxels where the anomaly map is nonzero or the label is set"
-
-

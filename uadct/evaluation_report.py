@@ -164,7 +164,10 @@ def _markdown_text(
         "## Lesion level",
         "",
         f"- Voxel threshold {_number(lesion['threshold'], '.4g')} ({lesion['threshold_source']}).",
-        f"- Lesions detected: {lesion['n_detected']} of {lesion['n_lesions']} "
+        (f"- **Degenerate threshold**: it flags every brain voxel of {', '.join(lesion['subjects_where_threshold_flags_everything'])}; "
+         "their lesions are not counted as detected.\n"
+         if lesion.get("subjects_where_threshold_flags_everything") else "")
+        + f"- Lesions detected: {lesion['n_detected']} of {lesion['n_lesions']} "
         f"(rate {_number(lesion['detection_rate'])}{_interval(pooled, 'pooled_detection_rate')}).",
         f"- False-positive clusters per subject: {_number(lesion['fp_clusters_per_subject'], '.2f')}.",
         "",

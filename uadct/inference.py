@@ -34,6 +34,7 @@ from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, strip_
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
 from uadct.models import AnomalyModel
+from uadct.outputs import check_output_file, check_output_folder, refuse_overwriting_inputs, refuse_shared_outputs
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
 from uadct.preprocess.chain import run_preprocessing
 from uadct.preprocess.prepared import PreparedFolder, prepared_name
@@ -210,7 +211,10 @@ class Inferer:
             input_sha, native = folder.input_sha256, prepared.native_reference
         else:
             image = read_image(subject)
-            config = checkpoint.preprocess_config
+            try:
+                config = checkpoint.preprocess_config
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise CheckpointError(f"{self.checkpoint_path or 'checkpoint'}: its preprocessing settings are invalid ({exc})") from None
             atlas = load_atlas(config.atlas)
             if checkpoint.atlas_sha256 and checkpoint.atlas_sha256 != atlas.checksum:
                 raise CheckpointError(f"the atlas {config.atlas!r} in the cache differs from the one the model was trained on (checksum)")
@@ -225,6 +229,9 @@ class Inferer:
         mask_array = sitk.GetArrayFromImage(prepared.mask)
         plan: dict[str, Any] = {}
         atlas_map = self(sitk.GetArrayFromImage(prepared.image), mask_array, progress, plan_out=plan)
+        if not np.isfinite(atlas_map).all():
+            raise UadctError(f"{subject}: the model gave NaN or infinite scores ({self.checkpoint_path or 'checkpoint'}); "
+                             "no map was written")
         scaling = None
         if self.mood:
             atlas_map, scaling = mood_scaled(atlas_map, mask_array, checkpoint.score_scale)
@@ -274,7 +281,7 @@ class Inferer:
             for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path):
                 if written is not None:
                     remove_stale_temporaries(written)
-            state = map_state(out_path, self.settings)
+            state = map_state(out_path, self.settings, input_checksum(subject))
             if state == "done" and not force:
                 return ScoreOutcome("skipped", message=f"{out_path}: done")
             if state == "different" and not force:
@@ -313,6 +320,17 @@ def score_scan(checkpoint: Checkpoint | str | Path, subject: str | Path, out_pat
     return inferer.score_scan(subject, out_path, atlas_map_path, brain_mask_path, progress)
 
 
+def input_checksum(subject: str | Path) -> str | None:
+    """SHA-256 of a raw scan, or the one a prepared folder's sidecar records for its input."""
+    subject = Path(subject)
+    if subject.is_dir():
+        try:
+            return PreparedFolder(subject).input_sha256
+        except (InputError, AttributeError):
+            return None
+    return sha256_of(subject) if subject.is_file() else None
+
+
 def subject_name(path: Path) -> str:
     """The id a scan or prepared folder is scored under (the map is ``<id>.nii.gz``)."""
     return prepared_name(path) if path.is_dir() else strip_nifti_suffix(path)
@@ -339,16 +357,13 @@ def score_many(
     many = inferer.mood or not str(output).endswith((".nii", ".nii.gz"))
     if not many and len(inputs) > 1:
         raise InputError(f"{output}: {len(inputs)} inputs need an output folder, not a single map file")
+    inputs = [Path(path) for path in inputs]
+    targets = {path: score_targets(path, output, brain_mask_out, many, inferer.mood) for path in inputs}
+    check_score_outputs(targets, output, brain_mask_out, many)
     outcome = BatchOutcome()
     for path in inputs:
-        path = Path(path)
         name = subject_name(path)
-        target = output / f"{name}.nii.gz" if many else output
-        if inferer.mood and not path.is_dir():
-            target = output / path.name  # MOOD: the map carries the input's file name
-        mask_target = None
-        if brain_mask_out is not None:
-            mask_target = Path(brain_mask_out) / f"{name}.nii.gz" if many else Path(brain_mask_out)
+        target, mask_target = targets[path]
         started = time.perf_counter()
         try:
             result = inferer.score_if_needed(path, target, force=force, brain_mask_path=mask_target)
@@ -364,6 +379,31 @@ def score_many(
         if progress is not None:
             progress(record)
     return outcome
+
+
+def score_targets(path: Path, output: Path, brain_mask_out: str | Path | None, many: bool,
+                  mood: bool) -> tuple[Path, Path | None]:
+    """The map and brain-mask files one input is written to."""
+    name = subject_name(path)
+    target = output / f"{name}.nii.gz" if many else output
+    if mood and not path.is_dir():
+        target = output / path.name  # MOOD: the map carries the input's file name
+    mask_target = None
+    if brain_mask_out is not None:
+        mask_target = Path(brain_mask_out) / f"{name}.nii.gz" if many else Path(brain_mask_out)
+    return target, mask_target
+
+
+def check_score_outputs(targets: dict[Path, tuple[Path, Path | None]], output: Path,
+                        brain_mask_out: str | Path | None, many: bool) -> None:
+    """Before any scoring: no output replaces an input or another output, and every folder is writable."""
+    written = {path: [target, map_sidecar_path(target), mood_score_path(target), mask]
+               for path, (target, mask) in targets.items()}
+    refuse_shared_outputs(written.items())
+    refuse_overwriting_inputs([item for items in written.values() for item in items], list(targets))
+    for folder_or_file in (output, brain_mask_out):
+        if folder_or_file is not None:
+            (check_output_folder if many else check_output_file)(folder_or_file)
 
 
 def _check_compatible(checkpoint: Checkpoint, prepared_config: dict[str, Any], subject: Path) -> None:

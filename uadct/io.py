@@ -2,6 +2,9 @@
 
 Arrays follow SimpleITK's order: ``(D, H, W)`` = (z, y, x) for a 3D image whose
 physical geometry (spacing in mm, origin, direction) lives on the ``SimpleITK.Image``.
+
+Size: about 560 lines; most of it is one job, reading untrusted NIfTI files safely (header,
+affine, size and gzip checks before any voxel is allocated).
 """
 
 from __future__ import annotations
@@ -16,26 +19,20 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from uadct import __version__
-from uadct.errors import InputError
+from uadct.errors import InputError, OutputError
+from uadct.names import NIFTI_SUFFIXES, is_nifti, strip_nifti_suffix  # noqa: F401 (re-exported: io is where callers look)
+from uadct.outputs import file_mode, write_failure
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MAX_VOXELS = 1024**3  # refuse volumes over ~1 G voxels before allocating
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
-
-
-def strip_nifti_suffix(path: str | Path) -> str:
-    """Return the file name without ``.nii``/``.nii.gz`` (the subject id)."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+DEFAULT_MAX_IMAGE_BYTES = 2 << 30  # memory one image read may take unless --max-memory allows more
+MAX_IMAGE_MEMORY_ENV = "UADCT_MAX_IMAGE_MEMORY"  # bytes; set by the CLI's --max-memory
 
 
 def map_sidecar_path(map_path: str | Path) -> Path:
@@ -44,17 +41,48 @@ def map_sidecar_path(map_path: str | Path) -> Path:
     return map_path.with_name(strip_nifti_suffix(map_path) + ".json")
 
 
-def is_nifti(path: str | Path) -> bool:
-    """True when the path name ends in ``.nii`` or ``.nii.gz``."""
-    return str(path).endswith(NIFTI_SUFFIXES)
-
-
 def list_niftis(folder: str | Path) -> list[Path]:
-    """NIfTI files directly inside ``folder``, sorted by name."""
+    """NIfTI files directly inside ``folder``, sorted by name; broken links and link loops
+    named like NIfTI files are listed too, so they are reported like any bad input."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti(p))
+    return sorted(p for p in folder.iterdir() if is_nifti(p) and (p.is_symlink() or p.is_file()))
+
+
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Silence ITK's warnings on stderr (e.g. for a 2D file) while reading; errors still raise."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def max_image_bytes() -> int:
+    """Memory one image read may take: ``$UADCT_MAX_IMAGE_MEMORY`` bytes, else 2 GiB."""
+    try:
+        return int(os.environ[MAX_IMAGE_MEMORY_ENV])
+    except (KeyError, ValueError):
+        return DEFAULT_MAX_IMAGE_BYTES
+
+
+def image_read_bytes(n_voxels: int, itemsize: int) -> int:
+    """Peak memory of reading ``n_voxels`` stored with ``itemsize`` bytes: the stored
+    array, its float32 copy, the image's own copy and a finiteness mask."""
+    return int(n_voxels) * (int(itemsize) + 9)
+
+
+def check_read_memory(path: Path, shape: tuple[int, ...], itemsize: int, dtype: str) -> None:
+    """Refuse, from the header alone, a volume whose reading would take more than the limit."""
+    needed = image_read_bytes(int(np.prod(shape, dtype=object)), itemsize)
+    limit = max_image_bytes()
+    if needed > limit:
+        raise InputError(f"{path}: reading it would take {needed / 2**30:.2f} GiB of memory ({tuple(shape)} {dtype} voxels), "
+                         f"over the {limit / 2**30:.2f} GiB limit; allow more with --max-memory (e.g. --max-memory "
+                         f"{math.ceil(needed / 2**30) + 1}G)")
 
 
 def _read_header(path: Path) -> sitk.ImageFileReader:
@@ -89,6 +117,11 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
     constant image is accepted (masks and maps often are).
     """
     path = Path(path)
+    with quiet_itk():
+        return _read_image(path, allow_empty)
+
+
+def _read_image(path: Path, allow_empty: bool) -> sitk.Image:
     _check_file(path)
     nifti = _read_nifti_header(path) if is_nifti(path) else None
     reader = _read_header(path)
@@ -104,6 +137,9 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
         raise InputError(f"{path}: expected a 3D volume, found size {tuple(size)}")
     if int(np.prod(size)) > MAX_VOXELS:
         raise InputError(f"{path}: dimensions {tuple(size)} are too large ({np.prod(size):.3g} voxels)")
+    if nifti is None:
+        check_read_memory(path, tuple(size), reader.GetNumberOfComponents() * _itk_component_bytes(reader),
+                          reader.GetPixelIDTypeAsString() if hasattr(reader, "GetPixelIDTypeAsString") else "")
     spacing = reader.GetSpacing()[:3]
     if not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
         raise InputError(f"{path}: absurd voxel size {tuple(round(s, 4) for s in spacing)} mm")
@@ -130,6 +166,14 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
     if not allow_empty and not np.any(sitk.GetArrayViewFromImage(image)):
         raise InputError(f"{path}: the image is all zero")
     return image
+
+
+def _itk_component_bytes(reader: sitk.ImageFileReader) -> int:
+    """Bytes per stored voxel component from an ITK header (8 when unknown)."""
+    try:
+        return int(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent())
+    except (RuntimeError, TypeError):
+        return 8
 
 
 def _check_file(path: Path) -> None:
@@ -183,7 +227,8 @@ def _read_nifti_header(path: Path) -> Any:
     if len(shape) >= 3:
         _check_nifti_affines(path, header, shape[:3])
     offset = int(getattr(nifti.dataobj, "offset", header.get_data_offset()))  # 352 when the header says 0
-    _check_nifti_data_size(path, header, offset + n_voxels * dtype.itemsize)
+    _check_nifti_data_size(path, header, offset + n_voxels * dtype.itemsize)  # streamed, never held
+    check_read_memory(path, tuple(shape), dtype.itemsize, str(dtype))
     return nifti
 
 
@@ -199,7 +244,8 @@ def _check_raw_nifti1_header(path: Path) -> None:
         raise InputError(f"{path}: not a readable NIfTI image (the header holds {len(raw)} of 348 bytes)")
     sizes = {order: struct.unpack_from(order + "i", raw, 0)[0] for order in "<>"}
     if 540 in sizes.values():
-        return  # NIfTI-2: nibabel checks it
+        raise InputError(f"{path}: a NIfTI-2 file (sizeof_hdr 540), which uadct does not read; save it as NIfTI-1 "
+                         "(e.g. nibabel: nib.Nifti1Image(img.get_fdata(), img.affine).to_filename(...))")
     order = next((order for order, value in sizes.items() if value == 348), None)
     if order is None:
         raise InputError(f"{path}: not a readable NIfTI image (sizeof_hdr is {sizes['<']}, expected 348)")
@@ -348,38 +394,137 @@ def grid_image(grid: dict[str, Any]) -> sitk.Image:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it into place on success.
+def atomic_path(path: str | Path, verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; fsync, check and rename it into place on success.
 
-    Nothing is left at ``path`` (and no temporary file) when the block raises, so a
-    killed or failed job never leaves a half-written output.
+    After the block the temporary file is fsynced (so a full disk shows now, not later),
+    must not be empty, passes ``verify(tmp)`` (e.g. its size against its header), gets
+    the permissions the umask allows, and is renamed to ``path``. Nothing is left at
+    ``path`` (and no temporary file) when any of this fails: an ``OSError`` or a writer's
+    ``RuntimeError`` (disk full, read-only filesystem) becomes a one-line
+    :class:`~uadct.errors.OutputError`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _settle(tmp_path, path, verify)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise write_failure(path, exc) from None
+    except RuntimeError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if _is_write_failure(exc):  # ITK and torch.save report a failed write as RuntimeError
+            raise write_failure(path, exc) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
+def _is_write_failure(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("writ", "disk", "space", "could not open", "permission"))
+
+
+def _settle(tmp: Path, path: Path, verify: Callable[[Path], None] | None) -> None:
+    """fsync the written temporary file, refuse it empty, verify it, set the umask's permissions."""
+    descriptor = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    if tmp.stat().st_size == 0:
+        raise OutputError(f"{path}: could not be written (0 bytes reached the disk; is it full?); nothing was left at that name")
+    if verify is not None:
+        verify(tmp)
+    os.chmod(tmp, file_mode())
+
+
 def write_image(image: sitk.Image, path: str | Path) -> Path:
-    """Write an image atomically (temporary file, then rename)."""
-    with atomic_path(path) as tmp:
+    """Write an image atomically (temporary file, then rename); a NIfTI's size is checked
+    against its header first, since ITK does not raise on a full disk."""
+    path = Path(path)
+    verify = (lambda tmp: _verify_written_nifti(tmp, image, path)) if is_nifti(path) else None
+    with atomic_path(path, verify) as tmp, _native_stderr_silenced():
         sitk.WriteImage(image, str(tmp), useCompression=str(path).endswith(".gz"))
-    return Path(path)
+    return path
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Keep C libraries' messages (niftilib's "** ERROR: NWAD: wrote only 0 of N bytes") off
+    stderr: a failed write is reported once, as one line, by the size check after it."""
+    descriptor = saved = -1
+    try:
+        saved = os.dup(2)
+        descriptor = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(descriptor, 2)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if saved >= 0:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if descriptor >= 0:
+            os.close(descriptor)
+
+
+def _verify_written_nifti(tmp: Path, image: sitk.Image, path: Path) -> None:
+    """Refuse a written NIfTI holding fewer bytes than its header and voxels need
+    (a .nii.gz is decompressed through to its checksum)."""
+    data_bytes = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+    try:
+        if tmp.name.endswith(".gz"):
+            with gzip.open(tmp, "rb") as stream:
+                head = stream.read(352)
+                total = len(head)
+                while block := stream.read(1 << 22):
+                    total += len(block)
+        else:
+            with open(tmp, "rb") as stream:
+                head = stream.read(352)
+            total = tmp.stat().st_size
+    except (OSError, EOFError, zlib.error) as exc:
+        raise OutputError(f"{path}: could not be written (the file is truncated or corrupt: {_one_line(exc)}; is the disk full?); "
+                          "nothing was left at that name") from None
+    if len(head) < 348:
+        raise OutputError(f"{path}: could not be written (only {total} bytes reached the disk; is it full?); nothing was left at that name")
+    order = "<" if struct.unpack_from("<i", head, 0)[0] == 348 else ">"
+    expected = int(struct.unpack_from(order + "f", head, 108)[0]) + data_bytes
+    if total < expected:
+        raise OutputError(f"{path}: could not be written (only {total} of {expected} bytes reached the disk; is it full?); "
+                          "nothing was left at that name")
 
 
 def write_json(data: Any, path: str | Path) -> Path:
-    """Write JSON atomically, pretty-printed."""
+    """Write JSON atomically, pretty-printed; NaN and infinities are written as null (valid JSON)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(json_safe(data), indent=2, default=_json_default, allow_nan=False) + "\n")
     return Path(path)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (numpy ones included) replaced by None."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def write_text(text: str, path: str | Path) -> Path:

@@ -101,9 +101,10 @@ def mood_score_path(map_path: str | Path) -> Path:
     return Path(str(map_path) + ".txt")
 
 
-def map_state(out_path: str | Path, settings: dict[str, Any]) -> str:
-    """``"done"`` (map and sidecar there, same settings), ``"different"`` (made with other
-    settings or another checkpoint) or ``"missing"`` (absent, or left incomplete by a killed run)."""
+def map_state(out_path: str | Path, settings: dict[str, Any], input_sha256: str | None = None) -> str:
+    """``"done"`` (map and sidecar there, same settings, same input checksum when given),
+    ``"stale"`` (the input was replaced since), ``"different"`` (made with other settings or
+    another checkpoint) or ``"missing"`` (absent, or left incomplete by a killed run)."""
     out_path = Path(out_path)
     if not out_path.is_file() or not map_sidecar_path(out_path).is_file():
         return "missing"
@@ -115,4 +116,6 @@ def map_state(out_path: str | Path, settings: dict[str, Any]) -> str:
         return "missing"
     if sidecar is None:
         return "missing"
-    return "done" if sidecar.settings == settings else "different"
+    if sidecar.settings != settings:
+        return "different"
+    return "stale" if input_sha256 is not None and sidecar.input_sha256 != input_sha256 else "done"

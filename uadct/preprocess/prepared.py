@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import SimpleITK as sitk
 from uadct.augment import TissueModel, fit_tissue_gmm
 from uadct.errors import InputError
 from uadct.io import atomic_path, grid_image, read_image, write_image, write_json
+from uadct.outputs import folder_mode, write_failure
 from uadct.preprocess.bids import SINGLE, SubjectInputs, bids_file_names
 from uadct.preprocess.config import PreprocessConfig
 from uadct.preprocess.register import load_affine, save_transform
@@ -308,6 +310,7 @@ def write_prepared(result: PreparedSubject, sidecar: dict[str, Any], subject_dir
     subject_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{subject_dir.name}.", suffix=".tmp", dir=subject_dir.parent))
     try:
+        os.chmod(staging, folder_mode())  # mkdtemp makes it 0700; the umask decides
         write_image(result.image, staging / files["images"][reference])
         for name, image in result.others.items():
             write_image(image, staging / files["images"][name])
@@ -323,6 +326,9 @@ def write_prepared(result: PreparedSubject, sidecar: dict[str, Any], subject_dir
         staging.rename(subject_dir)
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
+    except OSError as exc:  # disk full, read-only: one line, nothing half-written left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise write_failure(subject_dir, exc) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

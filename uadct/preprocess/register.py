@@ -10,6 +10,7 @@ subject's grid, go through one well-tested code path (``SimpleITK.Resample``).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,21 @@ def _parameter_map(kind: str, resolutions: int, iterations: int, samples: int):
     return parameters
 
 
+def elastix_failure(exc: BaseException, subject_brain: sitk.Image) -> str:
+    """One line for a failed elastix run: its own reason when it gives one, never its advice
+    to call LogToConsoleOn() (a library call the user cannot make), plus the intensity range."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not re.search(r"\.(hxx|cxx|h|cpp):\d*:?$", ln.strip())]
+    reason = lines[-1] if lines else "no reason given"
+    reason = re.sub(r"^(ITK ERROR: )?\w+\(0x[0-9a-f]+\): ", "", reason.removeprefix("Description:").strip())
+    reason = re.sub(r"\s*See elastix log.*$", "", reason, flags=re.IGNORECASE).rstrip(": ")
+    if "logtoconsole" in reason.lower() or not reason:
+        reason = "no reason given"
+    values = sitk.GetArrayViewFromImage(subject_brain)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    return (f"elastix registration failed ({reason}); the skull-stripped scan's intensities span {low:.4g}..{high:.4g}: "
+            "check that it is a plain MR or CT intensity image")
+
+
 def register_to_atlas(
     subject_brain: sitk.Image,
     atlas_brain: sitk.Image,
@@ -106,7 +122,7 @@ def register_to_atlas(
     try:
         _, result = itk.elastix_registration_method(fixed, moving, parameter_object=parameters, log_to_console=False)
     except RuntimeError as exc:
-        raise PreprocessError(f"elastix registration failed ({str(exc).strip().splitlines()[-1]})") from None
+        raise PreprocessError(elastix_failure(exc, subject_brain)) from None
     transform = elastix_to_sitk(result, 0)
     text = _parameter_text(result)
     return Registration(transform, text, kind)
