@@ -18,7 +18,7 @@ LAYERS = {
         "uadct.memory", "uadct.patches", "uadct.augment", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
     1: ("uadct.models", "uadct.preprocess", "uadct.checkpoint", "uadct.synthetic", "uadct.demo"),
     2: ("uadct.training", "uadct.inference"),
-    3: ("uadct.metrics", "uadct.evaluation_report", "uadct.evaluate", "uadct.report"),
+    3: ("uadct.metrics", "uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
     4: ("uadct.cli", "uadct.__main__"),
 }
 

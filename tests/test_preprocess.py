@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from uadct.errors import PreprocessError
 from uadct.io import read_image, same_grid, write_image
 from uadct.preprocess.intensity import normalize_intensity
+from uadct.preprocess.tissue import tissue_statistics
 from uadct.preprocess.masks import binarize_and_open
 from uadct.preprocess.chain import preprocess_file
 from uadct.preprocess.config import PreprocessConfig
@@ -123,8 +124,10 @@ def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, smal
     template = read_image(small_atlas_path)
     assert same_grid(prepared.image, template) and same_grid(prepared.mask, template)
     inside = sitk.GetArrayFromImage(prepared.image)[sitk.GetArrayFromImage(prepared.mask) > 0]
-    assert np.percentile(inside, 5) == pytest.approx(0.0, abs=0.02)
-    assert np.percentile(inside, 95) == pytest.approx(1.0, abs=0.02)
+    # the default normalisation (since the lesion-robust chain): the tissue peak -> 1, zero stays 0
+    assert (config.normalization, config.bias_correction_method) == ("tissue", "robust")
+    assert tissue_statistics(inside, np.ones(inside.shape))["tissue_median"] == pytest.approx(0.5, abs=0.02)
+    assert sidecar["normalization_stats"]["tissue_sd"] > 0
     # same parameters, same input: skipped; no temporary folders are left behind
     assert preprocess_file(scan, tmp_path, config)[1] is True
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]

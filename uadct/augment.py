@@ -29,6 +29,8 @@ from typing import Sequence
 import numpy as np
 
 from uadct.errors import UadctError
+from uadct.preprocess.intensity import TISSUE_SDS_PER_UNIT
+from uadct.preprocess.tissue import tissue_statistics
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,9 @@ class ContrastAugmenter:
     background would see a different intensity scale and background at scoring time.
     By default the augmented image is therefore re-normalised the way preprocessing
     normalised the original: its brain ``percentiles`` map to 0 and 1, and voxels
-    outside the mask are left as they are (0 in prepared data). Both normalisations use
+    outside the mask are left as they are (0 in prepared data). With ``normalization``
+    ``"tissue"`` the augmented image's normal-tissue median maps to 0.5 and 4 robust SDs
+    to one unit, as tissue normalisation did (computed on the transformed quantiles). Both normalisations use
     the whole image's statistics (from the subject's stored quantiles passed through the
     same transform), never the patch's own, as the method precomputes them per image.
 
@@ -175,6 +179,7 @@ class ContrastAugmenter:
     noise_background: bool = False
     noise_std: float = 1.0
     percentiles: tuple[float, float] = (5.0, 95.0)
+    normalization: str = "percentile"  # how preprocessing normalised: "tissue" re-normalises the tissue peak to 1 instead
     mean_: np.ndarray | None = field(default=None, repr=False)
     components_: np.ndarray | None = field(default=None, repr=False)
     half_widths_: np.ndarray | None = field(default=None, repr=False)
@@ -276,6 +281,10 @@ class ContrastAugmenter:
         if self.zscore:
             offset = reference.mean(axis=1, keepdims=True)
             scale = reference.std(axis=1, keepdims=True)
+        elif self.normalization == "tissue":  # as preprocessing: normal-tissue median -> 0.5, 4 robust SDs -> one unit
+            stats = [tissue_statistics(row, np.ones(row.shape)) for row in reference]
+            scale = TISSUE_SDS_PER_UNIT * np.array([[st["tissue_sd"]] for st in stats])
+            offset = np.array([[st["tissue_median"]] for st in stats]) - 0.5 * scale
         else:
             low, high = np.percentile(reference, self.percentiles, axis=1, keepdims=True)
             offset, scale = low, high - low

@@ -175,12 +175,14 @@ def preprocess(
     inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, a BIDS dataset, or - for paths on stdin."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
     atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
-    modality: str = typer.Option("mr", help="mr (deepbet, N4, percentile) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
+    modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue normalisation) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
     skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
     hdbet_weights: Optional[Path] = typer.Option(None, help="HD-BET weights folder. [default: $UADCT_HDBET_WEIGHTS, then ~/hd-bet_params/release_2.0.0]"),
     registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="N4 bias-field correction. [default: on for mr, off for ct]"),
-    normalization: Optional[str] = typer.Option(None, help="percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    bias_field: Optional[str] = typer.Option(None, "--bias-field", help="robust (N4 fitted on normal tissue only, keeps large lesions) or n4 (N4 under the whole brain mask). [default: from --modality]"),
+    normalization: Optional[str] = typer.Option(None, help="tissue (normal-tissue median -> 0.5, 4 robust SDs -> 1), percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    resolution_mm: Optional[float] = typer.Option(None, "--resolution-mm", metavar="MM", help="Blur finer scans to this effective resolution first (a cohort of mixed resolutions). [default: none]"),
     ct_level: Optional[float] = typer.Option(None, help="ct-window level in HU. [default: 40]"),
     ct_width: Optional[float] = typer.Option(None, help="ct-window width in HU. [default: 80]"),
     sequences: Optional[str] = typer.Option(None, help="Sequences per subject, e.g. T1w,FLAIR: BIDS suffixes, or files named <subject>_<sequence>.nii.gz. [default: one scan per subject; T1w for BIDS]"),
@@ -219,7 +221,8 @@ def preprocess(
     if ct_level is not None or ct_width is not None:
         window = (ct_level if ct_level is not None else CT_BRAIN_WINDOW_HU[0], ct_width if ct_width is not None else CT_BRAIN_WINDOW_HU[1])
     config = PreprocessConfig.for_modality(modality, atlas=atlas, skull_strip=skull_strip, registration=registration,
-                                           bias_correction=bias_correction, normalization=normalization, ct_window=window,
+                                           bias_correction=bias_correction, bias_correction_method=bias_field,
+                                           normalization=normalization, ct_window=window, resolution_mm=resolution_mm,
                                            sequences=tuple(names) or None,
                                            reference=resolve_reference(names, reference) if names else None)
     if config.skull_strip == "hd-bet":
@@ -414,6 +417,7 @@ def score(
     output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar",
                                               help="Which model output to map (default: the model's first declared output)."),
     mood: bool = typer.Option(False, "--mood", help="MOOD challenge layout: maps in [0, 1] named like the inputs in the output folder, plus <name>.nii.gz.txt sample scores."),
+    harmonize: bool = typer.Option(True, "--harmonize/--no-harmonize", help="Blur a raw scan finer than the model's training data to the coarsest training resolution first."),
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
@@ -430,7 +434,7 @@ def score(
     paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
-    inferer = Inferer(checkpoint, stride, batch, device, gaussian, output_kind, mood, budget)
+    inferer = Inferer(checkpoint, stride, batch, device, gaussian, output_kind, mood=mood, max_memory=budget, harmonize=harmonize)
     with _progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
 
@@ -516,13 +520,17 @@ def heatmap(
     unit: Optional[str] = typer.Option(None, help="Colour-bar label (default: from the map's score sidecar)."),
     resample: bool = typer.Option(False, "--resample", help="Resample a map/label on another grid onto the scan through the affines."),
     as_html: bool = typer.Option(False, "--html", help="Draw every subject of the folders into one self-contained HTML page."),
+    interactive: bool = typer.Option(False, "--interactive", help="Write an interactive NiiVue page (scroll, crosshair, threshold and opacity sliders) instead of pictures; no network needed to open it."),
 ) -> None:
     """Overlay the anomaly map on the scan: 3-view montage (radiological), colour bar, lesion outline."""
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
     from uadct.report import render_heatmap, render_html
 
     refuse_overwriting_inputs([output], [p for p in (subject, anomaly_map, label) if p is not None])
-    check_output_file(output, "PNG" if not as_html else "HTML page")
+    check_output_file(output, "PNG" if not (as_html or interactive) else "HTML page")
+    if interactive:
+        _interactive_page(subject, anomaly_map, output, label, threshold, resample, as_html)
+        return
     if not as_html:
         path = render_heatmap(subject, anomaly_map, output, label=label, n_slices=slices, threshold=threshold,
                               unit=unit, resample=resample)
@@ -539,6 +547,52 @@ def heatmap(
         result = render_html(subject, anomaly_map, output, labels_dir=label, n_slices=slices, threshold=threshold,
                              resample=resample, progress=report)
     out.print(f"html: {result.path} ({len(result.subjects)} subject(s))")
+    for name, error in result.failed:
+        console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Checkpoint written by `uadct train`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Network file to write (model.onnx or model.ts); <file>.json goes beside it."),
+    export_format: str = typer.Option("onnx", "--format", metavar="onnx|torchscript", help="ONNX (needs uadct[export]) or TorchScript."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Export the patch network (dynamic batch axis) with a JSON of its preprocessing and patch metadata."""
+    from uadct.export import export_checkpoint, export_json_path
+    from uadct.outputs import check_output_file, refuse_overwriting_inputs
+
+    refuse_overwriting_inputs([output, export_json_path(output)], [model])
+    check_output_file(output, "exported network")
+    if output.exists() and not force:
+        raise InputError(f"{output}: exists; pass --force to overwrite")
+    result = export_checkpoint(model, output, export_format)
+    out.print(f"{result.format}: {result.path} (inputs {', '.join(result.inputs)}; outputs {', '.join(result.outputs)})")
+    out.print(f"metadata: {result.json_path}")
+
+
+def _interactive_page(subject: Path, anomaly_map: Path, output: Path, label: Optional[Path], threshold: Optional[float],
+                      resample: bool, folders: bool) -> None:
+    """`heatmap --interactive`: one subject's files, or with --html the folders, into a NiiVue page."""
+    from uadct.viewer import ViewerSubject, match_subjects, write_viewer
+
+    if folders:
+        subjects, failed = match_subjects(subject, anomaly_map, label)
+    else:
+        from uadct.io import strip_nifti_suffix
+
+        subjects, failed = [ViewerSubject(strip_nifti_suffix(subject), subject, anomaly_map, label)], []
+    with _progress() as bar:
+        task = bar.add_task("viewer", total=len(subjects), info="")
+
+        def report(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, info=name)
+
+        result = write_viewer(subjects, output, threshold=threshold, resample=resample, failed=failed, progress=report)
+    out.print(f"viewer: {result.path} ({len(result.subjects)} subject(s))")
     for name, error in result.failed:
         console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
     if result.failed:

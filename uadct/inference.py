@@ -38,6 +38,7 @@ from uadct.outputs import check_output_file, check_output_folder, refuse_overwri
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
 from uadct.preprocess.chain import run_preprocessing
 from uadct.preprocess.prepared import PreparedFolder, prepared_name
+from uadct.preprocess.resolution import harmonized_config
 from uadct.scoremap import ScoreSidecar, map_state, mood_score_path
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class Inferer:
 
     def __init__(self, checkpoint: Checkpoint | str | Path, stride: int = 4, batch_size: int | None = None,
                  device: str = "auto", gaussian_sigma: float | None = None, output_kind: str | None = None,
-                 mood: bool = False, max_memory: int | None = None) -> None:
+                 mood: bool = False, max_memory: int | None = None, harmonize: bool = True) -> None:
         if gaussian_sigma is not None and not gaussian_sigma > 0:
             raise UadctError(f"gaussian sigma must be a positive fraction of the patch size, got {gaussian_sigma}")
         if batch_size is not None and batch_size < 1:
@@ -151,6 +152,7 @@ class Inferer:
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         self.stride, self.batch_size, self.gaussian_sigma, self.mood = stride, batch_size, gaussian_sigma, mood
         self.max_memory = max_memory
+        self.harmonize = harmonize  # blur a raw scan finer than the training data to its resolution first
         self.spec = self.checkpoint.patch_spec
         self.device = resolve_device(device)
         self.model = self.checkpoint.model.to(self.device).eval()
@@ -209,10 +211,11 @@ class Inferer:
             prepared = folder.load()
             _check_compatible(checkpoint, folder.config, subject)
             input_sha, native = folder.input_sha256, prepared.native_reference
+            resolution = folder.sidecar.get("resolution", {})
         else:
             image = read_image(subject)
             try:
-                config = checkpoint.preprocess_config
+                config = harmonized_config(checkpoint.preprocess_config, checkpoint.metadata, self.harmonize)
             except (TypeError, ValueError, AttributeError) as exc:
                 raise CheckpointError(f"{self.checkpoint_path or 'checkpoint'}: its preprocessing settings are invalid ({exc})") from None
             atlas = load_atlas(config.atlas)
@@ -224,6 +227,7 @@ class Inferer:
             except UadctError as exc:
                 raise type(exc)(f"{subject}: {exc}") from None
             input_sha, native = sha256_of(subject), image
+            resolution = prepared.resolution
         timings["preprocess"] = round(time.perf_counter() - clock, 3)
         clock = time.perf_counter()
         mask_array = sitk.GetArrayFromImage(prepared.mask)
@@ -258,7 +262,7 @@ class Inferer:
             image_score_definition=f"mean of the top {IMAGE_SCORE_TOP_K} map voxels inside the brain (atlas grid)",
             checkpoint=str(self.checkpoint_path) if self.checkpoint_path else None, model=checkpoint.model_name,
             stride=self.stride, output_kind=self.output_kind, gaussian_sigma=self.gaussian_sigma, mood_scaling=scaling,
-            settings=self.settings, batch=plan, timings_s=timings,
+            settings=self.settings, batch=plan, timings_s=timings, extra={"resolution": resolution},
         )
         json_path = sidecar.write(out_path)
         return ScoreResult(out_path, json_path, score, timings)
@@ -314,9 +318,9 @@ def score_scan(checkpoint: Checkpoint | str | Path, subject: str | Path, out_pat
                batch_size: int | None = None, device: str = "auto", atlas_map_path: str | Path | None = None,
                brain_mask_path: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
                gaussian_sigma: float | None = None, output_kind: str | None = None, mood: bool = False,
-               max_memory: int | None = None) -> ScoreResult:
+               max_memory: int | None = None, harmonize: bool = True) -> ScoreResult:
     """Score one raw scan or prepared subject folder (:meth:`Inferer.score_scan`)."""
-    inferer = Inferer(checkpoint, stride, batch_size, device, gaussian_sigma, output_kind, mood, max_memory)
+    inferer = Inferer(checkpoint, stride, batch_size, device, gaussian_sigma, output_kind, mood, max_memory, harmonize)
     return inferer.score_scan(subject, out_path, atlas_map_path, brain_mask_path, progress)
 
 

@@ -15,9 +15,10 @@ for one subject's files and writes the prepared folder
 
 from __future__ import annotations
 
-import time
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,11 +28,12 @@ from uadct.errors import InputError, PreprocessError, UadctError
 from uadct.io import array_like, grid_of, library_versions, read_image, same_grid, sha256_of, strip_nifti_suffix
 from uadct.locks import output_lock, remove_stale_temporaries
 from uadct.preprocess.bids import SubjectInputs
-from uadct.preprocess.config import PreprocessConfig
+from uadct.preprocess.config import BIAS_CORRECTIONS, PreprocessConfig
 from uadct.preprocess.intensity import correct_bias_field, normalize_intensity
 from uadct.preprocess.masks import binarize_and_open, mask_volume_ml
 from uadct.preprocess.prepared import PreparedSubject, file_names, is_complete, write_prepared
 from uadct.preprocess.register import Registration, register_to_atlas
+from uadct.preprocess.resolution import effective_voxel_mm, harmonize_resolution, voxel_size_mm
 from uadct.preprocess.skullstrip import extract_brain_mask
 
 log = logging.getLogger(__name__)
@@ -69,15 +71,22 @@ def run_preprocessing(
         timings[name] = round(now - clock, 3)
         clock = now
 
-    native_mask = extract_brain_mask(image, config.skull_strip, mask_path, hdbet_weights)
+    native_image = image
+    resolution: dict[str, Any] = {"input_voxel_mm": voxel_size_mm(image), "effective_mm": effective_voxel_mm(voxel_size_mm(image))}
+    if config.resolution_mm:
+        image, resolution = harmonize_resolution(image, config.resolution_mm)
+        others = {name: harmonize_resolution(other, config.resolution_mm)[0] for name, other in (others or {}).items()}
+        lap("harmonize_resolution")
+    native_mask = extract_brain_mask(native_image, config.skull_strip, mask_path, hdbet_weights)
     lap("skull_strip")
     brain_ml = mask_volume_ml(native_mask)
     if brain_ml < MIN_BRAIN_ML and config.skull_strip != "none":
         raise PreprocessError(f"the brain mask is tiny ({brain_ml:.0f} ml): skull-stripping failed")
     if brain_ml <= 0:
         raise PreprocessError("the brain mask is empty")
+    bias_quality: dict[str, float] = {}
     if config.bias_correction:
-        image = correct_bias_field(image, native_mask)
+        image, bias_quality = _bias_correct(image, native_mask, config.bias_correction_method)
         lap("bias_correction")
     brain = sitk.Mask(image, native_mask)
     registration: Registration = register_to_atlas(brain, atlas.brain, config.registration)
@@ -92,6 +101,7 @@ def run_preprocessing(
     if not mask_array.any():
         raise PreprocessError("the brain mask is empty after registration (registration diverged)")
     quality = registration_quality(sitk.GetArrayViewFromImage(warped), mask_array, atlas)
+    quality.update({f"bias_{k}": v for k, v in bias_quality.items()})
     if not quality["mask_dice"] >= FAILED_REGISTRATION_DICE:
         raise PreprocessError(f"registration diverged: Dice of the warped brain mask with the atlas brain is "
                               f"{quality['mask_dice']:.2f} (< {FAILED_REGISTRATION_DICE})")
@@ -108,7 +118,7 @@ def run_preprocessing(
             warnings.append(f"{name} resampled onto the reference's grid")
             other = sitk.Resample(other, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         if config.bias_correction:
-            other = correct_bias_field(other, native_mask)
+            other = _bias_correct(other, native_mask, config.bias_correction_method)[0]
         other_warped = sitk.Resample(sitk.Mask(other, native_mask), atlas.brain, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         try:
             other_normalized, other_stats[name] = normalize_intensity(
@@ -122,7 +132,7 @@ def run_preprocessing(
         image=array_like(normalized, atlas.brain),
         mask=mask,
         atlas_to_subject=transform,
-        native_grid=grid_of(image),
+        native_grid=grid_of(native_image),
         parameter_text=registration.parameter_text,
         normalization_stats=stats,
         timings=timings,
@@ -130,7 +140,19 @@ def run_preprocessing(
         others=prepared_others,
         other_stats=other_stats,
         warnings=warnings,
+        resolution=resolution,
     )
+
+
+def _bias_correct(image: sitk.Image, mask: sitk.Image, method: str) -> tuple[sitk.Image, dict[str, float]]:
+    """N4 under the whole mask (``n4``) or on normal tissue only (``robust``)."""
+    if method == "robust":
+        from uadct.preprocess.tissue import correct_bias_field_robust
+
+        return correct_bias_field_robust(image, mask)
+    if method == "n4":
+        return correct_bias_field(image, mask), {}
+    raise PreprocessError(f"unknown bias correction {method!r}; choose one of {', '.join(BIAS_CORRECTIONS)}")
 
 
 def check_transform(transform: sitk.AffineTransform, scale_range: tuple[float, float] = SCALE_RANGE) -> None:
@@ -236,6 +258,7 @@ def _preprocess_locked(inputs: SubjectInputs, subject_dir: Path, config: Preproc
         "config": config.to_dict(),
         "atlas": {"name": atlas.name, "sha256": atlas.checksum},
         "native_grid": result.native_grid,
+        "resolution": result.resolution,
         "normalization_stats": result.normalization_stats,
         "sequence_normalization_stats": result.other_stats,
         "timings_s": result.timings,

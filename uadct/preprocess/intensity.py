@@ -7,7 +7,8 @@ import SimpleITK as sitk
 
 from uadct.errors import PreprocessError
 
-NORMALIZATIONS = ("percentile", "zscore", "ct-window")
+NORMALIZATIONS = ("tissue", "percentile", "zscore", "ct-window")
+TISSUE_SDS_PER_UNIT = 4.0  # tissue normalisation: this many robust SDs of normal tissue span one unit
 CT_BRAIN_WINDOW_HU = (40.0, 80.0)  # (level, width) of the standard brain window, Hounsfield units
 
 
@@ -42,8 +43,10 @@ def normalize_intensity(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Normalise ``(D, H, W)`` intensities under ``mask``; background set to 0.
 
-    ``percentile``: the low percentile maps to 0 and the high one to 1 (the papers'
-    default, 5/95). ``zscore``: zero mean, unit standard deviation under the mask.
+    ``tissue``: the median of the normal tissue maps to 0.5 and 4 of its robust SDs to
+    one unit, so median -+ 2 SD -> 0 and 1 (see
+    :func:`uadct.preprocess.tissue.tissue_statistics`; robust to lesions). ``percentile``: the low percentile maps to 0 and the high one to 1
+    (the papers' default, 5/95). ``zscore``: zero mean, unit standard deviation under the mask.
     ``ct-window``: a fixed window of a CT in Hounsfield units, ``ct_window`` = (level,
     width) in HU: level - width/2 maps to 0, level + width/2 to 1, clipped to [0, 1].
     Returns the float32 array and the statistics used.
@@ -51,7 +54,13 @@ def normalize_intensity(
     inside = array[mask > 0]
     if inside.size == 0:
         raise PreprocessError("the brain mask is empty: nothing to normalise")
-    if method == "percentile":
+    if method == "tissue":
+        from uadct.preprocess.tissue import tissue_statistics
+
+        stats = tissue_statistics(array, mask)
+        scale = TISSUE_SDS_PER_UNIT * stats["tissue_sd"]
+        offset = stats["tissue_median"] - 0.5 * scale
+    elif method == "percentile":
         low, high = np.percentile(inside, percentiles)
         scale = high - low
         stats = {"low": float(low), "high": float(high)}

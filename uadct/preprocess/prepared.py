@@ -80,6 +80,7 @@ class PreparedSubject:
     others: dict[str, sitk.Image] = field(default_factory=dict)
     other_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    resolution: dict[str, Any] = field(default_factory=dict)  # input voxel size, blur, effective resolution (mm)
 
     def __post_init__(self) -> None:
         if self.subject_to_atlas is None:

@@ -32,7 +32,8 @@ from uadct.io import atomic_path, library_versions, write_json
 from uadct.memory import BatchPlan, available_memory, plan_batch, training_memory
 from uadct.models import AnomalyModel, build_model
 from uadct.patches import PatchSpec, patch_centres
-from uadct.preprocess.prepared import find_prepared
+from uadct.preprocess.prepared import PreparedFolder, find_prepared
+from uadct.preprocess.resolution import training_resolution
 from uadct.training.config import AUGMENTATIONS, TrainConfig
 from uadct.training.data import PatchSampler, default_workers, epoch_batches, load_volumes, split_subjects
 from uadct.training.distributed import AveragedOptimizer, Distributed, distributed_from_environment
@@ -165,7 +166,8 @@ def _train(
     val_volumes, val_signature = load_volumes(val_dirs, spec, config.max_background, config.exclude_labels)
     if val_signature != signature:
         raise UadctError(f"{prep_dir}: subjects were preprocessed with different parameters; preprocess all subjects alike")
-    augmenter = ContrastAugmenter().fit([v.tissue.theta for v in train_volumes if v.tissue is not None]) if gmm else None
+    normalization = (signature["config"] or {}).get("normalization", "percentile")
+    augmenter = ContrastAugmenter(normalization=normalization).fit([v.tissue.theta for v in train_volumes if v.tissue is not None]) if gmm else None
     model = build_model(config.model, {"patch_size": config.patch_size, "dims": config.dims, **config.model_options}).to(device)
     check_training_memory(model, spec, config, device, distributed.world_size, max_memory)
     optimizers = model.configure_optimizers(config.learning_rate)
@@ -235,6 +237,7 @@ def _train(
             "patch": {"size": spec.size, "dims": spec.dims},
             "preprocess": signature["config"],
             "atlas": signature["atlas"],
+            "resolution": training_resolution([PreparedFolder(f).sidecar for f in [*train_dirs, *val_dirs]]),
             "training": {
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()},
                 "best_epoch": best_epoch,
