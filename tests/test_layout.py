@@ -15,10 +15,11 @@ PACKAGE = Path(uadct.__file__).parent
 LAYERS = {
     0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.names", "uadct.outputs", "uadct.device", "uadct.locks", "uadct.io",
         "uadct.arrays", "uadct.batch",
-        "uadct.memory", "uadct.patches", "uadct.augment", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
-    1: ("uadct.models", "uadct.preprocess", "uadct.checkpoint", "uadct.synthetic", "uadct.demo"),
+        "uadct.memory", "uadct.patches", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
+    1: ("uadct.models", "uadct.preprocess", "uadct.augment", "uadct.checkpoint", "uadct.synthetic", "uadct.demo",
+        "uadct.metrics"),
     2: ("uadct.training", "uadct.inference"),
-    3: ("uadct.metrics", "uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
+    3: ("uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
     4: ("uadct.cli", "uadct.__main__"),
 }
 
