@@ -47,6 +47,7 @@ class Checkpoint:
     metadata: dict[str, Any]
     extra_state: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None  # of the file it was read from (outputs record which model made them)
+    path: Path | None = None  # the file it was read from
 
     @property
     def model_name(self) -> str | None:
@@ -161,7 +162,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     _check_patch_geometry(path, metadata)
     _check_finite_weights(path, payload["state_dict"])
     model.to(device).eval()
-    return Checkpoint(model, metadata, payload.get("extra", {}), sha256_of(path))
+    return Checkpoint(model, metadata, payload.get("extra", {}), sha256_of(path), Path(path))
 
 
 def _plain_first_line(exc: BaseException) -> str:

@@ -148,7 +148,7 @@ class Inferer:
             raise UadctError(f"gaussian sigma must be a positive fraction of the patch size, got {gaussian_sigma}")
         if batch_size is not None and batch_size < 1:
             raise UadctError(f"batch size must be at least 1 patch, got {batch_size}")
-        self.checkpoint_path = None if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
+        self.checkpoint_path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         self.stride, self.batch_size, self.gaussian_sigma, self.mood = stride, batch_size, gaussian_sigma, mood
         self.max_memory = max_memory
