@@ -17,8 +17,8 @@ LAYERS = {
         "uadct.arrays", "uadct.batch",
         "uadct.memory", "uadct.patches", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
     1: ("uadct.models", "uadct.preprocess", "uadct.augment", "uadct.checkpoint", "uadct.synthetic", "uadct.demo",
-        "uadct.metrics"),
-    2: ("uadct.training", "uadct.inference"),
+        "uadct.metrics", "uadct.lesions"),
+    2: ("uadct.training", "uadct.inference", "uadct.training_volumes"),
     3: ("uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
     4: ("uadct.cli", "uadct.__main__"),
 }

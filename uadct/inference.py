@@ -152,6 +152,7 @@ class Inferer:
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         self.stride, self.batch_size, self.gaussian_sigma, self.mood = stride, batch_size, gaussian_sigma, mood
         self.max_memory = max_memory
+        self.requested_output_kind = output_kind
         self.harmonize = harmonize  # blur a raw scan finer than the training data to its resolution first
         self.spec = self.checkpoint.patch_spec
         self.device = resolve_device(device)
@@ -177,6 +178,10 @@ class Inferer:
 
         ``plan_out`` receives the batch plan (for sidecars and logs).
         """
+        if hasattr(self.model, "score_volume") and self.requested_output_kind in (None, "voxel") and self.gaussian_sigma is None:
+            if plan_out is not None:  # voxel-wise models (normative) map the whole volume at once
+                plan_out.update({"whole_volume": True})
+            return self.model.score_volume(image, mask)
         predictor = patch_predictor(self.model, self.device, self.output_kind, volume_shape=image.shape, spec=self.spec)
         plan = self.plan(image.shape)
         log.info("scoring %s", plan.describe())

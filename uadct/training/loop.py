@@ -230,8 +230,13 @@ def _train(
         with torch.no_grad():
             model.fit_statistics(torch.from_numpy(statistics_images).to(device), torch.from_numpy(statistics_masks).to(device),
                                  **_hook_options(run, statistics_starts))
-        score_scale = estimate_score_scale(model, validation[0], validation[1], config.batch_size, device,
-                                           hook_options=lambda rows: _hook_options(run, validation[2][rows]))
+        if hasattr(model, "fit_volumes"):  # voxel-wise models (normative) fit and calibrate on whole volumes
+            from uadct.training_volumes import fit_volume_model
+
+            score_scale = fit_volume_model(model, train_volumes, val_volumes, train_dirs, val_dirs, config.exclude_labels)
+        else:
+            score_scale = estimate_score_scale(model, validation[0], validation[1], config.batch_size, device,
+                                               hook_options=lambda rows: _hook_options(run, validation[2][rows]))
         seconds = time.perf_counter() - started
         metadata = {
             "patch": {"size": spec.size, "dims": spec.dims},
