@@ -8,7 +8,7 @@ UADCT := $(VENV)/bin/uadct
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= demo_out
 
-.PHONY: install atlas demo test test-fast clean
+.PHONY: install atlas demo test test-fast docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,9 @@ test: atlas
 test-fast: atlas
 	$(PY) -m pytest -q -m "not slow"
 
+docs: install
+	$(PY) -m pip install -q -e '.[docs]'
+	$(VENV)/bin/mkdocs build -f mkdocs.yml
+
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf $(DEMO_DIR) .pytest_cache site

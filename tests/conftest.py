@@ -85,3 +85,19 @@ def atlas_grid_subjects(small_atlas_path):
         return raw, prep
 
     return make
+
+
+@pytest.fixture(scope="session")
+def threshold_model(atlas_grid_subjects, tmp_path_factory) -> Path:
+    """A `threshold` checkpoint trained on two prepared 2 mm subjects (seconds): for CLI scoring tests."""
+    from typer.testing import CliRunner
+
+    from uadct.cli import app
+
+    root = tmp_path_factory.mktemp("threshold_model")
+    _, prep = atlas_grid_subjects(root, ["h0", "h1"])
+    model = root / "threshold.pt"
+    done = CliRunner().invoke(app, ["train", str(prep), "-o", str(model), "--model", "threshold",
+                                    "--validation-patches", "64", "--patches-per-epoch", "256"])
+    assert done.exit_code == 0, done.output
+    return model

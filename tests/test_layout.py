@@ -13,11 +13,11 @@ PACKAGE = Path(uadct.__file__).parent
 
 # lower number = lower floor; a module may import its own floor or lower ones only
 LAYERS = {
-    0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.names", "uadct.outputs", "uadct.device", "uadct.locks", "uadct.io",
+    0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.names", "uadct.outputs", "uadct.dicom", "uadct.device", "uadct.locks", "uadct.io",
         "uadct.arrays", "uadct.batch",
         "uadct.memory", "uadct.patches", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
     1: ("uadct.models", "uadct.preprocess", "uadct.augment", "uadct.checkpoint", "uadct.synthetic", "uadct.demo",
-        "uadct.metrics", "uadct.lesions"),
+        "uadct.metrics", "uadct.lesions", "uadct.default_outputs", "uadct.datasets"),
     2: ("uadct.training", "uadct.inference", "uadct.training_volumes"),
     3: ("uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
     4: ("uadct.cli", "uadct.__main__"),

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from uadct import __version__
@@ -31,12 +32,15 @@ app = typer.Typer(
     name="uadct",
     help="Unsupervised anomaly detection in brain MRI and head CT: preprocess -> train -> score -> heatmap -> evaluate.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts are plain: "[default: ...]" must not be read as markup
+    rich_markup_mode=None,  # plain click help: wraps at the terminal width (80 in logs), never cuts a word; "[default: ...]" is not markup
+    context_settings={"max_content_width": 100},
 )
-atlas_app = typer.Typer(help="Fetch, list and locate registration atlases.", no_args_is_help=True)
+atlas_app = typer.Typer(help="Fetch, list and locate registration atlases.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(atlas_app, name="atlas")
+data_app = typer.Typer(help="Download public datasets of healthy scans to train on.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
 
 console = Console(stderr=True)
 out = Console()
@@ -109,19 +113,52 @@ def atlas_path(name: str = typer.Argument("sri24")) -> None:
     print(atlas_dir(name))
 
 
+# ----------------------------------------------------------------------------- data
+@data_app.command("fetch")
+def data_fetch(
+    dataset: str = typer.Argument("ixi", help="Dataset name (ixi)."),
+    modality: str = typer.Option("T1", help="IXI modality: T1, T2, PD or MRA."),
+    output: Path = typer.Option(Path("data"), "-o", "--output", help="Folder; the scans land in OUTPUT/<dataset>/<modality>/."),
+    url: Optional[str] = typer.Option(None, help="Download from this mirror instead of the official site (give its --md5)."),
+    md5: Optional[str] = typer.Option(None, help="Expected MD5 of the archive. [default: the official archive's]"),
+    keep_archive: bool = typer.Option(False, "--keep-archive", help="Keep the downloaded tar archive after unpacking."),
+    force: bool = typer.Option(False, "--force", help="Download and unpack again even if the folder exists."),
+) -> None:
+    """Download a dataset archive (resumable, checksummed) and unpack it. Needs the internet."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    from uadct.datasets import dataset_archive, fetch_dataset
+
+    archive = dataset_archive(dataset, modality, url=url, md5=md5)
+    console.print(f"licence: {archive.licence}", highlight=False)
+    console.print(f"source: {archive.url} (MD5 {archive.md5 or 'not checked'})", highlight=False, soft_wrap=True)
+    console.print(f"output: {output / archive.dataset / archive.modality}", highlight=False, soft_wrap=True)
+    bar = Progress(TextColumn("[bold]download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                   console=console, disable=not console.is_terminal)
+    with bar:
+        task = bar.add_task("download", total=None)
+        result = fetch_dataset(archive, output, keep_archive=keep_archive, force=force,
+                               progress=lambda done, total: bar.update(task, completed=done, total=total))
+    state = "already there" if result.skipped else "unpacked"
+    out.print(f"{archive.dataset} {archive.modality}: {len(result.files)} files {state} in {result.folder}", highlight=False)
+
+
 # ----------------------------------------------------------------------------- demo
-@app.command()
+@app.command(short_help="Generate a demo cohort from the SRI24 head T1.")
 def demo(
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for the demo cohort."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="uadct-demo/",
+                                          help="Folder for the demo cohort."),
     healthy: int = typer.Option(8, help="Number of healthy subjects."),
     test: int = typer.Option(4, help="Number of test subjects with inserted lesions."),
     seed: int = typer.Option(0, help="Random seed (same seed, same cohort)."),
     voxel_scale: float = typer.Option(1.0, help="Multiply voxel sizes (2.0 makes small, fast volumes)."),
 ) -> None:
     """Generate a demo cohort from the SRI24 head T1: healthy scans, and test scans with lesion masks."""
+    from uadct.default_outputs import demo_output
     from uadct.demo import generate_cohort
     from uadct.outputs import check_output_folder
 
+    output = output or _announce(demo_output())
     check_output_folder(output)
     with _progress() as bar:
         task = bar.add_task("demo cohort", total=healthy + test, info="")
@@ -133,6 +170,7 @@ def demo(
 # ----------------------------------------------------------------------------- preprocess
 def _collect_inputs(inputs: list[str]) -> list[Path]:
     from uadct.batch import read_path_list
+    from uadct.dicom import is_dicom_folder
     from uadct.io import is_nifti, list_niftis
 
     paths: list[Path] = []
@@ -141,15 +179,38 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
             paths += read_path_list()
             continue
         path = Path(item)
-        if path.is_dir():
-            paths += list_niftis(path)
+        if is_dicom_folder(path):
+            paths.append(path)  # one DICOM series
+        elif path.is_dir():
+            paths += list_niftis(path) or _dicom_children(path)
         elif is_nifti(path) or path.exists():
             paths.append(path)
         else:
             raise InputError(f"{path}: no such file or folder")
     if not paths:
-        raise InputError(f"no NIfTI files found in {', '.join(inputs)}")
+        raise InputError(f"no NIfTI files or DICOM series found in {', '.join(inputs)}")
     return paths
+
+
+def _dicom_children(folder: Path) -> list[Path]:
+    """Sub-folders that hold a DICOM series (a cohort exported one series per folder)."""
+    from uadct.dicom import is_dicom_folder
+
+    return sorted(child for child in folder.iterdir() if is_dicom_folder(child))
+
+
+def _select_series(series_uid: Optional[str]) -> None:
+    """--series-uid reaches the DICOM reader, in worker processes too, through the environment."""
+    if series_uid:
+        from uadct.dicom import SERIES_UID_ENV
+
+        os.environ[SERIES_UID_ENV] = series_uid
+
+
+def _announce(output: Path) -> Path:
+    """Say where a default output goes before any work starts (stderr, so --json output stays clean)."""
+    console.print(f"output: {output}", highlight=False, soft_wrap=True)
+    return output
 
 
 def _collect_subjects(inputs: list[str], sequences: list[str], reference: Optional[str],
@@ -170,10 +231,12 @@ def _collect_subjects(inputs: list[str], sequences: list[str], reference: Option
     return [SubjectInputs.single(path) for path in paths]
 
 
-@app.command()
+@app.command(short_help="Skull-strip, register, normalise and mask every scan.")
 def preprocess(
-    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, a BIDS dataset, or - for paths on stdin."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, DICOM series folders, a BIDS dataset, or - for paths on stdin."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="BIDS: <dataset>/derivatives/uadct/; a folder F: F-uadct/; else uadct-prep/",
+                                          help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="DICOM: the Series Instance UID to read when a folder holds several series."),
     atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
     modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue normalisation) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
     skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
@@ -199,17 +262,20 @@ def preprocess(
     import os
 
     from uadct.batch import resolve_shard, select_shard
+    from uadct.default_outputs import preprocess_output
     from uadct.preprocess.bids import parse_sequences, resolve_reference
     from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
     from uadct.outputs import check_output_folder, refuse_shared_names
     from uadct.preprocess.batch import preprocess_many
     from uadct.preprocess.config import PreprocessConfig
 
+    _select_series(series_uid)
     if max_memory:  # workers inherit it
         from uadct.memory import parse_memory
 
         _allow_image_memory(parse_memory(max_memory))
     names = parse_sequences(sequences)
+    output = output or _announce(preprocess_output(inputs))
     participants = [label for item in participant_label or [] for label in item.replace(",", " ").split()]
     if reference is not None and not names:
         raise InputError("--reference needs --sequences")
@@ -286,35 +352,35 @@ def _print_preprocess_summary(rows: list[dict[str, Any]], output: Path) -> None:
     out.print(counts)
     shown = rows if len(rows) <= MAX_SUBJECT_ROWS else [row for row in rows if row["warnings"] or row["status"] == "failed"]
     if shown:
-        detail = Table("subject", "status", "seconds", "mask Dice", "NCC", title="subjects")
-        detail.add_column("warnings / error", overflow="fold")
+        detail = Table(_id_column(), Column("status", no_wrap=True), "seconds", "mask Dice", "NCC", title="subjects")
+        detail.add_column("warnings / error", overflow="fold", ratio=1)
         for row in shown:
             style = "red" if row["status"] == "failed" else "yellow" if row["warnings"] else None
             detail.add_row(row["subject"], row["status"], f"{row['seconds']:.1f}", _fmt(row["mask_dice"]), _fmt(row["ncc"]),
                            (row["error"] or "").removeprefix(f"{row['input']}: ") or "; ".join(row["warnings"]), style=style)
-        out.print(detail)
+        _print_table(detail)
     for row in rows:
         if row["status"] == "failed":
             console.print(Text("failed: ", style="red") + Text(row["error"]), highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- train
-@app.command()
+@app.command(short_help="Fit an anomaly model on healthy prepared subjects.")
 def train(
     prep: Path = typer.Argument(..., help="Folder written by `uadct preprocess` (healthy subjects only)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Checkpoint file to write (model.pt)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="<model>.pt", help="Checkpoint file to write."),
     model: str = typer.Option("cae", help="Model name (see `uadct models`)."),
     option: list[str] = typer.Option([], "--option", "-O", metavar="KEY=VALUE",
                                      help="Model hyper-parameter, repeatable (e.g. -O latent_dim=64); `uadct models NAME` lists them."),
     patch_size: int = typer.Option(16, help="Patch edge in voxels (16 or 32 in the papers)."),
     dims: int = typer.Option(2, help="2: axial 2D patches; 3: cubic 3D patches."),
-    batch_size: int = typer.Option(128),
-    learning_rate: float = typer.Option(1e-3, "--lr"),
+    batch_size: int = typer.Option(128, help="Patches per optimiser step (global, over all processes)."),
+    learning_rate: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     epochs: int = typer.Option(50, help="Maximum number of epochs."),
     patience: int = typer.Option(10, help="Early stopping: epochs without validation improvement."),
-    patches_per_epoch: int = typer.Option(8192),
-    validation_patches: int = typer.Option(2048),
-    seed: int = typer.Option(0),
+    patches_per_epoch: int = typer.Option(8192, help="Training patches drawn per epoch."),
+    validation_patches: int = typer.Option(2048, help="Validation patches (fixed, from the validation subjects)."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same weights on a CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     exclude_labels: Optional[Path] = typer.Option(None, help="Folder of <subject>.nii.gz lesion masks: patches overlapping them are never sampled."),
     augment: str = typer.Option("flip", help="Comma-separated augmentations: flip (horizontal), gmm (GMM/PCA contrast); 'none' for none."),
@@ -335,8 +401,11 @@ def train(
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
     from uadct.training import TrainConfig, train_model
 
+    from uadct.default_outputs import train_output
+
     if dims not in (2, 3):
         raise InputError(f"--dims must be 2 or 3, got {dims}")
+    output = output or _announce(train_output(model))
     check_output_file(output, "checkpoint")  # before training, not after it
     refuse_overwriting_inputs([output, Path(f"{output}.resume.pt")], [prep])
     budget = parse_memory(max_memory) if max_memory else None
@@ -375,7 +444,7 @@ def train(
               f"validation {len(result.validation_subjects)} subjects")
 
 
-@app.command("models")
+@app.command("models", short_help="List the models, or one model's options.")
 def models_list(
     name: Optional[str] = typer.Argument(None, help="Show this model's options (for `train -O KEY=VALUE`)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the options of every model."),
@@ -398,16 +467,18 @@ def models_list(
 
 
 # ----------------------------------------------------------------------------- score
-@app.command()
+@app.command(short_help="Anomaly map of each scan, on the scan's own grid.")
 def score(
     model: Path = typer.Argument(..., help="Checkpoint written by `uadct train`."),
-    inputs: list[str] = typer.Argument(..., help="Raw scans, prepared subject folders, a folder of scans, or -."),
-    output: Path = typer.Option(..., "-o", "--output", help="Map file for one input; a folder for several."),
+    inputs: list[str] = typer.Argument(..., help="Raw scans, DICOM series folders, prepared subject folders, a folder of scans, or -."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="one scan: ./<id>_anomaly.nii.gz; a folder F: F-maps/; else maps/",
+                                          help="Map file for one input; a folder for several."),
+    series_uid: Optional[str] = typer.Option(None, "--series-uid", help="DICOM: the Series Instance UID to read when a folder holds several series."),
     stride: int = typer.Option(4, help="Patch stride in voxels."),
     batch_size: str = typer.Option("auto", help="Patches per forward pass, or auto: the largest batch that fits the memory budget."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE",
                                              help="Memory budget for scoring beyond the loaded program, e.g. 2G (default: 60% of free GPU memory, 25% of available RAM)."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     brain_mask_out: Optional[Path] = typer.Option(None, help="Also write the brain mask on the subject's grid (file, or folder for several)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing maps."),
     shard: Optional[str] = typer.Option(None, help="I/N: score only shard I (0-based) of N; default from SLURM array variables."),
@@ -422,16 +493,20 @@ def score(
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
     from uadct.checkpoint import load_checkpoint
+    from uadct.default_outputs import score_output
     from uadct.inference import Inferer, score_many, subject_name
     from uadct.memory import parse_memory
 
+    _select_series(series_uid)
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
     _allow_image_memory(budget)  # also the memory one scan may take when read
     if mood and str(output).endswith((".nii", ".nii.gz")):
         raise InputError(f"{output}: --mood writes a folder of maps named like the inputs; give a folder, not a NIfTI file name")
     checkpoint = load_checkpoint(model)
-    paths = select_shard(_collect_score_inputs(inputs), resolve_shard(shard), key=subject_name)
+    collected = _collect_score_inputs(inputs)
+    output = output or _announce(score_output(inputs, collected, folder=mood))
+    paths = select_shard(collected, resolve_shard(shard), key=subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
     inferer = Inferer(checkpoint, stride, batch, device, gaussian, output_kind, mood=mood, max_memory=budget, harmonize=harmonize)
@@ -443,7 +518,7 @@ def score(
             bar.update(task, advance=1, info=f"{record.subject}: " + (f"{record.values['image_score']:.4f}" if done else record.status))
 
         outcome = score_many(inferer, paths, output, force, brain_mask_out, progress=report)
-    table = Table("subject", "map", "image score", "seconds", title=f"score with {model.name}")
+    table = Table(_id_column(), Column("map", overflow="fold"), "image score", "seconds", title=f"score with {model.name}")
     rows: list[dict[str, Any]] = []
     for record in outcome.records:
         row: dict[str, Any] = {"subject": record.subject, "input": str(record.input), "map": str(record.output), "status": record.status}
@@ -458,7 +533,7 @@ def score(
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        out.print(table)
+        _print_table(table)
     for _, message in outcome.busy:
         console.print(f"[yellow]skipped[/yellow] {message}")
     for _, error in outcome.failed:
@@ -491,6 +566,7 @@ def _parse_batch_size(text: str) -> int | None:
 
 def _collect_score_inputs(inputs: list[str]) -> list[Path]:
     from uadct.batch import read_path_list
+    from uadct.dicom import is_dicom_folder
     from uadct.io import list_niftis
     from uadct.preprocess.prepared import PreparedFolder, find_prepared
 
@@ -498,9 +574,9 @@ def _collect_score_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         if item == "-":
             paths += read_path_list()
-        elif Path(item).is_dir() and not PreparedFolder(item).exists():
-            folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans in it
-            paths += find_prepared(folder) or list_niftis(folder)
+        elif Path(item).is_dir() and not PreparedFolder(item).exists() and not is_dicom_folder(item):
+            folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans or series in it
+            paths += find_prepared(folder) or list_niftis(folder) or _dicom_children(folder)
         else:
             paths.append(Path(item))
     if not paths:
@@ -509,11 +585,12 @@ def _collect_score_inputs(inputs: list[str]) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- heatmap
-@app.command()
+@app.command(short_help="Draw a map over its scan: PNG montage or HTML page.")
 def heatmap(
     subject: Path = typer.Argument(..., help="The subject's scan (the grid the map is drawn on); with --html a folder of scans."),
     anomaly_map: Path = typer.Argument(..., help="Map written by `uadct score`; with --html a folder of maps (<id>.nii.gz)."),
-    output: Path = typer.Option(..., "-o", "--output", help="PNG file to write (with --html: the HTML page)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="./<map id>_heatmap.png; with --html ./heatmaps.html",
+                                          help="PNG file to write (with --html: the HTML page)."),
     label: Optional[Path] = typer.Option(None, help="Lesion mask to outline (with --html: a folder of masks named like the maps)."),
     slices: int = typer.Option(6, help="Slices per view (rows: axial, coronal, sagittal)."),
     threshold: Optional[float] = typer.Option(None, help="Show the map only above this value (default: its 95th percentile)."),
@@ -523,9 +600,11 @@ def heatmap(
     interactive: bool = typer.Option(False, "--interactive", help="Write an interactive NiiVue page (scroll, crosshair, threshold and opacity sliders) instead of pictures; no network needed to open it."),
 ) -> None:
     """Overlay the anomaly map on the scan: 3-view montage (radiological), colour bar, lesion outline."""
+    from uadct.default_outputs import heatmap_output
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
     from uadct.report import render_heatmap, render_html
 
+    output = output or _announce(heatmap_output(anomaly_map, as_html))
     refuse_overwriting_inputs([output], [p for p in (subject, anomaly_map, label) if p is not None])
     check_output_file(output, "PNG" if not (as_html or interactive) else "HTML page")
     if interactive:
@@ -554,17 +633,20 @@ def heatmap(
 
 
 # ----------------------------------------------------------------------------- export
-@app.command()
+@app.command(short_help="Export the patch network to ONNX or TorchScript.")
 def export(
     model: Path = typer.Argument(..., help="Checkpoint written by `uadct train`."),
-    output: Path = typer.Option(..., "-o", "--output", help="Network file to write (model.onnx or model.ts); <file>.json goes beside it."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="./<checkpoint name>.onnx (.ts for torchscript)",
+                                          help="Network file to write (model.onnx or model.ts); <file>.json goes beside it."),
     export_format: str = typer.Option("onnx", "--format", metavar="onnx|torchscript", help="ONNX (needs uadct[export]) or TorchScript."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Export the patch network (dynamic batch axis) with a JSON of its preprocessing and patch metadata."""
+    from uadct.default_outputs import export_output
     from uadct.export import export_checkpoint, export_json_path
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
 
+    output = output or _announce(export_output(model, export_format))
     refuse_overwriting_inputs([output, export_json_path(output)], [model])
     check_output_file(output, "exported network")
     if output.exists() and not force:
@@ -600,11 +682,11 @@ def _interactive_page(subject: Path, anomaly_map: Path, output: Path, label: Opt
 
 
 # ----------------------------------------------------------------------------- evaluate
-@app.command()
+@app.command(short_help="Voxel, lesion and image-level metrics with a report.")
 def evaluate(
     maps: Path = typer.Argument(..., help="Folder of anomaly maps (<id>.nii.gz), with their score sidecars (<id>.json) if any."),
     labels: Path = typer.Argument(..., help="Folder of lesion masks with the same names, on the same grids."),
-    output: Path = typer.Option(..., "-o", "--output", help="Report folder."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="MAPS-report/ beside the maps folder", help="Report folder."),
     brain_masks: Optional[Path] = typer.Option(None, help="Folder of brain masks (default: the maps' nonzero voxels)."),
     fpr: str = typer.Option("0.01,0.05", help="Voxel false-positive rates at which to report Dice and threshold (comma-separated)."),
     median_filter: int = typer.Option(0, help="3D median filter size in voxels applied to the maps before scoring (0: off)."),
@@ -620,12 +702,13 @@ def evaluate(
     image_level: str = typer.Option("subject", metavar="subject|slice", help="Samples of the image-level metrics: subjects or axial slices."),
 ) -> None:
     """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
+    from uadct.default_outputs import evaluate_output
     from uadct.evaluate import EvaluationOptions, evaluate_folder
     from uadct.evaluation_report import fpr_key
     from uadct.outputs import check_output_folder
 
+    output = output or _announce(evaluate_output(maps))
     check_output_folder(output)
-
     try:
         fprs = tuple(float(item) for item in fpr.split(",") if item.strip())
     except ValueError:
@@ -643,7 +726,7 @@ def evaluate(
 
         result = evaluate_folder(maps, labels, output, brain_masks_dir=brain_masks, progress=report, options=options)
     columns = ["subject", "AUROC", "AUPRC", "best Dice", *(f"Dice@FPR {f:g}" for f in fprs), "lesions found", "FP clusters", "image score"]
-    table = Table(*columns, title="evaluation (inside the brain)")
+    table = Table(_id_column(), *columns[1:], title="evaluation (inside the brain)")
     pooled_row = {"subject": "pooled", **result.pooled, "n_detected": result.pooled["lesion"]["n_detected"],
                   "n_lesions": result.pooled["lesion"]["n_lesions"], "n_fp_clusters": result.pooled["lesion"]["fp_clusters_per_subject"],
                   "image_score": None}
@@ -652,7 +735,7 @@ def evaluate(
                       *(_fmt(row.get(fpr_key("dice", f))) for f in fprs), _lesions_cell(row, result.pooled["lesion"]),
                       _fmt(row["n_fp_clusters"]) if row["subject"] == "pooled" else str(row["n_fp_clusters"]),
                       _fmt(row.get("image_score")), style="bold" if row["subject"] == "pooled" else None)
-    out.print(table)
+    _print_table(table)
     image = result.pooled["image_level"]
     out.print(f"image level ({image['unit']}s): AUROC {_fmt(image['auroc'])}, F1 {_fmt(image['f1'])} at threshold {_fmt(image['threshold'])} "
               f"({image['threshold_source']})", highlight=False)
@@ -672,6 +755,48 @@ def _lesions_cell(row: dict[str, Any], lesion: dict[str, Any]) -> str:
     if row["subject"] == "pooled" and flagged_all:
         return f"{row['n_detected']}/{row['n_lesions']} ({len(flagged_all)} subject(s): threshold flags everything)"
     return f"{row['n_detected']}/{row['n_lesions']}"
+
+
+def _id_column() -> Column:
+    """The subject column of summary tables: never cut or wrapped (the other columns shrink instead)."""
+    return Column("subject", no_wrap=True)
+
+
+def _print_table(table: Table) -> None:
+    """Print a summary table without cutting a cell, at any console width (80 in logs).
+
+    As it is when it fits; else with columns sized so that no word is cut (headers and texts
+    wrap between words), boxed or, if only that fits, borderless; else one line per row
+    (``header: value`` pairs, long lines left whole for the terminal or the log to wrap).
+    """
+    cells = [[str(cell) for cell in column.cells] for column in table.columns]
+    texts = [[str(column.header), *column_cells] for column, column_cells in zip(table.columns, cells)]
+    natural = [max(len(text) for text in column_texts) for column_texts in texts]
+    needed = [natural[i] if column.no_wrap else max(len(word) for text in texts[i] for word in text.split() or [""]) or 1
+              for i, column in enumerate(table.columns)]
+    count = len(table.columns)
+    if sum(natural) + 3 * count + 1 <= out.width:
+        out.print(table)
+        return
+    for extra, compact in ((3 * count + 1, False), (2 * (count - 1), True)):
+        if sum(needed) + extra <= out.width:
+            widths = list(needed)
+            for _ in range(out.width - extra - sum(widths)):  # spare room to the columns that wrap most
+                deficit, index = max((natural[i] - widths[i], i) for i in range(count))
+                if deficit <= 0:
+                    break
+                widths[index] += 1
+            for column, width in zip(table.columns, widths):
+                column.width = width
+            if compact:
+                table.box, table.show_edge, table.pad_edge, table.collapse_padding = box.SIMPLE_HEAD, False, False, True
+            out.print(table)
+            return
+    if table.title:
+        out.print(str(table.title), highlight=False)
+    headers = [" ".join(str(column.header).split()) for column in table.columns]
+    for row in zip(*cells):
+        out.print("  ".join(f"{name}: {value}" for name, value in zip(headers, row) if value), highlight=False, soft_wrap=True)
 
 
 def _fmt(value: Any) -> str:

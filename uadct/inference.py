@@ -29,6 +29,7 @@ from uadct.batch import BatchOutcome, SubjectRecord
 from uadct.calibration import mood_scaled, resolve_output_kind
 from uadct.checkpoint import Checkpoint, load_checkpoint
 from uadct.device import resolve_device
+from uadct.dicom import is_dicom_folder
 from uadct.errors import CheckpointError, InputError, UadctError
 from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, strip_nifti_suffix, write_image, write_text
 from uadct.locks import output_lock, remove_stale_temporaries
@@ -209,7 +210,7 @@ class Inferer:
         checkpoint, subject, out_path = self.checkpoint, Path(subject), Path(out_path)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        if subject.is_dir():
+        if subject.is_dir() and not is_dicom_folder(subject):  # a DICOM series folder is a raw scan
             folder = PreparedFolder(subject)
             if not folder.exists():
                 raise InputError(f"{subject}: a folder must be a prepared subject (with {folder.sidecar_path.name})")

@@ -118,6 +118,11 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
     """
     path = Path(path)
     with quiet_itk():
+        if path.is_dir():
+            from uadct.dicom import is_dicom_folder, read_series
+
+            if is_dicom_folder(path):  # a folder holding one DICOM series (uadct.dicom owns that format)
+                return _check_volume(path, read_series(path), allow_empty)
         return _read_image(path, allow_empty)
 
 
@@ -163,6 +168,16 @@ def _read_image(path: Path, allow_empty: bool) -> sitk.Image:
         image = sitk.Cast(image, sitk.sitkFloat32)
         if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
             raise InputError(f"{path}: contains NaN or Inf voxels")
+    return _check_volume(path, image, allow_empty)
+
+
+def _check_volume(path: Path, image: sitk.Image, allow_empty: bool) -> sitk.Image:
+    """The checks every decoded volume passes: sane voxel sizes, orthonormal axes, not all zero."""
+    if not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in image.GetSpacing()):
+        raise InputError(f"{path}: absurd voxel size {tuple(round(s, 4) for s in image.GetSpacing())} mm")
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
+        raise InputError(f"{path}: the affine is singular or not orthonormal (direction determinant {np.linalg.det(direction):.3g})")
     if not allow_empty and not np.any(sitk.GetArrayViewFromImage(image)):
         raise InputError(f"{path}: the image is all zero")
     return image
@@ -547,7 +562,11 @@ def _json_default(value: Any) -> Any:
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes (of a DICOM folder: its series' files)."""
+    if Path(path).is_dir():
+        from uadct.dicom import series_sha256
+
+        return series_sha256(path)
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):

@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from uadct.atlas import Atlas, load_atlas
+from uadct.dicom import is_dicom_folder
 from uadct.errors import InputError, PreprocessError, UadctError
 from uadct.io import array_like, grid_of, library_versions, read_image, same_grid, sha256_of, strip_nifti_suffix
 from uadct.locks import output_lock, remove_stale_temporaries
@@ -216,7 +217,7 @@ def preprocess_subject(
     if inputs.missing:
         raise InputError(f"{reference_path}: no {', '.join(inputs.missing)} scan for subject {inputs.subject}")
     for path in inputs.images.values():
-        if not Path(path).is_file():
+        if not Path(path).is_file() and not is_dicom_folder(path):  # a DICOM series folder is one scan
             raise InputError(f"{path}: file not found")
     checksums = {name: sha256_of(path) for name, path in inputs.images.items()}
     if not force and is_complete(subject_dir, config, checksums):
