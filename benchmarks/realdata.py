@@ -72,7 +72,7 @@ from uadct.training import TrainConfig, train_model
 log = logging.getLogger("realdata")
 
 THRESHOLD_MODES = ("intensity", "deviation", "upper")
-SMALL = {"train": 20, "validation": 4, "test": 6, "patch_size": 16, "epochs": 4, "patience": 2, "patches_per_epoch": 4096,
+SMALL = {"train": 14, "validation": 4, "test": 6, "patch_size": 16, "epochs": 4, "patience": 2, "patches_per_epoch": 4096,
          "validation_patches": 1024, "statistics_patches": 2048, "stride": 8}
 FULL = {"train": 46, "validation": 6, "test": 8, "patch_size": 32, "epochs": 100, "patience": 10, "patches_per_epoch": 32768,
         "validation_patches": 4096, "statistics_patches": 8192, "stride": 4}
@@ -94,7 +94,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-options", default="{}", help='JSON {"model": {"field": value}} for the models\' configs')
     parser.add_argument("--variants", default="{}",
                         help='JSON {"row name": ["model", {"field": value}]}: extra rows (e.g. normative settings)')
-    parser.add_argument("--train", type=int, help="IXI training subjects (small 20, full 46)")
+    parser.add_argument("--train", type=int, help="IXI training subjects (small 14, full 46)")
     parser.add_argument("--validation", type=int, help="IXI healthy validation subjects (4, full 6)")
     parser.add_argument("--test", type=int, help="IXI test subjects, lesioned and clean (6, full 8)")
     parser.add_argument("--epochs", type=int, help="maximum epochs of the trained models (small 4, full 100)")
@@ -148,11 +148,16 @@ def template(work: Path) -> Path:
 
 def prepare(paths: list[Path], out: Path, config: PreprocessConfig, jobs: int) -> list[Path]:
     """Preprocess (cached: complete subjects made the same way are skipped); the prepared folders."""
-    outcome = preprocess_many(paths, out, config, jobs=jobs)
-    if outcome.failed:
-        log.warning("preprocessing failed for %s", outcome.failed)
     names = {p.name.split(".nii")[0] for p in paths}
-    return [p for p in find_prepared(out) if p.name in names]
+    for _ in range(360):  # subjects another run is writing (busy) are waited for
+        outcome = preprocess_many(paths, out, config, jobs=jobs)
+        if outcome.failed:
+            log.warning("preprocessing failed for %s", outcome.failed)
+        done = [p for p in find_prepared(out) if p.name in names]
+        if len(done) + len(outcome.failed) >= len(names):
+            return done
+        time.sleep(10)
+    return done
 
 
 def link_inputs(sources: dict[str, Path], folder: Path) -> list[Path]:

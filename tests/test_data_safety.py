@@ -267,9 +267,10 @@ def _zero_float64_nifti_gz(path: Path, edge: int) -> Path:
 def test_6_memory_is_checked_from_the_header_before_reading(tmp_path):
     path = _zero_float64_nifti_gz(tmp_path / "zeros.nii.gz", 512)
     assert path.stat().st_size < 8 << 20
-    probe = ("import resource, sys\nfrom uadct.io import read_image\n"
+    # VmHWM is this process's own peak (ru_maxrss would carry the forking pytest's peak across exec)
+    probe = ("import sys\nfrom uadct.io import read_image\n"
              "try:\n    read_image(sys.argv[1])\nexcept Exception as exc:\n    print(exc)\n"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+             "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))")
     done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     message, peak_kb = done.stdout.strip().splitlines()

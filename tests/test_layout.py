@@ -17,8 +17,9 @@ LAYERS = {
         "uadct.arrays", "uadct.batch",
         "uadct.memory", "uadct.patches", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
     1: ("uadct.models", "uadct.preprocess", "uadct.augment", "uadct.checkpoint", "uadct.synthetic", "uadct.demo",
-        "uadct.metrics", "uadct.lesions", "uadct.default_outputs", "uadct.datasets"),
-    2: ("uadct.training", "uadct.inference", "uadct.training_volumes"),
+        "uadct.metrics", "uadct.lesions", "uadct.default_outputs", "uadct.datasets",
+        "uadct.postprocess", "uadct.pretrained"),
+    2: ("uadct.training", "uadct.inference", "uadct.training_volumes", "uadct.calibrate_maps"),
     3: ("uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
     4: ("uadct.cli", "uadct.__main__"),
 }

@@ -10,8 +10,10 @@ affines compensate, so everything here goes through physical coordinates.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,9 +138,27 @@ class Atlas:
     checksum: str
 
 
+COARSE_ATLAS = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)@(?P<spacing>\d+(?:\.\d+)?)mm$")
+
+
 def load_atlas(name_or_path: str | Path = "sri24") -> Atlas:
-    """Load a cached atlas by name, or any skull-stripped template by path."""
+    """Load a cached atlas by name, or any skull-stripped template by path.
+
+    ``NAME@Xmm`` (e.g. ``sri24@2mm``) is the cached atlas's brain coarsened to X mm
+    (:func:`coarse_brain_template`), made on the fly: a portable name for a small analysis
+    grid (pretrained models record it instead of a template file's path). Its checksum is
+    derived from the source atlas's and the spacing.
+    """
     text = str(name_or_path)
+    coarse = COARSE_ATLAS.match(text)
+    if coarse and coarse["name"] in KNOWN_ATLASES:
+        source = load_atlas(coarse["name"])
+        spacing = float(coarse["spacing"])
+        if not 0.5 <= spacing <= 8.0:
+            raise AtlasError(f"atlas {text!r}: spacing must be between 0.5 and 8 mm")
+        brain = coarse_brain_template(source, spacing)
+        checksum = hashlib.sha256(f"{source.checksum}@{spacing:g}mm".encode()).hexdigest()
+        return Atlas(text, brain, _template_mask(brain), None, checksum)
     if text in KNOWN_ATLASES:
         folder = atlas_dir(text)
         if not is_fetched(text):

@@ -108,8 +108,10 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra_state or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        # a file object, not a name: torch then names the archive "archive" instead of after the
+        # (random) temporary file, so the same checkpoint is the same bytes (reproducible SHA-256)
+        torch.save(payload, handle)
     return Path(path)
 
 

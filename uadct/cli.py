@@ -448,10 +448,25 @@ def train(
 def models_list(
     name: Optional[str] = typer.Argument(None, help="Show this model's options (for `train -O KEY=VALUE`)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the options of every model."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="List the pretrained models shipped in the package with their model cards."),
+    as_json: bool = typer.Option(False, "--json", help="With --pretrained: print the model cards as JSON."),
 ) -> None:
     """List the available models, or one model's options with their defaults and meaning."""
     from uadct.models import available_models
     from uadct.models.base import model_class, model_options
+
+    if pretrained:
+        from uadct.pretrained import card_text, model_card, pretrained_names
+
+        names = [name] if name is not None else pretrained_names()
+        if as_json:
+            print(json.dumps({n: model_card(n) for n in names}, indent=2))
+            return
+        if not names:
+            out.print("no pretrained models are shipped in this installation")
+        for item in names:
+            out.print(card_text(item, model_card(item)), highlight=False, soft_wrap=True)
+        return
 
     if name is None and not verbose:
         table = Table("model", "description")
@@ -469,7 +484,7 @@ def models_list(
 # ----------------------------------------------------------------------------- score
 @app.command(short_help="Anomaly map of each scan, on the scan's own grid.")
 def score(
-    model: Path = typer.Argument(..., help="Checkpoint written by `uadct train`."),
+    model: str = typer.Argument(..., help="Checkpoint written by `uadct train`, or a pretrained model's name (`uadct models --pretrained`), e.g. t1."),
     inputs: list[str] = typer.Argument(..., help="Raw scans, DICOM series folders, prepared subject folders, a folder of scans, or -."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="one scan: ./<id>_anomaly.nii.gz; a folder F: F-maps/; else maps/",
                                           help="Map file for one input; a folder for several."),
@@ -489,6 +504,12 @@ def score(
                                               help="Which model output to map (default: the model's first declared output)."),
     mood: bool = typer.Option(False, "--mood", help="MOOD challenge layout: maps in [0, 1] named like the inputs in the output folder, plus <name>.nii.gz.txt sample scores."),
     harmonize: bool = typer.Option(True, "--harmonize/--no-harmonize", help="Blur a raw scan finer than the model's training data to the coarsest training resolution first."),
+    units: str = typer.Option("raw", metavar="raw|quantile|z|logp", help="Map units: the model's score, or calibrated on healthy validation subjects: quantile, z, or -log10 of the healthy exceedance probability."),
+    fpr: Optional[float] = typer.Option(None, "--fpr", help="Voxel false-positive rate (on healthy validation subjects) of the lesion-mask threshold, e.g. 0.01."),
+    mask_out: Optional[Path] = typer.Option(None, "--mask-out", help="Binary lesion mask (map above the --fpr threshold) on the input's grid: file, or folder for several."),
+    median_filter: int = typer.Option(0, "--median-filter", metavar="N", help="Median-filter the map (N voxels per side, atlas grid) before units and threshold (0: off)."),
+    erode_mask: float = typer.Option(0.0, "--erode-mask", metavar="MM", help="Drop brain voxels within MM mm of the brain border (0: off)."),
+    min_component_size: int = typer.Option(0, "--min-component-size", metavar="N", help="Drop lesion-mask clusters smaller than N voxels (0: off)."),
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
@@ -496,20 +517,28 @@ def score(
     from uadct.default_outputs import score_output
     from uadct.inference import Inferer, score_many, subject_name
     from uadct.memory import parse_memory
+    from uadct.postprocess import MapOptions, PostProcess
+    from uadct.pretrained import resolve_checkpoint
 
     _select_series(series_uid)
+    if mask_out is not None and fpr is None:
+        raise InputError("--mask-out needs --fpr (the healthy false-positive rate of the mask's threshold)")
+    if units not in ("raw", "quantile", "z", "logp"):
+        raise InputError(f"--units must be raw, quantile, z or logp, got {units!r}")
+    map_options = MapOptions(units, fpr, PostProcess(median_filter, erode_mask, min_component_size))
     batch = _parse_batch_size(batch_size)
     budget = parse_memory(max_memory) if max_memory else None
     _allow_image_memory(budget)  # also the memory one scan may take when read
     if mood and str(output).endswith((".nii", ".nii.gz")):
         raise InputError(f"{output}: --mood writes a folder of maps named like the inputs; give a folder, not a NIfTI file name")
-    checkpoint = load_checkpoint(model)
+    checkpoint = load_checkpoint(resolve_checkpoint(model))
     collected = _collect_score_inputs(inputs)
     output = output or _announce(score_output(inputs, collected, folder=mood))
     paths = select_shard(collected, resolve_shard(shard), key=subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
-    inferer = Inferer(checkpoint, stride, batch, device, gaussian, output_kind, mood=mood, max_memory=budget, harmonize=harmonize)
+    inferer = Inferer(checkpoint, stride, batch, device, gaussian, output_kind, mood=mood, max_memory=budget, harmonize=harmonize,
+                      map_options=map_options)
     with _progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
 
@@ -517,8 +546,8 @@ def score(
             done = "image_score" in record.values
             bar.update(task, advance=1, info=f"{record.subject}: " + (f"{record.values['image_score']:.4f}" if done else record.status))
 
-        outcome = score_many(inferer, paths, output, force, brain_mask_out, progress=report)
-    table = Table(_id_column(), Column("map", overflow="fold"), "image score", "seconds", title=f"score with {model.name}")
+        outcome = score_many(inferer, paths, output, force, brain_mask_out, mask_out, progress=report)
+    table = Table(_id_column(), Column("map", overflow="fold"), "image score", "seconds", title=f"score with {Path(model).name}")
     rows: list[dict[str, Any]] = []
     for record in outcome.records:
         row: dict[str, Any] = {"subject": record.subject, "input": str(record.input), "map": str(record.output), "status": record.status}
@@ -582,6 +611,42 @@ def _collect_score_inputs(inputs: list[str]) -> list[Path]:
     if not paths:
         raise InputError(f"nothing to score in {', '.join(inputs)}")
     return paths
+
+
+# ----------------------------------------------------------------------------- calibrate
+@app.command(short_help="Calibrate a model on healthy subjects (for --units and --fpr).")
+def calibrate(
+    model: str = typer.Argument(..., help="Checkpoint (file or pretrained model name)."),
+    prep: list[Path] = typer.Argument(..., help="Healthy prepared subject folders, or a folder of them."),
+    output: Path = typer.Option(..., "-o", "--output", help="New checkpoint to write: MODEL with the calibration added (never MODEL itself)."),
+    stride: int = typer.Option(4, help="Patch stride in voxels (as `uadct score` will use)."),
+    gaussian: Optional[float] = typer.Option(None, "--gaussian", metavar="SIGMA", help="Gaussian overlap averaging (as `uadct score`)."),
+    output_kind: Optional[str] = typer.Option(None, "--output-kind", metavar="voxel|scalar", help="Which model output to map (as `uadct score`)."),
+    median_filter: int = typer.Option(0, "--median-filter", metavar="N", help="Median filter of the maps (as `uadct score`)."),
+    erode_mask: float = typer.Option(0.0, "--erode-mask", metavar="MM", help="Brain-mask erosion in mm (as `uadct score`)."),
+    exclude_labels: Optional[Path] = typer.Option(None, help="Folder of <subject>.nii.gz lesion masks whose voxels are left out."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+) -> None:
+    """Calibrate a model on healthy subjects for given scoring settings (for --units and --fpr)."""
+    from uadct.calibrate_maps import calibrate_checkpoint
+    from uadct.calibration import describe_settings
+    from uadct.postprocess import PostProcess
+    from uadct.preprocess.prepared import PreparedFolder, find_prepared
+    from uadct.pretrained import resolve_checkpoint
+
+    from uadct.outputs import check_output_file, refuse_overwriting_inputs
+
+    checkpoint_path = resolve_checkpoint(model)
+    refuse_overwriting_inputs([output], [checkpoint_path, *prep])
+    check_output_file(output, "calibrated checkpoint")
+    folders = [f for item in prep for f in ([item] if PreparedFolder(item).exists() else find_prepared(item))]
+    with _progress() as bar:
+        task = bar.add_task("calibrate", total=len(folders), info="")
+        path, calibration = calibrate_checkpoint(checkpoint_path, folders, output, stride, gaussian, output_kind,
+                                                 PostProcess(median_filter, erode_mask), device, exclude_labels,
+                                                 progress=lambda done, total: bar.update(task, completed=done))
+    out.print(f"calibrated {path} on {len(calibration.subjects)} subject(s), {calibration.n_voxels} brain voxels: "
+              f"{describe_settings(calibration.settings)}", highlight=False)
 
 
 # ----------------------------------------------------------------------------- heatmap

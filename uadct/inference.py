@@ -37,6 +37,7 @@ from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, m
 from uadct.models import AnomalyModel
 from uadct.outputs import check_output_file, check_output_folder, refuse_overwriting_inputs, refuse_shared_outputs
 from uadct.patches import PatchSpec, patch_centres, sliding_window_map
+from uadct.postprocess import MapOptions, clean_lesion_mask, finish_map
 from uadct.preprocess.chain import run_preprocessing
 from uadct.preprocess.prepared import PreparedFolder, prepared_name
 from uadct.preprocess.resolution import harmonized_config
@@ -144,15 +145,25 @@ class Inferer:
 
     def __init__(self, checkpoint: Checkpoint | str | Path, stride: int = 4, batch_size: int | None = None,
                  device: str = "auto", gaussian_sigma: float | None = None, output_kind: str | None = None,
-                 mood: bool = False, max_memory: int | None = None, harmonize: bool = True) -> None:
+                 mood: bool = False, max_memory: int | None = None, harmonize: bool = True,
+                 map_options: MapOptions | None = None) -> None:
+        map_options = map_options or MapOptions()
+        if mood and (map_options.units != "raw" or map_options.fpr is not None):
+            raise UadctError("--mood maps are scaled to [0, 1] by the MOOD rule; leave out --units and --fpr")
         if gaussian_sigma is not None and not gaussian_sigma > 0:
             raise UadctError(f"gaussian sigma must be a positive fraction of the patch size, got {gaussian_sigma}")
         if batch_size is not None and batch_size < 1:
             raise UadctError(f"batch size must be at least 1 patch, got {batch_size}")
-        self.checkpoint_path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
-        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        if isinstance(checkpoint, Checkpoint):
+            self.checkpoint_path, self.checkpoint = checkpoint.path, checkpoint
+        else:
+            from uadct.pretrained import resolve_checkpoint
+
+            self.checkpoint_path = resolve_checkpoint(checkpoint)  # a file, or a shipped model's name
+            self.checkpoint = load_checkpoint(self.checkpoint_path)
         self.stride, self.batch_size, self.gaussian_sigma, self.mood = stride, batch_size, gaussian_sigma, mood
         self.max_memory = max_memory
+        self.map_options = map_options
         self.requested_output_kind = output_kind
         self.harmonize = harmonize  # blur a raw scan finer than the training data to its resolution first
         self.spec = self.checkpoint.patch_spec
@@ -164,7 +175,7 @@ class Inferer:
     @property
     def settings(self) -> dict[str, Any]:
         """Everything that decides a map's values; a map made with other settings is not "done"."""
-        return score_settings(self.checkpoint, self.stride, self.gaussian_sigma, self.output_kind, self.mood)
+        return score_settings(self.checkpoint, self.stride, self.gaussian_sigma, self.output_kind, self.mood, self.map_options)
 
     def plan(self, volume_shape: tuple[int, ...]) -> BatchPlan:
         """The batch plan for a volume of ``volume_shape`` (fails before any work when it cannot fit)."""
@@ -198,15 +209,22 @@ class Inferer:
         return result
 
     def score_scan(self, subject: str | Path, out_path: str | Path, atlas_map_path: str | Path | None = None,
-                   brain_mask_path: str | Path | None = None, progress: Callable[[int, int], None] | None = None) -> ScoreResult:
+                   brain_mask_path: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
+                   lesion_mask_path: str | Path | None = None) -> ScoreResult:
         """Score a raw scan (or a prepared subject folder) and write its native-space map.
 
         Also writes ``<map>.json`` (:class:`~uadct.scoremap.ScoreSidecar`), always last, so
         a map is complete only when its sidecar exists; optionally the map on the atlas
         grid and the brain mask on the subject's grid. With ``mood`` the map is scaled to
         [0, 1] and the image-level score of the scaled map, also in [0, 1], is written
-        alone to ``<map>.txt`` (MOOD sample score).
+        alone to ``<map>.txt`` (MOOD sample score). ``map_options`` (see
+        :mod:`uadct.postprocess`): post-processing, calibrated units and a healthy
+        false-positive rate; with its ``fpr``, ``lesion_mask_path`` receives the binary
+        lesion mask (uint8, the input's grid).
         """
+        map_options = self.map_options
+        if lesion_mask_path is not None and map_options.fpr is None:
+            raise UadctError(f"{lesion_mask_path}: a lesion mask needs a false-positive rate (--fpr)")
         checkpoint, subject, out_path = self.checkpoint, Path(subject), Path(out_path)
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -242,6 +260,12 @@ class Inferer:
         if not np.isfinite(atlas_map).all():
             raise UadctError(f"{subject}: the model gave NaN or infinite scores ({self.checkpoint_path or 'checkpoint'}); "
                              "no map was written")
+        atlas_mask = prepared.mask
+        finished = finish_map(atlas_map, mask_array, tuple(prepared.image.GetSpacing()[::-1]), checkpoint.metadata,
+                              self.settings, map_options)
+        atlas_map, mask_array = finished.anomaly_map, finished.mask
+        if map_options.post.map_settings():
+            atlas_mask = array_like(mask_array, atlas_mask)
         scaling = None
         if self.mood:
             atlas_map, scaling = mood_scaled(atlas_map, mask_array, checkpoint.score_scale)
@@ -250,13 +274,23 @@ class Inferer:
         atlas_map_image = array_like(atlas_map, prepared.image)
         subject_to_atlas = prepared.atlas_to_subject.GetInverse()
         native_map = sitk.Resample(atlas_map_image, native, subject_to_atlas, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        native_mask = sitk.Resample(prepared.mask, native, subject_to_atlas, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        native_mask = sitk.Resample(atlas_mask, native, subject_to_atlas, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         native_map = sitk.Mask(native_map, native_mask)
         if self.mood:  # linear interpolation cannot leave [0, 1]; clamp float rounding anyway
             native_map = sitk.Clamp(native_map, sitk.sitkFloat32, 0.0, 1.0)
         timings["resample"] = round(time.perf_counter() - clock, 3)
+        lesion_mask = None
+        if finished.threshold is not None:
+            above = (sitk.GetArrayFromImage(native_map) > finished.threshold) & (sitk.GetArrayFromImage(native_mask) > 0)
+            lesion_mask = sitk.GetImageFromArray(clean_lesion_mask(above, map_options.post).astype(np.uint8))
+            lesion_mask.CopyInformation(native)
+            finished.record["lesion_voxels"] = int(sitk.GetArrayViewFromImage(lesion_mask).sum())
+            finished.record["lesion_mask"] = str(lesion_mask_path) if lesion_mask_path is not None else None
         score = image_level_score(atlas_map, mask_array)
         write_image(native_map, out_path)
+        if lesion_mask is not None and lesion_mask_path is not None:
+            Path(lesion_mask_path).parent.mkdir(parents=True, exist_ok=True)
+            write_image(lesion_mask, lesion_mask_path)
         if self.mood:
             write_text(f"{score:.6f}\n", mood_score_path(out_path))
         if atlas_map_path is not None:
@@ -268,13 +302,14 @@ class Inferer:
             image_score_definition=f"mean of the top {IMAGE_SCORE_TOP_K} map voxels inside the brain (atlas grid)",
             checkpoint=str(self.checkpoint_path) if self.checkpoint_path else None, model=checkpoint.model_name,
             stride=self.stride, output_kind=self.output_kind, gaussian_sigma=self.gaussian_sigma, mood_scaling=scaling,
-            settings=self.settings, batch=plan, timings_s=timings, extra={"resolution": resolution},
+            settings=self.settings, batch=plan, timings_s=timings, extra={**finished.record, "resolution": resolution},
         )
         json_path = sidecar.write(out_path)
         return ScoreResult(out_path, json_path, score, timings)
 
     def score_if_needed(self, subject: str | Path, out_path: str | Path, force: bool = False,
-                        brain_mask_path: str | Path | None = None, **options: Any) -> ScoreOutcome:
+                        brain_mask_path: str | Path | None = None, lesion_mask_path: str | Path | None = None,
+                        **options: Any) -> ScoreOutcome:
         """Score one subject unless its map is complete; safe beside other tasks writing the same folder.
 
         Holds the map's lock (:mod:`uadct.locks`) while deciding and writing, so two array
@@ -288,19 +323,22 @@ class Inferer:
         with output_lock(out_path.parent, out_path.name) as mine:
             if not mine:
                 return ScoreOutcome("busy", message=f"{out_path}: another task is writing this map")
-            for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path):
+            for written in (out_path, map_sidecar_path(out_path), mood_score_path(out_path), brain_mask_path, lesion_mask_path):
                 if written is not None:
                     remove_stale_temporaries(written)
             state = map_state(out_path, self.settings, input_checksum(subject))
+            if state == "done" and lesion_mask_path is not None and not Path(lesion_mask_path).is_file():
+                state = "missing"
             if state == "done" and not force:
                 return ScoreOutcome("skipped", message=f"{out_path}: done")
             if state == "different" and not force:
                 raise UadctError(f"{out_path}: exists, made with another checkpoint or other settings; use --force to overwrite")
-            return ScoreOutcome("done", self.score_scan(subject, out_path, brain_mask_path=brain_mask_path, **options))
+            return ScoreOutcome("done", self.score_scan(subject, out_path, brain_mask_path=brain_mask_path,
+                                                        lesion_mask_path=lesion_mask_path, **options))
 
 
 def score_settings(checkpoint: Checkpoint, stride: int = 4, gaussian_sigma: float | None = None,
-                   output_kind: str | None = None, mood: bool = False) -> dict[str, Any]:
+                   output_kind: str | None = None, mood: bool = False, map_options: MapOptions | None = None) -> dict[str, Any]:
     """Everything that decides a map's values; a map made with other settings is not "done"."""
     return {
         "checkpoint_sha256": checkpoint.sha256,
@@ -308,6 +346,7 @@ def score_settings(checkpoint: Checkpoint, stride: int = 4, gaussian_sigma: floa
         "gaussian_sigma": gaussian_sigma,
         "output_kind": resolve_output_kind(checkpoint.model, output_kind),
         "mood": bool(mood),
+        **(map_options.settings() if map_options is not None else {}),  # only non-default options: old maps stay "done"
     }
 
 
@@ -324,10 +363,12 @@ def score_scan(checkpoint: Checkpoint | str | Path, subject: str | Path, out_pat
                batch_size: int | None = None, device: str = "auto", atlas_map_path: str | Path | None = None,
                brain_mask_path: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
                gaussian_sigma: float | None = None, output_kind: str | None = None, mood: bool = False,
-               max_memory: int | None = None, harmonize: bool = True) -> ScoreResult:
+               max_memory: int | None = None, harmonize: bool = True, map_options: MapOptions | None = None,
+               lesion_mask_path: str | Path | None = None) -> ScoreResult:
     """Score one raw scan or prepared subject folder (:meth:`Inferer.score_scan`)."""
-    inferer = Inferer(checkpoint, stride, batch_size, device, gaussian_sigma, output_kind, mood, max_memory, harmonize)
-    return inferer.score_scan(subject, out_path, atlas_map_path, brain_mask_path, progress)
+    inferer = Inferer(checkpoint, stride, batch_size, device, gaussian_sigma, output_kind, mood, max_memory, harmonize,
+                      map_options)
+    return inferer.score_scan(subject, out_path, atlas_map_path, brain_mask_path, progress, lesion_mask_path)
 
 
 def input_checksum(subject: str | Path) -> str | None:
@@ -352,6 +393,7 @@ def score_many(
     output: str | Path,
     force: bool = False,
     brain_mask_out: str | Path | None = None,
+    lesion_mask_out: str | Path | None = None,
     progress: Callable[[SubjectRecord], None] | None = None,
 ) -> BatchOutcome:
     """Score every input (raw scans or prepared folders); a failing subject is recorded and the batch carries on.
@@ -359,7 +401,8 @@ def score_many(
     ``output`` is a map file when it ends in ``.nii``/``.nii.gz`` (one input; a failure
     then raises) and a folder of ``<id>.nii.gz`` maps otherwise; with ``inferer.mood`` it
     is always a folder and a raw scan's map keeps the scan's file name (MOOD layout).
-    ``brain_mask_out``: the brain masks on the subjects' grids, a file or a folder alike.
+    ``brain_mask_out``: the brain masks on the subjects' grids, ``lesion_mask_out``: the
+    binary lesion masks (needs the inferer's ``fpr``); a file or a folder alike.
     Each record's ``values`` hold ``image_score`` of a scored subject; ``progress`` is
     called with each record as it is made.
     """
@@ -370,13 +413,22 @@ def score_many(
     inputs = [Path(path) for path in inputs]
     targets = {path: score_targets(path, output, brain_mask_out, many, inferer.mood) for path in inputs}
     check_score_outputs(targets, output, brain_mask_out, many)
+    lesion_targets: dict[Path, Path] = {}
+    if lesion_mask_out is not None:  # binary lesion masks (--fpr): never over an input, a map or another subject's mask
+        lesion_targets = {path: Path(lesion_mask_out) / f"{subject_name(path)}.nii.gz" if many else Path(lesion_mask_out)
+                          for path in inputs}
+        if len(set(lesion_targets.values())) < len(lesion_targets) or set(lesion_targets.values()) & {t for t, _ in targets.values()}:
+            raise InputError(f"{lesion_mask_out}: lesion masks would overwrite each other or a map; give another --mask-out")
+        refuse_overwriting_inputs(list(lesion_targets.values()), list(targets))
+        (check_output_folder if many else check_output_file)(lesion_mask_out)
     outcome = BatchOutcome()
     for path in inputs:
         name = subject_name(path)
         target, mask_target = targets[path]
+        lesion_target = lesion_targets.get(path)
         started = time.perf_counter()
         try:
-            result = inferer.score_if_needed(path, target, force=force, brain_mask_path=mask_target)
+            result = inferer.score_if_needed(path, target, force=force, brain_mask_path=mask_target, lesion_mask_path=lesion_target)
         except UadctError as exc:
             if not many:
                 raise

@@ -8,7 +8,8 @@ training subjects still give sane z values. A subject's map is the z score
 ``(x - location) / scale`` after removing the subject's median offset from the
 location inside the brain (``recentre``), taken two-sided (``|z|``), bright only
 (``max(z, 0)``) or dark only (``max(-z, 0)``) by ``tail``. ``blend`` adds that
-fraction of the global robust deviation (the ``threshold`` model's ``deviation``).
+fraction of the global robust deviation (the ``threshold`` model's ``deviation``);
+``map_smooth`` smooths the map inside the brain.
 
 The statistics are fitted from whole prepared volumes (:meth:`fit_volumes`, called by
 the training engine) and kept as float16 buffers on the bounding box of the voxels
@@ -46,6 +47,7 @@ class NormativeConfig(ModelConfig):
     scale_floor: float = 0.5  # scale >= this fraction of the median scale over the brain
     recentre: bool = True  # remove the subject's median offset from the location inside the brain
     blend: float = 0.0  # weight of the global robust deviation |x - median| / (1.4826 MAD) added to the z map
+    map_smooth: float = 0.0  # gaussian sigma (voxels) smoothing the map inside the brain (whole volumes only); 0: none
     min_subjects: int = 2  # voxels covered by fewer training brains take the global statistics
     fit_validation: bool = False  # also fit on the validation subjects (tiny cohorts; score_scale is then optimistic)
 
@@ -62,8 +64,8 @@ class NormativeModel(NonTrainableModel):
             raise UadctError(f"normative: unknown tail {config.tail!r}; expected one of {', '.join(TAILS)}")
         if not config.position_conditioning:
             raise UadctError("normative: position_conditioning must stay on (the model is voxel-wise on the atlas grid)")
-        if config.smooth < 0 or config.scale_smooth < 0 or config.scale_floor < 0 or config.blend < 0:
-            raise UadctError("normative: smooth, scale_smooth, scale_floor and blend must be >= 0")
+        if min(config.smooth, config.scale_smooth, config.scale_floor, config.blend, config.map_smooth) < 0:
+            raise UadctError("normative: smooth, scale_smooth, scale_floor, blend and map_smooth must be >= 0")
         if config.min_subjects < 1:
             raise UadctError(f"normative: min_subjects must be >= 1, got {config.min_subjects}")
         super().__init__(config)
@@ -142,6 +144,8 @@ class NormativeModel(NonTrainableModel):
         out = self._tail(z)
         if self.config.blend:
             out = out + self.config.blend * self._tail((x - float(self.global_location)) / float(self.global_scale))
+        if self.config.map_smooth > 0:
+            out = masked_smooth(out, brain, self.config.map_smooth, fill=0.0)
         out = out.astype(np.float32)
         out[~brain] = 0.0
         return out
@@ -158,8 +162,8 @@ class NormativeModel(NonTrainableModel):
     ) -> dict[str, torch.Tensor]:
         """``"voxel"`` ``(B, *patch)`` z maps of patches located by their centres ``positions``.
 
-        Without a whole volume the subject's offset is not known: patches are scored
-        without ``recentre``.
+        Without a whole volume the subject's offset is not known and the map cannot be
+        smoothed: patches are scored without ``recentre`` and ``map_smooth``.
         """
         self._require_fitted()
         positions = self.require_positions(positions, patches.shape[0])

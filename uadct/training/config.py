@@ -37,6 +37,7 @@ class TrainConfig:
     workers: int | None = None
     amp: bool | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
+    calibration_subjects: int = 4  # validation subjects scored whole for the healthy calibration (0: none)
 
 
 AUGMENTATIONS = ("flip", "gmm")

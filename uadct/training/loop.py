@@ -237,6 +237,12 @@ def _train(
         else:
             score_scale = estimate_score_scale(model, validation[0], validation[1], config.batch_size, device,
                                                hook_options=lambda rows: _hook_options(run, validation[2][rows]))
+        calibration = []
+        if config.calibration_subjects > 0:  # maps of whole held-out healthy subjects -> calibrated units, FPR thresholds
+            from uadct.calibrate_maps import calibrate_trained_model
+
+            calibration = [calibrate_trained_model(model, {"size": spec.size, "dims": spec.dims}, val_dirs[: config.calibration_subjects],
+                                                   config.exclude_labels, str(device)).to_dict()]
         seconds = time.perf_counter() - started
         metadata = {
             "patch": {"size": spec.size, "dims": spec.dims},
@@ -259,6 +265,7 @@ def _train(
             "history": history,
             "versions": library_versions(),
             SCORE_SCALE_KEY: score_scale,
+            "calibration": calibration,
         }
         save_checkpoint(out_path, model.cpu(), metadata)
         write_json(history, Path(str(out_path) + ".history.json"))
