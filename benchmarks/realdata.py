@@ -29,7 +29,7 @@ Tests (voxel level inside each scan's brain mask on its own native grid):
 
 Rows: every registry model (small CPU settings by default), every ``threshold`` mode,
 and the raw intensity of the native scan inside the same brain mask (``raw`` and its robust
-|z| ``raw-|z|``: |x - median| / MAD over the subject's brain). Metrics (uadct.metrics): pooled
+|z| ``raw-z``: |x - median| / MAD over the subject's brain). Metrics (uadct.metrics): pooled
 and per-subject AUROC, AUPRC, best Dice; Dice and lesion detection rate at the validation
 1 % FPR threshold; image-level AUROC (ixi). Mean and standard deviation over ``--seeds``
 (models are retrained with each seed; IXI lesions are redrawn with each seed).
@@ -89,7 +89,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", type=Path, default=Path("bench_out/realdata"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--full", action="store_true", help="more training subjects, patch 32, long training (GPU)")
-    parser.add_argument("--models", default="all", help="registry names (comma-separated) or 'all'")
+    parser.add_argument("--models", default="all", help="registry names (comma-separated), 'all', or 'none' (only --variants)")
     parser.add_argument("--tests", default="ixi,mslub-flair,mslub-t2,mslub-t1")
     parser.add_argument("--model-options", default="{}", help='JSON {"model": {"field": value}} for the models\' configs')
     parser.add_argument("--variants", default="{}",
@@ -115,7 +115,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 def model_rows(spec: str, extra_options: dict[str, dict[str, Any]], variants: dict[str, list[Any]],
                full: bool) -> dict[str, tuple[str, dict[str, Any]]]:
     """Row name -> (registry model, config overrides): every threshold mode, then the models, then variants."""
-    names = sorted(available_models()) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    names = sorted(available_models()) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip() and n.strip() != "none"]
     rows: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in names:
         fields = set(model_class(name).Config.__dataclass_fields__)
@@ -140,7 +140,7 @@ def model_rows(spec: str, extra_options: dict[str, dict[str, Any]], variants: di
 
 # ----------------------------------------------------------------------------- preparation
 def template(work: Path) -> Path:
-    path = work / "atlas_sri24_2mm.nii.gz"
+    path = (work / "atlas_sri24_2mm.nii.gz").resolve()  # the path is part of the recorded preprocessing config
     if not path.is_file():
         write_image(coarse_brain_template(load_atlas("sri24"), 2.0), path)
     return path
@@ -260,7 +260,7 @@ def raw_maps(subject: Subject) -> dict[str, tuple[np.ndarray, float]]:
     centre = float(np.median(values))
     mad = max(float(np.median(np.abs(values - centre))), 1e-6)
     z = np.abs(array - centre) / mad
-    return {"raw": (array, image_level_score(array, subject.brain)), "raw-|z|": (z, image_level_score(z, subject.brain))}
+    return {"raw": (array, image_level_score(array, subject.brain)), "raw-z": (z, image_level_score(z, subject.brain))}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                 if test not in options.tests:
                     continue
                 maps = {s.name: raw_maps(s) for s in [*subjects[0], *subjects[1], *validation]}
-                for row in ("raw", "raw-|z|"):
+                for row in ("raw", "raw-z"):
                     def trio(group: list[Subject]) -> list[tuple[Subject, np.ndarray, float]]:
                         return [(s, *maps[s.name][row]) for s in group]
                     note(test, row, seed, measure(trio(subjects[0]), trio(validation), trio(subjects[1])), None, 0, None, 0)
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             prepared = mslub_prepared[sequence]
             subjects = {d.name: Subject(d, labels / f"{d.name}.nii.gz") for d in prepared}
             raw = {n: raw_maps(s) for n, s in subjects.items()}
-            for row_name in ("raw", "raw-|z|"):
+            for row_name in ("raw", "raw-z"):
                 trios = {n: (subjects[n], *raw[n][row_name]) for n in subjects}
                 note(test, row_name, seed, measure_folds(trios, subjects), None, 0, None, 0)
             for row, (model, overrides) in rows.items():

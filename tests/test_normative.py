@@ -162,3 +162,43 @@ def test_cli_train_and_score_a_raw_scan_on_its_own_grid(atlas_grid_subjects, tmp
     inside &= array > 0
     brain = (array > 0) & ~inside
     assert np.median(values[inside]) > np.percentile(values[brain], 99)  # a noise-free cohort: edges vary most
+
+
+@pytest.mark.parametrize("tail", ["both", "upper"])
+def test_gate_and_blend_against_their_definitions(tail, rng):
+    images, masks = _cohort(rng)
+    brain = np.ones(SHAPE, np.uint8)
+    raw = _raw_model(tail=tail, recentre=False)
+    raw.fit_volumes(images, masks)
+    location, scale = raw.statistics_on_grid()
+    g_loc, g_scale = float(raw.global_location), float(raw.global_scale)
+    test = images[3] + rng.normal(0, 0.2, SHAPE).astype(np.float32)
+    local, glob = (test - location) / scale, (test - g_loc) / g_scale
+
+    def tail_of(z):
+        return np.abs(z) if tail == "both" else np.maximum(z, 0)
+
+    for options, expected in (
+        ({"gate": True}, np.sqrt(tail_of(local) * tail_of(glob) * (local * glob > 0))),
+        ({"blend": 0.5}, tail_of(local) + 0.5 * tail_of(glob)),
+    ):
+        model = _raw_model(tail=tail, recentre=False, **options)
+        model.fit_volumes(images, masks)
+        np.testing.assert_allclose(model.score_volume(test, brain), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_tail_follows_the_training_contrast(rng):
+    """White matter brighter than grey matter (by the atlas T1): both tails; inverted (T2/FLAIR): the bright tail."""
+    from uadct.models.normative import t1_like
+
+    reference = rng.random(SHAPE).astype(np.float32) + 0.1
+    images, masks = _cohort(rng)
+    t1 = [(reference * 2 + rng.normal(0, 0.05, SHAPE)).astype(np.float32) for _ in images]
+    flair = [(3 - reference * 2 + rng.normal(0, 0.05, SHAPE)).astype(np.float32) for _ in images]
+    for data, expected in ((t1, "both"), (flair, "upper")):
+        model = _raw_model(tail="auto")
+        model.fit_volumes(data, masks, reference=reference)
+        assert model.tail == expected and t1_like(model.statistics_on_grid()[0], reference) == (expected == "both")
+    model = _raw_model(tail="auto")
+    model.fit_volumes(flair, masks)  # no reference: both tails
+    assert model.tail == "both"

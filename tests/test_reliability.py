@@ -334,13 +334,13 @@ def test_training_memory_grows_with_the_patch_and_leaves_random_streams_alone():
 def test_train_refuses_a_batch_beyond_max_memory_before_training(atlas_grid_subjects, tmp_path):
     _, prep = atlas_grid_subjects(tmp_path, ["case-0", "case-1"])
     model = tmp_path / "model.pt"
-    result = runner.invoke(app, ["train", str(prep), "-o", str(model), "--batch-size", "100000", "--max-memory", "300M",
+    result = runner.invoke(app, ["train", str(prep), "-o", str(model), "--model", "cae", "--batch-size", "100000", "--max-memory", "300M",
                                  "--epochs", "1"])
     assert isinstance(result.exception, MemoryLimitError), result.output
     message = str(result.exception)
     assert "\n" not in message and "training" in message and "use --batch-size" in message
     assert not model.exists() and not list(tmp_path.glob("model.pt*"))
-    fits = runner.invoke(app, ["train", str(prep), "-o", str(model), "--batch-size", "32", "--max-memory", "300M",
+    fits = runner.invoke(app, ["train", str(prep), "-o", str(model), "--model", "cae", "--batch-size", "32", "--max-memory", "300M",
                                "--epochs", "1", "--patches-per-epoch", "64", "--validation-patches", "64"])
     assert fits.exit_code == 0, fits.output
     assert model.is_file()

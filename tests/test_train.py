@@ -134,7 +134,7 @@ def test_history_written_as_json_and_csv(prep, tmp_path):
 @pytest.mark.slow
 def test_cli_sigterm_then_resume(prep, tmp_path):
     model = tmp_path / "model.pt"
-    command = [sys.executable, "-m", "uadct", "train", str(prep), "-o", str(model), "--epochs", "200",
+    command = [sys.executable, "-m", "uadct", "train", str(prep), "-o", str(model), "--model", "cae", "--epochs", "200",
                "--patience", "200", "--batch-size", "16", "--patches-per-epoch", "64", "--validation-patches", "32",
                "--device", "cpu"]
     env = {**os.environ, "UADCT_HOME": os.environ.get("UADCT_HOME", str(tmp_path / "home"))}
@@ -157,7 +157,7 @@ def test_cli_sigterm_then_resume(prep, tmp_path):
     assert "run the same command again to resume" in stderr
     assert resume_path(model).is_file() and not model.exists()
     # finish quickly: the epoch limit may change on resume
-    finished = CliRunner().invoke(app, ["train", str(prep), "-o", str(model), "--epochs", "3", "--patience", "200",
+    finished = CliRunner().invoke(app, ["train", str(prep), "-o", str(model), "--model", "cae", "--epochs", "3", "--patience", "200",
                                         "--batch-size", "16", "--patches-per-epoch", "64", "--validation-patches", "32",
                                         "--device", "cpu", "--resume"])
     assert finished.exit_code == 0, finished.output
@@ -192,7 +192,7 @@ def test_exclude_labels_keeps_patches_off_known_lesions(atlas_grid_subjects, tmp
     assert np.array_equal(excluded[1].starts, plain[1].starts)  # no label: untouched
 
 
-CLI_TINY = ["--patience", "200", "--batch-size", "16", "--patches-per-epoch", "128", "--validation-patches", "32",
+CLI_TINY = ["--model", "cae", "--patience", "200", "--batch-size", "16", "--patches-per-epoch", "128", "--validation-patches", "32",
             "--device", "cpu", "--augment", "gmm,flip"]
 
 
@@ -236,11 +236,11 @@ def test_cli_resume_file_of_other_settings_is_refused_and_force_starts_over(prep
         if event == "epoch":
             raise RuntimeError("stop")
 
-    config = TrainConfig(batch_size=16, patches_per_epoch=64, validation_patches=32, max_epochs=2, patience=200,
+    config = TrainConfig(model="cae", batch_size=16, patches_per_epoch=64, validation_patches=32, max_epochs=2, patience=200,
                          device="cpu", learning_rate=0.1)
     with pytest.raises(RuntimeError):
         train_model(prep, model, config, progress=crash)
-    args = ["train", str(prep), "-o", str(model), "--epochs", "2", "--patience", "200", "--batch-size", "16",
+    args = ["train", str(prep), "-o", str(model), "--model", "cae", "--epochs", "2", "--patience", "200", "--batch-size", "16",
             "--patches-per-epoch", "64", "--validation-patches", "32", "--device", "cpu"]
     refused = CliRunner().invoke(app, args)  # (the console script turns the UadctError into one line, exit 2)
     assert isinstance(refused.exception, UadctError), refused.output

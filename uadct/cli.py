@@ -369,7 +369,7 @@ def _print_preprocess_summary(rows: list[dict[str, Any]], output: Path) -> None:
 def train(
     prep: Path = typer.Argument(..., help="Folder written by `uadct preprocess` (healthy subjects only)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="<model>.pt", help="Checkpoint file to write."),
-    model: str = typer.Option("cae", help="Model name (see `uadct models`)."),
+    model: str = typer.Option("normative", help="Model name (see `uadct models`); default: the winner of the real-data benchmark."),
     option: list[str] = typer.Option([], "--option", "-O", metavar="KEY=VALUE",
                                      help="Model hyper-parameter, repeatable (e.g. -O latent_dim=64); `uadct models NAME` lists them."),
     patch_size: int = typer.Option(16, help="Patch edge in voxels (16 or 32 in the papers)."),

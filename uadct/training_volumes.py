@@ -31,6 +31,22 @@ def usable_mask(folder: Path, mask: np.ndarray, exclude_labels: str | Path | Non
     return brain
 
 
+def atlas_reference(folder: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The atlas brain the subject was registered to, as an array, when it lies on the prepared grid."""
+    import SimpleITK as sitk
+
+    from uadct.atlas import load_atlas
+    from uadct.preprocess.config import PreprocessConfig
+    from uadct.preprocess.prepared import load_prepared
+
+    try:
+        config = PreprocessConfig.from_dict(load_prepared(folder).sidecar.get("config", {}))
+        brain = sitk.GetArrayFromImage(load_atlas(config.atlas).brain)
+    except UadctError:
+        return None
+    return brain if brain.shape == tuple(shape) else None
+
+
 def fit_volume_model(model: Any, train_volumes: Sequence[Any], val_volumes: Sequence[Any], train_dirs: Sequence[Path],
                      val_dirs: Sequence[Path], exclude_labels: str | Path | None) -> float | None:
     """Fit ``model.fit_volumes`` on the training subjects (and the validation ones when the model's
@@ -40,7 +56,8 @@ def fit_volume_model(model: Any, train_volumes: Sequence[Any], val_volumes: Sequ
     if not pairs:
         raise UadctError("no training subject for the voxel-wise model")
     model.fit_volumes([np.asarray(v.image) for v, _ in pairs],
-                      [usable_mask(Path(d), v.mask, exclude_labels) for v, d in pairs])
+                      [usable_mask(Path(d), v.mask, exclude_labels) for v, d in pairs],
+                      reference=atlas_reference(Path(pairs[0][1]), np.asarray(pairs[0][0].image).shape))
     values = []
     for volume, folder in zip(val_volumes, val_dirs):
         brain = usable_mask(Path(folder), volume.mask, exclude_labels)

@@ -7,9 +7,14 @@ above a floor, ``scale_floor`` times the median scale over the brain, so two or 
 training subjects still give sane z values. A subject's map is the z score
 ``(x - location) / scale`` after removing the subject's median offset from the
 location inside the brain (``recentre``), taken two-sided (``|z|``), bright only
-(``max(z, 0)``) or dark only (``max(-z, 0)``) by ``tail``. ``blend`` adds that
+(``max(z, 0)``) or dark only (``max(-z, 0)``) by ``tail``; ``tail="auto"`` (the
+default) takes both tails when the training contrast is T1-like and the bright tail on
+T2/FLAIR-like data (:func:`t1_like`). ``blend`` adds that
 fraction of the global robust deviation (the ``threshold`` model's ``deviation``);
-``map_smooth`` smooths the map inside the brain.
+``gate`` keeps a voxel only where the local and the global deviation agree in sign and
+takes their geometric mean (a voxel must be unusual both for its place and for the
+brain; its ranking does not depend on the units of either); ``map_smooth`` smooths the
+map inside the brain.
 
 The statistics are fitted from whole prepared volumes (:meth:`fit_volumes`, called by
 the training engine) and kept as float16 buffers on the bounding box of the voxels
@@ -31,6 +36,7 @@ from uadct.errors import UadctError
 from uadct.models.base import ModelConfig, NonTrainableModel
 
 TAILS = ("both", "upper", "lower")
+TAIL_CHOICES = ("auto", *TAILS)
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 MINIMUM_SCALE = 1e-3  # intensity units; guards constant data
 SLAB = 16  # atlas slices per block while computing medians (bounds memory on 1 mm grids)
@@ -41,12 +47,13 @@ class NormativeConfig(ModelConfig):
     """Normative model settings."""
 
     position_conditioning: bool = True  # patches are located on the atlas grid by their centres (always on)
-    tail: str = "both"  # "both" (|z|), "upper" (bright only) or "lower" (dark only)
+    tail: str = "auto"  # "both" (|z|), "upper" (bright only), "lower" (dark only), "auto": both on T1-like, upper on T2/FLAIR-like
     smooth: float = 1.0  # gaussian sigma (voxels) smoothing the location map; 0: none
     scale_smooth: float = 2.0  # gaussian sigma (voxels) smoothing the scale map; 0: none
     scale_floor: float = 0.5  # scale >= this fraction of the median scale over the brain
     recentre: bool = True  # remove the subject's median offset from the location inside the brain
     blend: float = 0.0  # weight of the global robust deviation |x - median| / (1.4826 MAD) added to the z map
+    gate: bool = False  # map = sqrt(local tail x global tail), 0 where the two deviations disagree in sign
     map_smooth: float = 0.0  # gaussian sigma (voxels) smoothing the map inside the brain (whole volumes only); 0: none
     min_subjects: int = 2  # voxels covered by fewer training brains take the global statistics
     fit_validation: bool = False  # also fit on the validation subjects (tiny cohorts; score_scale is then optimistic)
@@ -60,8 +67,8 @@ class NormativeModel(NonTrainableModel):
     supports_positions = True
 
     def __init__(self, config: NormativeConfig) -> None:
-        if config.tail not in TAILS:
-            raise UadctError(f"normative: unknown tail {config.tail!r}; expected one of {', '.join(TAILS)}")
+        if config.tail not in TAIL_CHOICES:
+            raise UadctError(f"normative: unknown tail {config.tail!r}; expected one of {', '.join(TAIL_CHOICES)}")
         if not config.position_conditioning:
             raise UadctError("normative: position_conditioning must stay on (the model is voxel-wise on the atlas grid)")
         if min(config.smooth, config.scale_smooth, config.scale_floor, config.blend, config.map_smooth) < 0:
@@ -76,6 +83,7 @@ class NormativeModel(NonTrainableModel):
         self.register_buffer("global_location", torch.tensor(0.0))
         self.register_buffer("global_scale", torch.tensor(1.0))
         self.register_buffer("subjects", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("tail_code", torch.tensor(TAILS.index(config.tail) if config.tail in TAILS else 0))
         self._register_load_state_dict_pre_hook(self._resize_buffers)
 
     def _resize_buffers(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -86,10 +94,18 @@ class NormativeModel(NonTrainableModel):
                 setattr(self, key, torch.empty_like(incoming))
 
     # ------------------------------------------------------------------ fitting
-    def fit_volumes(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
+    @property
+    def tail(self) -> str:
+        """The tail in use: the configured one, or the one ``"auto"`` chose when fitting."""
+        return TAILS[int(self.tail_code)]
+
+    def fit_volumes(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                    reference: np.ndarray | None = None) -> None:
         """Fit the voxel statistics from prepared volumes ``(D, H, W)`` on one atlas grid.
 
         ``masks`` (> 0: use the voxel) are the brain masks, with any known lesion removed.
+        ``reference``: the atlas T1 brain on the same grid, which ``tail="auto"`` uses to
+        tell the training contrast (see :func:`t1_like`); without it ``auto`` means both tails.
         """
         if not images:
             raise UadctError("normative: no training subject")
@@ -117,6 +133,9 @@ class NormativeModel(NonTrainableModel):
         self.global_scale.fill_(global_scale)
         self.subjects.fill_(len(images))
         self.fitted.fill_(True)
+        if self.config.tail == "auto":
+            like_t1 = reference is None or t1_like(self.statistics_on_grid()[0], reference)
+            self.tail_code.fill_(TAILS.index("both" if like_t1 else "upper"))
 
     # ------------------------------------------------------------------ scoring
     def statistics_on_grid(self) -> tuple[np.ndarray, np.ndarray]:
@@ -141,19 +160,27 @@ class NormativeModel(NonTrainableModel):
         brain = np.asarray(mask) > 0
         offset = float(np.median((x - location)[brain])) if self.config.recentre and brain.any() else 0.0
         z = (x - location - offset) / scale
-        out = self._tail(z)
-        if self.config.blend:
-            out = out + self.config.blend * self._tail((x - float(self.global_location)) / float(self.global_scale))
+        out = self._combine(z, (x - float(self.global_location)) / float(self.global_scale))
         if self.config.map_smooth > 0:
             out = masked_smooth(out, brain, self.config.map_smooth, fill=0.0)
         out = out.astype(np.float32)
         out[~brain] = 0.0
         return out
 
+    def _combine(self, local: Any, global_: Any) -> Any:
+        """The map from the local z and the global deviation (numpy arrays or tensors alike)."""
+        out = self._tail(local)
+        if self.config.gate:
+            agree = (local * global_) > 0
+            out = (out * self._tail(global_) * agree) ** 0.5
+        if self.config.blend:
+            out = out + self.config.blend * self._tail(global_)
+        return out
+
     def _tail(self, z: Any) -> Any:
-        if self.config.tail == "both":
+        if self.tail == "both":
             return abs(z)
-        if self.config.tail == "upper":
+        if self.tail == "upper":
             return z.clip(min=0) if isinstance(z, np.ndarray) else z.clamp_min(0)
         return (-z).clip(min=0) if isinstance(z, np.ndarray) else (-z).clamp_min(0)
 
@@ -177,14 +204,29 @@ class NormativeModel(NonTrainableModel):
                  .clamp(0, int(shape[axis]) - 1) for axis in range(3)]
         z = (patches.reshape(patches.shape[0], *patch.long().tolist()).float()
              - location[grids[0], grids[1], grids[2]]) / scale[grids[0], grids[1], grids[2]]
-        voxel = self._tail(z)
-        if self.config.blend:
-            voxel = voxel + self.config.blend * self._tail(
-                (patches.reshape(z.shape).float() - self.global_location) / self.global_scale)
+        voxel = self._combine(z, (patches.reshape(z.shape).float() - self.global_location) / self.global_scale)
         voxel = voxel.reshape(patches.shape[0], *spatial)
         if masks is not None:
             voxel = voxel * masks[:, 0]
         return {"voxel": voxel}
+
+
+def t1_like(location: np.ndarray, reference: np.ndarray) -> bool:
+    """Whether the population's contrast is T1-like: white matter brighter than grey matter.
+
+    White and grey matter are read off the atlas T1 ``reference`` (same grid): its
+    brightest 30 % of brain voxels (white matter) and those between its 35th and 60th
+    percentiles (mostly grey matter). ``tail="auto"`` then scores both tails on T1-like
+    data (lesions are dark or bright there) and only the bright tail otherwise (T2, FLAIR:
+    lesions are bright, and dark deviations are mostly CSF spaces that differ in size).
+    """
+    brain = reference > 0
+    if not brain.any():
+        return True
+    low, mid, high = np.percentile(reference[brain], [35, 60, 70])
+    white = brain & (reference >= high)
+    grey = brain & (reference >= low) & (reference < mid)
+    return bool(np.median(location[white]) > np.median(location[grey]))
 
 
 def voxel_statistics(images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

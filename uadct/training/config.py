@@ -18,7 +18,7 @@ class TrainConfig:
     see :func:`default_workers`). ``amp``: bfloat16 autocast (``None``: on for CUDA).
     """
 
-    model: str = "cae"
+    model: str = "normative"  # the winner of the real-data benchmark (docs/benchmarks.md)
     patch_size: int = 16
     dims: int = 2
     batch_size: int = 128
