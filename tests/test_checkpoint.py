@@ -9,7 +9,7 @@ import torch
 
 from uadct.checkpoint import load_checkpoint, save_checkpoint
 from uadct.errors import CheckpointError, UadctError
-from uadct.models import available_models, build_model
+from uadct.models import available_models, build_model, patch_models
 
 
 def _fit_a_little(model, steps: int = 3):
@@ -29,7 +29,7 @@ def _fit_a_little(model, steps: int = 3):
     return model
 
 
-@pytest.mark.parametrize("name", sorted(available_models()))
+@pytest.mark.parametrize("name", patch_models())  # normative: tests/test_normative.py
 def test_every_model_fit_save_load_scores_identically(name, tmp_path):
     model = _fit_a_little(build_model(name, {"patch_size": 16}))
     x = torch.rand(8, 1, 16, 16)

@@ -12,7 +12,7 @@ import torch
 
 from uadct.checkpoint import load_checkpoint, save_checkpoint
 from uadct.export import ExportError, export_checkpoint, onnx_predictor, read_export_metadata
-from uadct.models import MODEL_REGISTRY, AnomalyModel, ModelConfig, available_models, build_model
+from uadct.models import MODEL_REGISTRY, AnomalyModel, ModelConfig, available_models, build_model, patch_models
 from uadct.patches import PatchSpec, sliding_window_map
 from uadct.inference import patch_predictor
 
@@ -59,7 +59,7 @@ def _checkpoint(tmp_path, name: str, **config) -> tuple:
     return path, load_checkpoint(path)
 
 
-@pytest.mark.parametrize("name", sorted(available_models()))
+@pytest.mark.parametrize("name", patch_models())  # normative: tests/test_normative.py
 def test_onnx_map_equals_torch_map_for_every_model(name, tmp_path, anatomy):
     volume, mask = (array[4:6] for array in anatomy)
     path, checkpoint = _checkpoint(tmp_path, name)
@@ -114,24 +114,24 @@ def test_metadata_holds_what_scoring_needs_and_torchscript_matches(tmp_path):
     torch.testing.assert_close(voxel, expected["voxel"], rtol=0, atol=1e-5)
 
 
-class _SearchModel(AnomalyModel):
-    """A score found by a data-dependent number of refinement passes (like AnoGAN's latent search)."""
-
-    name: ClassVar[str] = "test-latent-search"
-    outputs: ClassVar[tuple[str, ...]] = ("scalar",)
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.weight = torch.nn.Parameter(torch.ones(()))
-
-    def score_patches(self, patches, masks=None, positions=None):
-        estimate = patches.mean(dim=(1, 2, 3))
-        for _ in range(int(patches.sum()) % 5 + 1):  # how many passes depends on the data
-            estimate = 0.5 * (estimate + patches.amax(dim=(1, 2, 3))) * self.weight
-        return {"scalar": estimate}
-
-
 def test_a_score_that_is_not_one_pass_is_refused_in_one_line(tmp_path):
+    # defined here, not at module level: defining it registers it, and other test files parametrise over the registry
+    class _SearchModel(AnomalyModel):
+        """A score found by a data-dependent number of refinement passes (like AnoGAN's latent search)."""
+
+        name: ClassVar[str] = "test-latent-search"
+        outputs: ClassVar[tuple[str, ...]] = ("scalar",)
+
+        def __init__(self, config: ModelConfig) -> None:
+            super().__init__(config)
+            self.weight = torch.nn.Parameter(torch.ones(()))
+
+        def score_patches(self, patches, masks=None, positions=None):
+            estimate = patches.mean(dim=(1, 2, 3))
+            for _ in range(int(patches.sum()) % 5 + 1):  # how many passes depends on the data
+                estimate = 0.5 * (estimate + patches.amax(dim=(1, 2, 3))) * self.weight
+            return {"scalar": estimate}
+
     try:
         model = _SearchModel(ModelConfig(patch_size=PATCH))
         save_checkpoint(tmp_path / "s.pt", model, {"patch": {"size": PATCH, "dims": 2}})
@@ -141,6 +141,14 @@ def test_a_score_that_is_not_one_pass_is_refused_in_one_line(tmp_path):
         assert not (tmp_path / "s.onnx").exists() and not (tmp_path / "s.onnx.json").exists()
     finally:
         MODEL_REGISTRY.pop(_SearchModel.name, None)
+
+
+def test_a_voxel_wise_model_is_refused_in_one_line(tmp_path):
+    normative = build_model("normative")
+    save_checkpoint(tmp_path / "n.pt", normative, {"patch": {"size": PATCH, "dims": 2}})
+    with pytest.raises(ExportError, match="maps whole volumes") as caught:
+        export_checkpoint(tmp_path / "n.pt", tmp_path / "n.onnx")
+    assert "\n" not in str(caught.value) and not (tmp_path / "n.onnx").exists()
 
 
 def test_cli_export_and_its_errors(tmp_path):

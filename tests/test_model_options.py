@@ -14,7 +14,7 @@ from uadct.checkpoint import load_checkpoint, save_checkpoint
 from uadct.cli import app
 from uadct.errors import UadctError
 from uadct.io import read_image
-from uadct.models import available_models, build_model
+from uadct.models import available_models, build_model, patch_models
 from uadct.models.base import _convert, model_options, parse_model_options
 
 
@@ -73,7 +73,7 @@ def test_train_refuses_an_unknown_option_in_one_line(tmp_path):
     assert len(lines) == 1 and "no option 'latnt_dim'" in lines[0] and "latent_dim" in lines[0]
 
 
-@pytest.mark.parametrize("name", sorted(available_models()))
+@pytest.mark.parametrize("name", patch_models())  # normative: tests/test_normative.py
 def test_every_model_works_on_3d_patches(name, tmp_path):
     torch.manual_seed(0)
     model = build_model(name, {"patch_size": 8, "dims": 3})

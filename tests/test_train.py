@@ -259,9 +259,9 @@ def test_cli_resume_file_of_other_settings_is_refused_and_force_starts_over(prep
 
 
 def _trainable_models():
-    from uadct.models import available_models, build_model
+    from uadct.models import build_model, patch_models
 
-    return [name for name in available_models() if any(p.requires_grad for p in build_model(name, {"patch_size": 16}).parameters())]
+    return [name for name in patch_models() if any(p.requires_grad for p in build_model(name, {"patch_size": 16}).parameters())]
 
 
 @pytest.mark.parametrize("name", _trainable_models())

@@ -104,6 +104,9 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, format:
         raise ExportError(f"{out_path}: unknown export format {format!r}; choose {' or '.join(EXPORT_FORMATS)}")
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.model
+    if hasattr(model, "fit_volumes"):
+        raise ExportError(f"{checkpoint_path}: model {model.name!r} cannot be exported: it maps whole volumes on the atlas "
+                          "grid from stored voxel statistics, not patches through a network")
     if model.name in NOT_ONE_PASS:
         raise ExportError(f"{checkpoint_path}: model {model.name!r} cannot be exported: {NOT_ONE_PASS[model.name]}")
     patch = checkpoint.metadata.get("patch", {})

@@ -8,10 +8,10 @@ living in a file of its own (``uadct/models/<name>.py``) and subclassing
 import importlib
 import pkgutil
 
-from uadct.models.base import MODEL_REGISTRY, AnomalyModel, ModelConfig, available_models, build_model, model_class
+from uadct.models.base import MODEL_REGISTRY, AnomalyModel, ModelConfig, available_models, build_model, model_class, patch_models
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["MODEL_REGISTRY", "AnomalyModel", "ModelConfig", "available_models", "build_model", "model_class"]
+__all__ = ["MODEL_REGISTRY", "AnomalyModel", "ModelConfig", "available_models", "build_model", "model_class", "patch_models"]

@@ -184,6 +184,12 @@ def available_models() -> dict[str, str]:
     return {name: cls.summary for name, cls in sorted(MODEL_REGISTRY.items())}
 
 
+def patch_models() -> list[str]:
+    """Registered models that score patches through a network (every model except the voxel-wise
+    ones, such as ``normative``, that fit and score whole volumes with ``fit_volumes``)."""
+    return [name for name, cls in sorted(MODEL_REGISTRY.items()) if not hasattr(cls, "fit_volumes")]
+
+
 def model_class(name: str) -> type[AnomalyModel]:
     """The class registered under ``name``; the error lists what exists."""
     try:
