@@ -5,7 +5,7 @@ tables. A :class:`~uadct.errors.UadctError` becomes a one-line message on stderr
 exit code 2; heavy modules (torch, SimpleITK, itk) are imported inside commands so
 ``uadct --help`` answers at once.
 
-Size: about 590 lines for one job (parsing and printing); most of it is Typer's option
+Size: about 900 lines for one job (parsing and printing); most of it is Typer's option
 declarations with their help texts, which read best next to their command.
 """
 

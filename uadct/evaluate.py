@@ -55,7 +55,7 @@ Outputs in ``out_dir`` (written atomically, replacing earlier ones): ``metrics.j
 subject) and ``image_roc.png`` (when both normal and abnormal subjects are present);
 :mod:`uadct.evaluation_report` lays them out.
 
-Size: about 580 lines for one job, the measurement protocol (reading, per-subject and
+Size: about 620 lines for one job, the measurement protocol (reading, per-subject and
 pooled metrics with their bootstrap intervals); it is kept in one file so the protocol
 described above can be checked against one piece of code.
 """

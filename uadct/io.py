@@ -3,7 +3,7 @@
 Arrays follow SimpleITK's order: ``(D, H, W)`` = (z, y, x) for a 3D image whose
 physical geometry (spacing in mm, origin, direction) lives on the ``SimpleITK.Image``.
 
-Size: about 560 lines; most of it is one job, reading untrusted NIfTI files safely (header,
+Size: about 590 lines; most of it is one job, reading untrusted NIfTI files safely (header,
 affine, size and gzip checks before any voxel is allocated).
 """
 
