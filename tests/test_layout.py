@@ -47,7 +47,7 @@ def _modules() -> dict[str, Path]:
 
 def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """uadct modules imported anywhere in ``path`` (also inside functions; not under TYPE_CHECKING)."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     skipped = {id(node) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
                for node in ast.walk(node)}
     found = set()
@@ -103,7 +103,7 @@ def test_each_room_imports_on_its_own_in_a_fresh_interpreter():
 def test_modules_stay_small_unless_their_docstring_says_why():
     too_long = []
     for name, path in _modules().items():
-        lines = path.read_text().count("\n")
-        if lines > 520 and "Size:" not in (ast.get_docstring(ast.parse(path.read_text())) or ""):
+        lines = path.read_text(encoding="utf-8").count("\n")
+        if lines > 520 and "Size:" not in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""):
             too_long.append(f"{name} ({lines} lines)")
     assert too_long == []
