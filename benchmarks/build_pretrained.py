@@ -35,8 +35,10 @@ sys.path.insert(0, str(REPO))
 
 from uadct.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from uadct.io import sha256_of, write_json  # noqa: E402
-from uadct.preprocess.pipeline import PreprocessConfig, find_prepared, preprocess_many  # noqa: E402
-from uadct.train import TrainConfig, train_model  # noqa: E402
+from uadct.preprocess.batch import preprocess_many  # noqa: E402
+from uadct.preprocess.config import PreprocessConfig  # noqa: E402
+from uadct.preprocess.prepared import find_prepared  # noqa: E402
+from uadct.training import TrainConfig, train_model  # noqa: E402
 
 log = logging.getLogger("build_pretrained")
 

@@ -53,13 +53,15 @@ from uadct.io import write_json, write_text
 from uadct.metrics import voxel_metrics
 from uadct.patches import PatchSpec
 from uadct.models import available_models, model_class
-from uadct.preprocess.pipeline import PreprocessConfig, find_prepared, load_prepared, preprocess_many
-from uadct.scoring import score_volume
+from uadct.inference import score_volume
+from uadct.preprocess.batch import preprocess_many
+from uadct.preprocess.config import PreprocessConfig
+from uadct.preprocess.prepared import find_prepared, load_prepared
 from uadct.synthetic import (
     PAPER_DIAMETERS_MM, PAPER_INTENSITIES, PAPER_INTENSITY_DIAMETER_MM, PAPER_SIZE_INTENSITY, PAPER_SLICES,
     DiskPlacement, insert_disk, paper_to_normalised, place_disk, resize_disk, tissue_anchors,
 )
-from uadct.train import TrainConfig, train_model
+from uadct.training import TrainConfig, train_model
 
 # Table 2 of Madzia-Madzou & Kuijf 2022: GANomaly 16x16, 32x32, progressive GANomaly 16x16, 32x32
 PAPER_COLUMNS = ("GANomaly 16", "GANomaly 32", "Progressive 16", "Progressive 32")

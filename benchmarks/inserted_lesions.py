@@ -87,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from uadct.checkpoint import load_checkpoint
-    from uadct.scoring import score_volume
+    from uadct.inference import score_volume
 
     rng = np.random.default_rng(args.seed)
     subjects = sorted(p for p in args.test.iterdir() if (p / "image.nii.gz").exists())

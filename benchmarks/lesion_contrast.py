@@ -33,7 +33,8 @@ from scipy import ndimage
 
 from uadct.atlas import load_atlas
 from uadct.metrics import voxel_metrics
-from uadct.preprocess.pipeline import PreprocessConfig, run_preprocessing
+from uadct.preprocess.chain import run_preprocessing
+from uadct.preprocess.config import PreprocessConfig
 from uadct.preprocess.skullstrip import extract_brain_mask
 
 CHAINS = {

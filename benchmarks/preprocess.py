@@ -26,7 +26,9 @@ import SimpleITK as sitk
 
 from uadct.atlas import load_atlas
 from uadct.demo import atlas_to_subject, generate_cohort, read_truth_transform
-from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many, subject_id
+from uadct.preprocess.batch import preprocess_many
+from uadct.preprocess.chain import subject_id
+from uadct.preprocess.config import PreprocessConfig
 from uadct.preprocess.register import load_affine
 
 POINT_STRIDE = 400  # every 400th atlas brain voxel (~3,500 points for SRI24)

@@ -8,18 +8,21 @@ resampling, normalisation) as recorded by `uadct preprocess` in preprocess.json.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from uadct.preprocess.prepared import PreparedFolder, find_prepared
+
 
 def main(prep_dir: str) -> None:
-    sidecars = sorted(Path(prep_dir).glob("*/preprocess.json"))
-    if not sidecars:
+    if not Path(prep_dir).is_dir():
+        sys.exit(f"{prep_dir}: not a folder of prepared subjects (give the output folder of `uadct preprocess`)")
+    folders = [PreparedFolder(path) for path in find_prepared(prep_dir)]  # plain or BIDS derivative layout
+    if not folders:
         sys.exit(f"{prep_dir}: no preprocess.json found")
-    rows = [(p.parent.name, json.loads(p.read_text())) for p in sidecars]
+    rows = [(folder.name, folder.sidecar) for folder in folders]
     steps = list(rows[0][1]["timings_s"])
     print("subject".ljust(14) + "".join(s[:14].rjust(16) for s in steps) + "total".rjust(10) + "mask Dice".rjust(11))
     for name, data in rows:

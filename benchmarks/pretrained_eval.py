@@ -38,10 +38,12 @@ from uadct.io import read_image, write_image, write_json  # noqa: E402
 from uadct.lesions import describe, draw_lesions, insert_lesions  # noqa: E402
 from uadct.metrics import auroc, dice, lesion_detection, voxel_metrics  # noqa: E402
 from uadct.postprocess import MapOptions  # noqa: E402
-from uadct.preprocess.pipeline import PreprocessConfig, find_prepared, load_prepared, preprocess_many  # noqa: E402
+from uadct.preprocess.batch import preprocess_many  # noqa: E402
+from uadct.preprocess.config import PreprocessConfig  # noqa: E402
+from uadct.preprocess.prepared import find_prepared, load_prepared  # noqa: E402
 from uadct.pretrained import resolve_checkpoint  # noqa: E402
-from uadct.scoring import score_scan  # noqa: E402
-from uadct.train import TrainConfig, train_model  # noqa: E402
+from uadct.inference import score_scan  # noqa: E402
+from uadct.training import TrainConfig, train_model  # noqa: E402
 
 log = logging.getLogger("pretrained_eval")
 SPLIT_SEED = 20261129

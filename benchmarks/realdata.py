@@ -63,9 +63,11 @@ from uadct.metrics import (
     voxel_metrics_from_groups,
 )
 from uadct.models import available_models, model_class
-from uadct.preprocess.pipeline import PreprocessConfig, find_prepared, load_prepared, preprocess_many
-from uadct.scoring import image_level_score, score_volume
-from uadct.train import TrainConfig, train_model
+from uadct.preprocess.batch import preprocess_many
+from uadct.preprocess.config import PreprocessConfig
+from uadct.preprocess.prepared import find_prepared, load_prepared
+from uadct.inference import image_level_score, score_volume
+from uadct.training import TrainConfig, train_model
 
 log = logging.getLogger("realdata")
 
@@ -382,7 +384,7 @@ def markdown(summary: dict[str, dict[str, dict[str, float]]], timing: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     options = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    for noisy in ("uadct.train", "uadct.memory", "uadct.scoring", "uadct.preprocess"):
+    for noisy in ("uadct.training", "uadct.memory", "uadct.inference", "uadct.preprocess"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     out = options.output
     work = out / "work"

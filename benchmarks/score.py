@@ -5,7 +5,7 @@
 The subject is the SRI24 brain on its own 1 mm grid (240 x 240 x 155) with the atlas brain
 mask, i.e. what `uadct preprocess` hands to `uadct score`. The model is the `threshold`
 model in intensity mode (an identity predictor), so the "model" column is the torch
-round trip, not a network. Stages: grid (patch positions inside the mask), extraction
+round trip, not a network. Stages: grid (patch starts inside the mask), extraction
 (cutting patches), model, aggregation (overlap-add + division). The aggregation of the
 vectorised OverlapAccumulator is compared with the former patch-by-patch Python loop.
 
@@ -28,17 +28,17 @@ import torch
 
 from uadct.atlas import load_atlas
 from uadct.models import build_model
-from uadct.patches import OverlapAccumulator, PatchSpec, extract_patches, grid_positions, iterate_batches
-from uadct.scoring import patch_predictor
+from uadct.patches import OverlapAccumulator, PatchSpec, extract_patches, grid_starts, iterate_batches
+from uadct.inference import patch_predictor
 
 
 def loop_aggregate(shape: tuple[int, int, int], spec: PatchSpec, batches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """The former OverlapAccumulator.add: one Python iteration per patch (reference timing)."""
     total, count = np.zeros(shape), np.zeros(shape)
     dz, dy, dx = spec.shape
-    for positions, values in batches:
+    for starts, values in batches:
         values = values.reshape((-1,) + spec.shape).astype(np.float64)
-        for (z, y, x), value in zip(positions, values):
+        for (z, y, x), value in zip(starts, values):
             total[z : z + dz, y : y + dy, x : x + dx] += value
             count[z : z + dz, y : y + dy, x : x + dx] += 1.0
     out = np.zeros(shape, np.float32)
@@ -49,8 +49,8 @@ def loop_aggregate(shape: tuple[int, int, int], spec: PatchSpec, batches: list[t
 def vector_aggregate(shape: tuple[int, int, int], spec: PatchSpec, batches: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """The current OverlapAccumulator (np.add.at over flat indices) on the same outputs."""
     accumulator = OverlapAccumulator(shape, spec)
-    for positions, values in batches:
-        accumulator.add(positions, values)
+    for starts, values in batches:
+        accumulator.add(starts, values)
     return accumulator.result()
 
 
@@ -71,11 +71,11 @@ def staged_map(
     """sliding_window_map with each stage timed (same calls, same order)."""
     seconds = {"grid": 0.0, "extraction": 0.0, "model": 0.0, "aggregation": 0.0}
     clock = time.perf_counter()
-    positions = grid_positions(mask, spec, stride)
+    starts = grid_starts(mask, spec, stride)
     seconds["grid"] = time.perf_counter() - clock
     accumulator = OverlapAccumulator(volume.shape, spec)
     kept: list[tuple[np.ndarray, np.ndarray]] = []
-    for batch in iterate_batches(positions, batch_size):
+    for batch in iterate_batches(starts, batch_size):
         clock = time.perf_counter()
         patches = extract_patches(volume, batch, spec)
         seconds["extraction"] += time.perf_counter() - clock
@@ -91,7 +91,7 @@ def staged_map(
     result = accumulator.result()
     result[mask == 0] = 0.0
     seconds["aggregation"] += time.perf_counter() - clock
-    return result, seconds, len(positions), kept
+    return result, seconds, len(starts), kept
 
 
 def monai_map(volume: np.ndarray, predictor: Callable[[np.ndarray], np.ndarray], batch_size: int) -> tuple[np.ndarray, float]:
@@ -136,15 +136,15 @@ def main() -> None:
     rows.append(("2D 16 px stride 4", count, seconds, vector_seconds, loop_seconds))
     if not args.no_3d:  # aggregation only, on a subset (3D outputs of all patches would need GBs)
         spec3d = PatchSpec(32, 3)
-        positions3d = grid_positions(mask, spec3d, args.stride)
-        subset = positions3d[np.linspace(0, len(positions3d) - 1, 2048).astype(int)]
+        starts3d = grid_starts(mask, spec3d, args.stride)
+        subset = starts3d[np.linspace(0, len(starts3d) - 1, 2048).astype(int)]
         values3d = extract_patches(volume, subset, spec3d)
         batches3d = [(subset[b], values3d[b]) for b in iterate_batches(np.arange(len(subset)), 256)]
-        scale = len(positions3d) / len(subset)
+        scale = len(starts3d) / len(subset)
         accumulator = OverlapAccumulator(volume.shape, spec3d)
         clock = time.perf_counter()
-        for positions, values in batches3d:
-            accumulator.add(positions, values)
+        for starts, values in batches3d:
+            accumulator.add(starts, values)
         adding = time.perf_counter() - clock
         clock = time.perf_counter()
         accumulator.result()
@@ -152,7 +152,7 @@ def main() -> None:
         loop3d = best_of(1, lambda: loop_aggregate(volume.shape, spec3d, batches3d))
         del accumulator
         nan = float("nan")
-        rows.append(("3D 32 px stride 4 *", len(positions3d),
+        rows.append(("3D 32 px stride 4 *", len(starts3d),
                      {"grid": nan, "extraction": nan, "model": nan, "aggregation": nan}, vector3d * scale, loop3d * scale))
         del values3d, batches3d
 

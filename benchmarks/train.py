@@ -22,8 +22,9 @@ import torch
 
 from uadct.augment import ContrastAugmenter, fit_tissue_gmm
 from uadct.models import available_models, build_model
-from uadct.patches import PatchSpec, valid_training_positions
-from uadct.train import PatchSampler, SubjectVolume, _autocast, epoch_batches, load_volumes, resolve_device
+from uadct.patches import PatchSpec, valid_training_starts
+from uadct.device import autocast, resolve_device
+from uadct.training.data import PatchSampler, SubjectVolume, epoch_batches, load_volumes
 
 
 def atlas_volume(spec: PatchSpec, tissue: bool) -> list[SubjectVolume]:
@@ -34,7 +35,7 @@ def atlas_volume(spec: PatchSpec, tissue: bool) -> list[SubjectVolume]:
     mask = sitk.GetArrayFromImage(atlas.mask).astype(np.float32)
     image, _ = normalize_intensity(sitk.GetArrayFromImage(atlas.brain), mask)
     model = fit_tissue_gmm(image, mask) if tissue else None
-    return [SubjectVolume("sri24", image.astype(np.float32), mask, valid_training_positions(mask, spec), tissue=model)]
+    return [SubjectVolume("sri24", image.astype(np.float32), mask, valid_training_starts(mask, spec), tissue=model)]
 
 
 def sampler_rate(sampler: PatchSampler, batch_size: int, workers: int, seconds: float) -> float:
@@ -73,7 +74,7 @@ def main() -> None:
     spec = PatchSpec(options.patch_size, 2)
     augment = set(options.augment.split(","))
     if options.prep:
-        from uadct.preprocess.pipeline import find_prepared
+        from uadct.preprocess.prepared import find_prepared
 
         volumes, _ = load_volumes(find_prepared(options.prep), spec, 0.5, tissue_models="gmm" in augment)
     else:
@@ -94,7 +95,7 @@ def main() -> None:
         model = build_model(name, {"patch_size": spec.size}).to(device).train()
         optimizers = model.configure_optimizers(1e-3)
         def step() -> None:
-            with _autocast(device, options.amp):
+            with autocast(device, options.amp):
                 model.training_step(x, m, optimizers)
             if device.type == "cuda":
                 torch.cuda.synchronize()

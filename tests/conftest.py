@@ -38,6 +38,17 @@ def small_cohort(atlas, tmp_path_factory):
     return generate_cohort(tmp_path_factory.mktemp("cohort"), n_healthy=4, n_test=2, seed=3, atlas=atlas, voxel_scale=2.0)
 
 
+@pytest.fixture(autouse=True)
+def model_registry():
+    """The model registry as it was before the test, restored afterwards (tests register models of their own)."""
+    from uadct.models.base import MODEL_REGISTRY
+
+    before = dict(MODEL_REGISTRY)
+    yield MODEL_REGISTRY
+    MODEL_REGISTRY.clear()
+    MODEL_REGISTRY.update(before)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
@@ -53,7 +64,8 @@ def atlas_grid_subjects(small_atlas_path):
     Returns ``(raw_dir, prep_dir)``.
     """
     from uadct.io import read_image, write_image
-    from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+    from uadct.preprocess.batch import preprocess_many
+    from uadct.preprocess.config import PreprocessConfig
 
     template = read_image(small_atlas_path)
     array = sitk.GetArrayFromImage(template)

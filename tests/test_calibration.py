@@ -74,7 +74,8 @@ def test_postprocessing_matches_scipy():
 def healthy(small_atlas_path, tmp_path_factory):
     """Six noisy healthy scans on the 2 mm atlas grid (4 train, 2 calibration), one more healthy test scan, prepared."""
     from uadct.io import read_image, write_image
-    from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+    from uadct.preprocess.batch import preprocess_many
+    from uadct.preprocess.config import PreprocessConfig
 
     root = tmp_path_factory.mktemp("calibration")
     template = read_image(small_atlas_path)
@@ -99,8 +100,8 @@ def healthy(small_atlas_path, tmp_path_factory):
 
 def test_training_stores_the_validation_maps_quantiles(healthy):
     from uadct.checkpoint import load_checkpoint
-    from uadct.preprocess.pipeline import load_prepared
-    from uadct.scoring import score_volume
+    from uadct.preprocess.prepared import load_prepared
+    from uadct.inference import score_volume
 
     root, model = healthy
     checkpoint = load_checkpoint(model)

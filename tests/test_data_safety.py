@@ -362,7 +362,7 @@ def test_8_json_never_holds_nan(tmp_path):
 
 def test_8_a_map_with_non_finite_scores_is_refused(setup, tmp_path):
     from uadct.checkpoint import load_checkpoint
-    from uadct.scoring import score_scan
+    from uadct.inference import score_scan
 
     model, raw, _ = setup
     checkpoint = load_checkpoint(model)  # checked on load; poisoned afterwards, in memory

@@ -14,14 +14,22 @@ from torch import nn
 
 from uadct.checkpoint import load_checkpoint
 from uadct.models.base import AnomalyModel, ModelConfig
-from uadct.train import TrainConfig, resume_path, train_model
+from uadct.training import TrainConfig, resume_path, train_model
+
+
+pytestmark = pytest.mark.slow  # torch.multiprocessing and torchrun start several training processes
+
+NAME = "test-linear-autoencoder"
 
 
 class LinearAutoencoder(AnomalyModel):
     """Test model without batch norm or dropout, with a per-patch mean loss, so the
-    gradient of a global batch is exactly the mean of its halves' gradients."""
+    gradient of a global batch is exactly the mean of its halves' gradients.
 
-    name = "test-linear-autoencoder"
+    Nameless, so importing this file registers nothing; :func:`_register` adds it under
+    ``NAME`` for the test that needs it (the conftest fixture removes it afterwards)."""
+
+    name = ""
     summary = "test only"
 
     def __init__(self, config: ModelConfig) -> None:
@@ -39,6 +47,20 @@ class LinearAutoencoder(AnomalyModel):
         return {"voxel": (self.decode(self.encode(flat)) - flat).square().view_as(patches)[:, 0]}
 
 
+def _register() -> type[AnomalyModel]:
+    """The test model registered under ``NAME`` in this process (training processes call it too)."""
+    from uadct.models.base import MODEL_REGISTRY
+
+    if NAME not in MODEL_REGISTRY:
+        type("RegisteredLinearAutoencoder", (LinearAutoencoder,), {"name": NAME})
+    return MODEL_REGISTRY[NAME]
+
+
+@pytest.fixture
+def linear_model(model_registry) -> type[AnomalyModel]:
+    return _register()
+
+
 @pytest.fixture(scope="module")
 def prep(atlas_grid_subjects, tmp_path_factory):
     return atlas_grid_subjects(tmp_path_factory.mktemp("ddp"), ["sub-00", "sub-01", "sub-02"])[1]
@@ -54,6 +76,7 @@ def _train_in_group(rank: int, world_size: int, port: int, prep: str, out: str, 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    _register()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         train_model(prep, out, TrainConfig(**config))
@@ -61,8 +84,8 @@ def _train_in_group(rank: int, world_size: int, port: int, prep: str, out: str, 
         dist.destroy_process_group()
 
 
-def test_two_processes_average_gradients_like_one_process_with_the_global_batch(prep, tmp_path):
-    config = dict(model=LinearAutoencoder.name, batch_size=32, learning_rate=1e-3, patches_per_epoch=128,
+def test_two_processes_average_gradients_like_one_process_with_the_global_batch(prep, tmp_path, linear_model):
+    config = dict(model=linear_model.name, batch_size=32, learning_rate=1e-3, patches_per_epoch=128,
                   validation_patches=64, statistics_patches=64, max_epochs=2, patience=10, device="cpu")
     single = train_model(prep, tmp_path / "one.pt", TrainConfig(**config))
     torch.multiprocessing.spawn(_train_in_group, args=(2, _free_port(), str(prep), str(tmp_path / "two.pt"), config), nprocs=2)
@@ -80,8 +103,8 @@ def test_two_processes_average_gradients_like_one_process_with_the_global_batch(
 
 
 def test_torchrun_two_processes_train_a_model_that_loads_and_scores(prep, tmp_path):
-    from uadct.preprocess.pipeline import find_prepared
-    from uadct.scoring import score_scan
+    from uadct.inference import score_scan
+    from uadct.preprocess.prepared import find_prepared
 
     out = tmp_path / "model.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

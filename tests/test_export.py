@@ -14,7 +14,7 @@ from uadct.checkpoint import load_checkpoint, save_checkpoint
 from uadct.export import ExportError, export_checkpoint, onnx_predictor, read_export_metadata
 from uadct.models import MODEL_REGISTRY, AnomalyModel, ModelConfig, available_models, build_model, patch_models
 from uadct.patches import PatchSpec, sliding_window_map
-from uadct.scoring import patch_predictor
+from uadct.inference import patch_predictor
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'uadct[export]')")
 
@@ -80,8 +80,8 @@ def test_position_conditioned_and_3d_models_export(tmp_path, anatomy):
     assert result.inputs == ["patches", "positions"]
     spec = PatchSpec(PATCH, 2)
     torch_map = sliding_window_map(volume, mask, patch_predictor(checkpoint.model, torch.device("cpu"), None, volume.shape, spec),
-                                   spec, 4, 256, pass_positions=True)
-    onnx_map = sliding_window_map(volume, mask, onnx_predictor(result.path, None, volume.shape), spec, 4, 256, pass_positions=True)
+                                   spec, 4, 256, pass_starts=True)
+    onnx_map = sliding_window_map(volume, mask, onnx_predictor(result.path, None, volume.shape), spec, 4, 256, pass_starts=True)
     np.testing.assert_allclose(onnx_map, torch_map, rtol=0, atol=1e-5)
 
     path3, checkpoint3 = _checkpoint(tmp_path, "cae", dims=3, patch_size=8)

@@ -10,7 +10,8 @@ from scipy import ndimage
 from uadct.errors import InputError
 from uadct.io import read_image
 from uadct.preprocess.intensity import normalize_intensity
-from uadct.preprocess.pipeline import PreprocessConfig, run_preprocessing
+from uadct.preprocess.chain import run_preprocessing
+from uadct.preprocess.config import PreprocessConfig
 from uadct.preprocess.resolution import (FWHM_PER_SIGMA, blur_sigmas_mm, coarsest_training_mm, harmonize_resolution,
                                          harmonized_config)
 from uadct.preprocess.tissue import normal_tissue_mask, tissue_peak

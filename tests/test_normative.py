@@ -11,7 +11,7 @@ from uadct.checkpoint import load_checkpoint, save_checkpoint
 from uadct.errors import UadctError
 from uadct.io import read_image, write_image
 from uadct.models import build_model
-from uadct.patches import PatchSpec, extract_patches, grid_positions, patch_centres
+from uadct.patches import PatchSpec, extract_patches, grid_starts, patch_centres
 
 SHAPE = (10, 12, 14)
 
@@ -106,7 +106,7 @@ def test_patch_path_equals_the_volume_path(rng):
     test, brain = images[2], np.ones(SHAPE, np.uint8)
     full = model.score_volume(test, brain)
     for spec in (PatchSpec(4, 2), PatchSpec(4, 3)):
-        starts = grid_positions(brain, spec, 2)
+        starts = grid_starts(brain, spec, 2)
         patches = torch.from_numpy(extract_patches(test, starts, spec)).unsqueeze(1)
         centres = torch.from_numpy(patch_centres(starts, spec, SHAPE))
         with torch.no_grad():

@@ -12,9 +12,9 @@ from uadct.patches import (
     OverlapAccumulator,
     PatchSpec,
     extract_patches,
-    grid_positions,
+    grid_starts,
     sliding_window_map,
-    valid_training_positions,
+    valid_training_starts,
 )
 
 
@@ -55,7 +55,7 @@ def test_scalar_scores_spread_over_patch():
 def test_grid_only_keeps_patches_touching_the_mask():
     mask = np.zeros((3, 64, 64), np.uint8)
     mask[1, 30, 30] = 1
-    positions = grid_positions(mask, PatchSpec(16, 2), stride=4)
+    positions = grid_starts(mask, PatchSpec(16, 2), stride=4)
     assert len(positions) > 0
     assert set(positions[:, 0]) == {1}
     for z, y, x in positions:
@@ -67,7 +67,7 @@ def test_grid_only_keeps_patches_touching_the_mask():
 def test_training_positions_have_at_most_half_background(rng):
     mask = (rng.random((6, 40, 40)) < 0.6).astype(np.uint8)
     spec = PatchSpec(8, 2)
-    positions = valid_training_positions(mask, spec, max_background=0.5, stride=1)
+    positions = valid_training_starts(mask, spec, max_background=0.5, stride=1)
     patches = extract_patches(mask, positions, spec)
     assert len(positions) > 0
     assert np.all(patches.mean(axis=(1, 2)) >= 0.5)
@@ -82,11 +82,11 @@ def test_bad_geometry_is_refused():
     with pytest.raises(UadctError):
         PatchSpec(16, 4)
     with pytest.raises(UadctError):
-        grid_positions(np.ones((2, 8, 8)), PatchSpec(16, 2))
+        grid_starts(np.ones((2, 8, 8)), PatchSpec(16, 2))
     with pytest.raises(UadctError):
-        grid_positions(np.ones((2, 32, 32)), PatchSpec(16, 2), stride=0)
+        grid_starts(np.ones((2, 32, 32)), PatchSpec(16, 2), stride=0)
     with pytest.raises(UadctError, match="larger than the patch"):
-        grid_positions(np.ones((2, 32, 32)), PatchSpec(8, 2), stride=9)
+        grid_starts(np.ones((2, 32, 32)), PatchSpec(8, 2), stride=9)
 
 
 @settings(max_examples=40, deadline=None)
@@ -134,8 +134,8 @@ def test_training_positions_never_overlap_excluded_voxels(rng):
     lesion = np.zeros_like(mask)
     lesion[2, 18:22, 25:27] = 1
     spec = PatchSpec(8, 2)
-    kept = valid_training_positions(mask, spec, stride=1, exclude=lesion)
-    everything = valid_training_positions(mask, spec, stride=1)
+    kept = valid_training_starts(mask, spec, stride=1, exclude=lesion)
+    everything = valid_training_starts(mask, spec, stride=1)
     assert 0 < len(kept) < len(everything)
     assert not extract_patches(lesion, kept, spec).any()
     # and only overlapping patches were dropped

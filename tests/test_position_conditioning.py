@@ -14,9 +14,9 @@ from uadct.io import read_image
 from uadct.models import available_models, build_model
 from uadct.models.base import MODEL_REGISTRY
 from uadct.patches import PatchSpec, sliding_window_map
-from uadct.preprocess.pipeline import load_prepared
-from uadct.scoring import patch_predictor, score_scan
-from uadct.train import TrainConfig, train_model
+from uadct.inference import patch_predictor, score_scan
+from uadct.preprocess.prepared import load_prepared
+from uadct.training import TrainConfig, train_model
 
 CONDITIONED = {
     "cae": {"base_channels": 4, "latent_dim": 8, "dropout": 0.0},
@@ -93,9 +93,9 @@ def test_train_and_score_with_conditioning_end_to_end(atlas_grid_subjects, tmp_p
     # and another map than one where every patch claims to sit in the corner of the volume
     spec = PatchSpec(16, 2)
     predictor = patch_predictor(checkpoint.model, torch.device("cpu"), volume_shape=image.shape, spec=spec)
-    true_map = sliding_window_map(image, mask, predictor, spec, 8, pass_positions=True)
+    true_map = sliding_window_map(image, mask, predictor, spec, 8, pass_starts=True)
     np.testing.assert_allclose(atlas_map, true_map, rtol=1e-5, atol=1e-6)
-    corner = sliding_window_map(image, mask, lambda p, s: predictor(p, np.zeros_like(s)), spec, 8, pass_positions=True)
+    corner = sliding_window_map(image, mask, lambda p, s: predictor(p, np.zeros_like(s)), spec, 8, pass_starts=True)
     assert not np.allclose(true_map, corner)
     with pytest.raises(UadctError, match="conditioned"):
         predictor(image[:2, :16, :16])

@@ -13,7 +13,9 @@ from uadct.io import read_image, same_grid, write_image
 from uadct.preprocess.intensity import normalize_intensity
 from uadct.preprocess.tissue import tissue_statistics
 from uadct.preprocess.masks import binarize_and_open
-from uadct.preprocess.pipeline import PreprocessConfig, load_prepared, preprocess_file
+from uadct.preprocess.chain import preprocess_file
+from uadct.preprocess.config import PreprocessConfig
+from uadct.preprocess.prepared import load_prepared
 from uadct.preprocess.register import mean_displacement_mm, register_to_atlas
 from uadct.preprocess.skullstrip import extract_brain_mask
 

@@ -14,8 +14,10 @@ from uadct.cli import app
 from uadct.errors import InputError, PreprocessError
 from uadct.io import read_image, same_grid, write_image
 from uadct.preprocess.bids import SubjectInputs
-from uadct.preprocess.pipeline import (PreprocessConfig, check_transform, find_prepared, load_prepared, preprocess_many,
-                                       preprocess_subject)
+from uadct.preprocess.batch import preprocess_many
+from uadct.preprocess.chain import check_transform, preprocess_subject
+from uadct.preprocess.config import PreprocessConfig
+from uadct.preprocess.prepared import find_prepared, load_prepared
 from uadct.preprocess.tissue import tissue_statistics
 
 runner = CliRunner()
@@ -162,7 +164,8 @@ def test_bids_in_bids_derivative_out(small_atlas_path, tmp_path):
     assert prepared.subject == "sub-01_ses-1" and same_grid(prepared.image, read_image(anat / prepared.sidecar["files"]["mask"]))
     assert list(deriv.glob("**/.*tmp")) == []
     # `uadct score model.pt deriv/ -o maps/` finds the BIDS subjects and names maps after them
-    from uadct.cli import _collect_score_inputs, _subject_name
+    from uadct.cli import _collect_score_inputs
+    from uadct.inference import subject_name as _subject_name
 
     assert _collect_score_inputs([str(deriv)]) == [anat] and _subject_name(anat) == "sub-01_ses-1"
 

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from uadct.errors import InputError, PreprocessError
 from uadct.preprocess.intensity import normalize_intensity
-from uadct.preprocess.pipeline import PreprocessConfig
+from uadct.preprocess.config import PreprocessConfig
 from uadct.preprocess.skullstrip import extract_brain_mask
 
 AIR_HU, CSF_HU, SCALP_HU, BONE_HU = -1000.0, 5.0, 40.0, (700.0, 1500.0)

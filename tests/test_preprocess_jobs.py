@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from uadct.cli import app
 from uadct.io import read_image, write_image
-from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+from uadct.preprocess.batch import preprocess_many
+from uadct.preprocess.config import PreprocessConfig
 
 runner = CliRunner()
 FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction"]
+
+pytestmark = pytest.mark.slow  # spawns preprocessing worker processes
 
 
 def _brains(small_atlas_path, folder, count):

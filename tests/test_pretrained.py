@@ -63,7 +63,7 @@ def test_models_pretrained_prints_the_card():
 def test_pretrained_model_scores_a_small_prepared_scan_and_finds_a_lesion():
     """The atlas brain at 2 mm, normalised like the chain does, with one bright blob."""
     from uadct.atlas import load_atlas
-    from uadct.scoring import score_volume
+    from uadct.inference import score_volume
 
     checkpoint = load_checkpoint(resolve_checkpoint("t1"))
     atlas = load_atlas(checkpoint.preprocess["atlas"])

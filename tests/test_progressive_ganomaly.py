@@ -12,7 +12,7 @@ from uadct.errors import UadctError
 from uadct.models import build_model
 from uadct.models.ganomaly import gradient_penalty
 from uadct.models.progressive_ganomaly import FADE_IN_VALIDATION
-from uadct.train import TrainConfig, resume_path, train_model
+from uadct.training import TrainConfig, resume_path, train_model
 
 SMALL = {"patch_size": 16, "base_channels": 4, "latent_dim": 5, "fade_patches": 32}
 

@@ -121,6 +121,7 @@ def test_automatic_batch_gives_the_same_map_as_a_fixed_one(scoring_setup, tmp_pa
     np.testing.assert_array_equal(_array(tmp_path / "auto.nii.gz"), _array(tmp_path / "fixed.nii.gz"))
 
 
+@pytest.mark.slow
 def test_real_allocation_failure_halves_the_batch(scoring_setup, tmp_path):
     """Under an address-space limit a huge batch fails to allocate; scoring adapts and finishes."""
     model, prep = scoring_setup
@@ -128,8 +129,8 @@ def test_real_allocation_failure_halves_the_batch(scoring_setup, tmp_path):
         import json, resource, sys
         import numpy as np, SimpleITK as sitk
         from uadct.checkpoint import load_checkpoint
-        from uadct.preprocess.pipeline import load_prepared
-        from uadct.scoring import score_volume
+        from uadct.inference import score_volume
+        from uadct.preprocess.prepared import load_prepared
         checkpoint = load_checkpoint({str(model)!r})
         prepared = load_prepared({str(prep / 'case-2')!r})
         image, mask = sitk.GetArrayFromImage(prepared.image), sitk.GetArrayFromImage(prepared.mask)
@@ -206,6 +207,7 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
 
 
+@pytest.mark.slow
 def test_kill_9_during_scoring_then_rerun_equals_an_uninterrupted_run(scoring_setup, tmp_path):
     model, prep = scoring_setup
     clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -253,6 +255,7 @@ def test_output_lock_is_exclusive_across_processes_and_dies_with_its_holder(tmp_
     assert not (tmp_path / LOCK_FOLDER).exists()  # released locks leave nothing behind
 
 
+@pytest.mark.slow
 def test_a_map_locked_by_another_task_is_left_alone(scoring_setup, tmp_path):
     model, prep = scoring_setup
     out = tmp_path / "maps"
@@ -276,6 +279,7 @@ def test_a_map_locked_by_another_task_is_left_alone(scoring_setup, tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_two_overlapping_array_tasks_write_every_map_once_and_intact(scoring_setup, tmp_path):
     """Two tasks over the same subjects (shards overlapping by mistake) into one folder."""
     model, prep = scoring_setup
@@ -368,6 +372,7 @@ def _assert_same_preparation(reference: Path, other: Path) -> None:
             np.testing.assert_array_equal(_array(other / name / image.name), _array(image))
 
 
+@pytest.mark.slow
 def test_kill_9_during_preprocessing_then_rerun_equals_an_uninterrupted_run(raw_scans, small_atlas_path, tmp_path):
     raw, clean = raw_scans
     out = tmp_path / "prep"
@@ -391,6 +396,7 @@ def test_kill_9_during_preprocessing_then_rerun_equals_an_uninterrupted_run(raw_
     _assert_same_preparation(clean, out)
 
 
+@pytest.mark.slow
 def test_two_overlapping_preprocess_tasks_share_an_output_folder(raw_scans, small_atlas_path, tmp_path):
     raw, clean = raw_scans
     out = tmp_path / "prep"

@@ -11,8 +11,8 @@ import torch
 
 from uadct.augment import ContrastAugmenter
 from uadct.patches import PatchSpec, extract_patches, patch_centres
-from uadct.preprocess.pipeline import find_prepared
-from uadct.train import PatchSampler, cached_subject_arrays, epoch_batches, load_volumes
+from uadct.preprocess.prepared import PreparedFolder, find_prepared
+from uadct.training.data import PatchSampler, epoch_batches, load_volumes
 
 SPEC = PatchSpec(16, 2)
 
@@ -95,25 +95,25 @@ def test_contrast_augmentation_changes_brain_intensities_only(volumes):
 
 def test_cache_is_memory_mapped_reused_and_rebuilt_when_the_source_changes(prep):
     folder = find_prepared(prep)[0]
-    image, mask, cache, tissue = cached_subject_arrays(folder, tissue_model=True)
+    image, mask, cache, tissue = PreparedFolder(folder).cached_arrays(tissue_model=True)
     assert isinstance(image, np.memmap) and isinstance(mask, np.memmap) and not image.flags.writeable
     assert image.dtype == np.float32 and mask.dtype == np.uint8 and image.shape == mask.shape
     assert cache == folder / "cache" and tissue is not None
     meta = json.loads((cache / "cache.json").read_text())
     assert meta["tissue"]["means"] == tissue.means.tolist()
     built = (cache / "image.npy").stat().st_mtime_ns
-    again, _, _, tissue_again = cached_subject_arrays(folder, tissue_model=True)
+    again, _, _, tissue_again = PreparedFolder(folder).cached_arrays(tissue_model=True)
     assert (cache / "image.npy").stat().st_mtime_ns == built and np.array_equal(again, image)
     assert np.array_equal(tissue_again.means, tissue.means)
     # the prepared image changes (re-preprocessed): the cache follows it
     stat = (folder / "image.nii.gz").stat()
     os.utime(folder / "image.nii.gz", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    rebuilt, _, _, _ = cached_subject_arrays(folder)
+    rebuilt, _, _, _ = PreparedFolder(folder).cached_arrays()
     assert (cache / "image.npy").stat().st_mtime_ns != built and np.array_equal(rebuilt, image)
     assert "tissue" not in json.loads((cache / "cache.json").read_text())
     # a corrupt array is noticed (shape recorded in cache.json) and rebuilt
     np.save(cache / "image.npy", np.zeros((2, 2), np.float32))
-    repaired, _, _, _ = cached_subject_arrays(folder)
+    repaired, _, _, _ = PreparedFolder(folder).cached_arrays()
     assert np.array_equal(repaired, image)
 
 
@@ -122,5 +122,5 @@ def test_unwritable_cache_keeps_arrays_in_memory(atlas_grid_subjects, tmp_path):
     _, prep = atlas_grid_subjects(tmp_path, ["sub-00"])
     folder = find_prepared(prep)[0]
     (folder / "cache").write_text("not a folder")
-    image, mask, cache, _ = cached_subject_arrays(folder)
+    image, mask, cache, _ = PreparedFolder(folder).cached_arrays()
     assert cache is None and not isinstance(image, np.memmap) and image.shape == mask.shape and mask.any()

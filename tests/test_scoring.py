@@ -14,7 +14,8 @@ from uadct.checkpoint import load_checkpoint, save_checkpoint
 from uadct.cli import app
 from uadct.errors import UadctError
 from uadct.io import read_image, write_image
-from uadct.scoring import mood_scaled, patch_predictor
+from uadct.calibration import mood_scaled
+from uadct.inference import patch_predictor
 
 runner = CliRunner()
 FAST = ["--skull-strip", "none", "--registration", "none", "--no-bias-correction"]
@@ -108,7 +109,7 @@ def test_mood_layout_names_maps_like_inputs_with_sample_scores(threshold_model, 
 
 def test_training_stores_a_healthy_score_scale_that_mood_maps_divide_by(threshold_model, tmp_path):
     """The scale is the 99.9th percentile of held-out healthy scores; every MOOD map is clip(map / scale)."""
-    from uadct.preprocess.pipeline import load_prepared
+    from uadct.preprocess.prepared import load_prepared
 
     model, prep, _ = threshold_model
     checkpoint = load_checkpoint(model)

@@ -20,7 +20,7 @@ from uadct.checkpoint import load_checkpoint, read_checkpoint_payload
 from uadct.cli import app
 from uadct.errors import UadctError
 from uadct.io import read_image, write_image
-from uadct.train import TrainConfig, TrainingInterrupted, resume_path, train_model
+from uadct.training import TrainConfig, TrainingInterrupted, resume_path, train_model
 
 TINY = dict(model="cae", patch_size=16, batch_size=16, patches_per_epoch=64, validation_patches=32,
             statistics_patches=64, max_epochs=2, patience=10, device="cpu")
@@ -131,6 +131,7 @@ def test_history_written_as_json_and_csv(prep, tmp_path):
     assert list(rows[0]) == ["epoch", "train_loss", "validation_loss", "seconds", "patches_per_second"]
 
 
+@pytest.mark.slow
 def test_cli_sigterm_then_resume(prep, tmp_path):
     model = tmp_path / "model.pt"
     command = [sys.executable, "-m", "uadct", "train", str(prep), "-o", str(model), "--model", "cae", "--epochs", "200",
@@ -168,8 +169,8 @@ def test_cli_sigterm_then_resume(prep, tmp_path):
 def test_exclude_labels_keeps_patches_off_known_lesions(atlas_grid_subjects, tmp_path):
     """Subjects with known lesions contribute only their normal tissue (as the WMH study did)."""
     from uadct.patches import PatchSpec, extract_patches
-    from uadct.preprocess.pipeline import find_prepared
-    from uadct.train import load_volumes
+    from uadct.preprocess.prepared import find_prepared
+    from uadct.training.data import load_volumes
 
     raw, prep = atlas_grid_subjects(tmp_path, ["sub-00", "sub-01"], contrast_step=0.1)
     template = read_image(raw / "sub-00.nii.gz")
@@ -186,15 +187,16 @@ def test_exclude_labels_keeps_patches_off_known_lesions(atlas_grid_subjects, tmp
     subjects = find_prepared(prep)
     plain, _ = load_volumes(subjects, spec, 0.5)
     excluded, _ = load_volumes(subjects, spec, 0.5, tmp_path / "labels")
-    assert len(excluded[0].positions) < len(plain[0].positions)
-    assert not extract_patches(lesion, excluded[0].positions, spec).any()
-    assert np.array_equal(excluded[1].positions, plain[1].positions)  # no label: untouched
+    assert len(excluded[0].starts) < len(plain[0].starts)
+    assert not extract_patches(lesion, excluded[0].starts, spec).any()
+    assert np.array_equal(excluded[1].starts, plain[1].starts)  # no label: untouched
 
 
 CLI_TINY = ["--model", "cae", "--patience", "200", "--batch-size", "16", "--patches-per-epoch", "128", "--validation-patches", "32",
             "--device", "cpu", "--augment", "gmm,flip"]
 
 
+@pytest.mark.slow
 def test_cli_kill_9_then_the_same_command_finishes_like_an_uninterrupted_run(prep, tmp_path):
     """Issue 7: SIGKILL mid-training, then the same command: no truncated file, identical weights."""
     (tmp_path / "whole").mkdir()
@@ -266,7 +268,7 @@ def _trainable_models():
 def test_every_model_trains_under_bfloat16_autocast(name):
     """The AMP path (CUDA in real use) exercised on CPU: every model's training hook runs under autocast."""
     from uadct.models import build_model
-    from uadct.train import _autocast
+    from uadct.device import autocast as _autocast
 
     torch.manual_seed(0)
     model = build_model(name, {"patch_size": 16}).train()

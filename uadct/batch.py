@@ -1,4 +1,10 @@
-"""Splitting a batch of subjects across array jobs (``--shard I/N``, SLURM arrays).
+"""Batches of subjects: what happened to each one, and splitting them across array jobs.
+
+:class:`SubjectRecord` / :class:`BatchOutcome` are the outcome of every batch command
+(``preprocess_many``, ``score_many``): a failing subject is recorded and the batch
+carries on.
+
+Sharding (``--shard I/N``, SLURM arrays):
 
 Subjects are sorted by subject id (so a scan ``sub-01.nii.gz`` and its prepared folder
 ``sub-01/`` fall in the same shard), then shard ``I`` of ``N`` (0-based) takes every
@@ -10,7 +16,10 @@ set (the task id is counted from ``SLURM_ARRAY_TASK_MIN``, so ``--array=1-10`` w
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence, TypeVar
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 from uadct.errors import UadctError
 
@@ -56,3 +65,61 @@ def select_shard(items: Sequence[T], shard: tuple[int, int] | None, key=str) -> 
         return list(ordered)
     index, count = shard
     return list(ordered[index::count])
+
+
+STATUSES = ("done", "skipped", "busy", "failed")
+
+
+@dataclass
+class SubjectRecord:
+    """What happened to one subject of a batch.
+
+    ``status``: ``done``, ``skipped`` (already complete), ``busy`` (another live task is
+    writing it) or ``failed``; ``output``: the prepared folder or the map; ``error``: the
+    one-line message of a failed or busy subject; ``values``: figures of a done subject
+    (e.g. ``image_score``).
+    """
+
+    subject: str
+    input: Path
+    status: str
+    seconds: float
+    output: Path | None = None
+    error: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path | None:
+        """The prepared folder (preprocessing batches)."""
+        return self.output
+
+
+@dataclass
+class BatchOutcome:
+    """What happened to each input of a batch (``records`` in input order)."""
+
+    records: list[SubjectRecord] = field(default_factory=list)
+
+    def _with(self, status: str) -> list[SubjectRecord]:
+        return [r for r in self.records if r.status == status]
+
+    @property
+    def done(self) -> list[Path]:
+        return [r.output for r in self._with("done") if r.output is not None]
+
+    @property
+    def skipped(self) -> list[Path]:
+        return [r.output for r in self._with("skipped") if r.output is not None]
+
+    @property
+    def failed(self) -> list[tuple[Path, str]]:
+        return [(r.input, r.error or "") for r in self._with("failed")]
+
+    @property
+    def busy(self) -> list[tuple[Path, str]]:
+        return [(r.input, r.error or "") for r in self._with("busy")]
+
+
+def read_path_list(lines: Iterable[str] | None = None) -> list[Path]:
+    """Paths given one per line (the ``-`` argument: standard input); blank lines skipped."""
+    return [Path(line.strip()) for line in (sys.stdin if lines is None else lines) if line.strip()]

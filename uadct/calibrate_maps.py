@@ -38,7 +38,8 @@ def calibrate_volumes(
 
     ``mask`` > 0 is brain; voxels where ``mask`` is 2 or more (a known lesion) are left out.
     """
-    from uadct.scoring import resolve_output_kind, score_volume
+    from uadct.calibration import resolve_output_kind
+    from uadct.inference import score_volume
 
     postprocess = postprocess or PostProcess()
     kind = resolve_output_kind(checkpoint.model, output_kind)
@@ -103,9 +104,9 @@ def prepared_volumes(subject_dirs: list[Path], exclude_labels: str | Path | None
     each subject must have been prepared as the model expects."""
     import SimpleITK as sitk
 
-    from uadct.preprocess.pipeline import load_prepared
-    from uadct.scoring import _check_compatible
-    from uadct.train import _lesion_on_atlas_grid
+    from uadct.preprocess.prepared import load_prepared
+    from uadct.inference import _check_compatible
+    from uadct.training.data import _lesion_on_atlas_grid
 
     if not subject_dirs:
         raise UadctError("no prepared subjects to calibrate on")

@@ -5,7 +5,10 @@ A checkpoint is a ``torch.save`` file holding only tensors and plain containers:
 It is always read with ``torch.load(weights_only=True)``, which refuses pickled code,
 so a hostile file cannot run anything. The metadata carries the model name and
 hyper-parameters, patch geometry, preprocessing parameters, atlas checksum, training
-history and library versions.
+history and library versions. :class:`Checkpoint` reads them through typed properties
+(:attr:`~Checkpoint.patch_spec`, :attr:`~Checkpoint.preprocess_config`,
+:attr:`~Checkpoint.score_scale`, ...), like nnU-Net's plans manager, so no caller walks
+``metadata.get(...).get(...)`` chains.
 """
 
 from __future__ import annotations
@@ -16,17 +19,24 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from uadct.errors import CheckpointError
 from uadct.io import atomic_path, sha256_of
 from uadct.models import AnomalyModel, build_model
+from uadct.patches import PatchSpec
+
+if TYPE_CHECKING:
+    from uadct.preprocess.config import PreprocessConfig
 
 FORMAT = "uadct-checkpoint"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+# metadata key of the robust maximum of healthy voxel scores (see uadct.calibration);
+# the name predates its general use and stays for existing checkpoints
+SCORE_SCALE_KEY = "score_scale"
 
 
 @dataclass
@@ -37,10 +47,50 @@ class Checkpoint:
     metadata: dict[str, Any]
     extra_state: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None  # of the file it was read from (outputs record which model made them)
+    path: Path | None = None  # the file it was read from
+
+    @property
+    def model_name(self) -> str | None:
+        return self.metadata.get("model")
+
+    @property
+    def patch_spec(self) -> PatchSpec:
+        """The patch geometry the network was trained on (checked against the model config on load)."""
+        patch = self.metadata.get("patch") or {}
+        return PatchSpec(int(patch.get("size", 16)), int(patch.get("dims", 2)))
 
     @property
     def preprocess(self) -> dict[str, Any]:
+        """The preprocessing parameters as stored (see :attr:`preprocess_config`)."""
         return self.metadata.get("preprocess", {})
+
+    @property
+    def preprocess_config(self) -> "PreprocessConfig":
+        """The preprocessing parameters a raw scan must go through before scoring."""
+        from uadct.preprocess.config import PreprocessConfig
+
+        return PreprocessConfig.from_dict(self.preprocess)
+
+    @property
+    def atlas_sha256(self) -> str | None:
+        """Checksum of the atlas the training subjects were registered to."""
+        return (self.metadata.get("atlas") or {}).get("sha256")
+
+    @property
+    def score_scale(self) -> float | None:
+        """Robust maximum of healthy voxel scores (:func:`uadct.calibration.estimate_score_scale`), if measured."""
+        value = self.metadata.get(SCORE_SCALE_KEY)
+        return float(value) if value is not None else None
+
+    @property
+    def training(self) -> dict[str, Any]:
+        """The training settings and what the run did (epochs, subjects, device, seconds)."""
+        return self.metadata.get("training", {})
+
+    @property
+    def training_subjects(self) -> tuple[list[str], list[str]]:
+        """The training and validation subjects' ids."""
+        return list(self.training.get("train_subjects", [])), list(self.training.get("validation_subjects", []))
 
 
 def save_checkpoint(
@@ -114,7 +164,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     _check_patch_geometry(path, metadata)
     _check_finite_weights(path, payload["state_dict"])
     model.to(device).eval()
-    return Checkpoint(model, metadata, payload.get("extra", {}), sha256_of(path))
+    return Checkpoint(model, metadata, payload.get("extra", {}), sha256_of(path), Path(path))
 
 
 def _plain_first_line(exc: BaseException) -> str:

@@ -4,6 +4,9 @@ Each command parses options, calls one library function and draws rich progress 
 tables. A :class:`~uadct.errors.UadctError` becomes a one-line message on stderr and
 exit code 2; heavy modules (torch, SimpleITK, itk) are imported inside commands so
 ``uadct --help`` answers at once.
+
+Size: about 900 lines for one job (parsing and printing); most of it is Typer's option
+declarations with their help texts, which read best next to their command.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -167,13 +169,14 @@ def demo(
 
 # ----------------------------------------------------------------------------- preprocess
 def _collect_inputs(inputs: list[str]) -> list[Path]:
+    from uadct.batch import read_path_list
     from uadct.dicom import is_dicom_folder
     from uadct.io import is_nifti, list_niftis
 
     paths: list[Path] = []
     for item in inputs:
         if item == "-":
-            paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
+            paths += read_path_list()
             continue
         path = Path(item)
         if is_dicom_folder(path):
@@ -263,7 +266,8 @@ def preprocess(
     from uadct.preprocess.bids import parse_sequences, resolve_reference
     from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
     from uadct.outputs import check_output_folder, refuse_shared_names
-    from uadct.preprocess.pipeline import PreprocessConfig, preprocess_many
+    from uadct.preprocess.batch import preprocess_many
+    from uadct.preprocess.config import PreprocessConfig
 
     _select_series(series_uid)
     if max_memory:  # workers inherit it
@@ -321,9 +325,11 @@ def _preprocess_row(record: Any) -> dict[str, Any]:
                            "seconds": record.seconds, "folder": str(record.folder) if record.folder else None,
                            "mask_dice": None, "ncc": None, "warnings": [], "error": record.error}
     if record.folder is not None:
+        from uadct.preprocess.prepared import PreparedFolder
+
         try:
-            sidecar = json.loads((record.folder / "preprocess.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            sidecar = PreparedFolder(record.folder).sidecar
+        except InputError:
             return row
         quality = sidecar.get("quality", {})
         row.update(mask_dice=quality.get("mask_dice"), ncc=quality.get("ncc"), warnings=sidecar.get("warnings", []),
@@ -393,7 +399,7 @@ def train(
     from uadct.memory import parse_memory
     from uadct.models.base import parse_model_options
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
-    from uadct.train import TrainConfig, train_model
+    from uadct.training import TrainConfig, train_model
 
     from uadct.default_outputs import train_output
 
@@ -509,10 +515,10 @@ def score(
     from uadct.batch import resolve_shard, select_shard
     from uadct.checkpoint import load_checkpoint
     from uadct.default_outputs import score_output
+    from uadct.inference import Inferer, score_many, subject_name
     from uadct.memory import parse_memory
     from uadct.postprocess import MapOptions, PostProcess
     from uadct.pretrained import resolve_checkpoint
-    from uadct.scoring import score_if_needed
 
     _select_series(series_uid)
     if mask_out is not None and fpr is None:
@@ -528,99 +534,41 @@ def score(
     checkpoint = load_checkpoint(resolve_checkpoint(model))
     collected = _collect_score_inputs(inputs)
     output = output or _announce(score_output(inputs, collected, folder=mood))
-    paths = select_shard(collected, resolve_shard(shard), key=_subject_name)
+    paths = select_shard(collected, resolve_shard(shard), key=subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
-    # a NIfTI name means one map file; anything else is a folder (a shard may hold a single subject)
-    many = mood or not str(output).endswith((".nii", ".nii.gz"))
-    if not many and len(paths) > 1:
-        raise InputError(f"{output}: {len(paths)} inputs need an output folder, not a single map file")
-    targets = {path: _score_targets(path, output, brain_mask_out, many, mood) for path in paths}
-    _check_score_outputs(targets, output, brain_mask_out, many)
-    lesion_targets: dict[Path, Path] = {}
-    if mask_out is not None:  # binary lesion masks (--fpr): never over an input, a map or another subject's mask
-        from uadct.outputs import check_output_file, check_output_folder, refuse_overwriting_inputs
-
-        lesion_targets = {path: mask_out / f"{_subject_name(path)}.nii.gz" if many else mask_out for path in paths}
-        if len(set(lesion_targets.values())) < len(lesion_targets) or set(lesion_targets.values()) & {t for t, _ in targets.values()}:
-            raise InputError(f"{mask_out}: lesion masks would overwrite each other or a map; give another --mask-out")
-        refuse_overwriting_inputs(list(lesion_targets.values()), list(targets))
-        (check_output_folder if many else check_output_file)(mask_out)
-    failures: list[str] = []
-    busy: list[str] = []
-    records: list[dict[str, Any]] = []
-    table = Table(_id_column(), Column("map", overflow="fold"), "image score", "seconds", title=f"score with {Path(model).name}")
+    inferer = Inferer(checkpoint, stride, batch, device, gaussian, output_kind, mood=mood, max_memory=budget, harmonize=harmonize,
+                      map_options=map_options)
     with _progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
-        for path in paths:
-            name = _subject_name(path)
-            target, mask_target = targets[path]
-            lesion_target = lesion_targets.get(path)
-            started = time.perf_counter()
-            record: dict[str, Any] = {"subject": name, "input": str(path), "map": str(target)}
-            try:
-                outcome = score_if_needed(checkpoint, path, target, force=force, brain_mask_path=mask_target, stride=stride,
-                                          batch_size=batch, device=device, gaussian_sigma=gaussian, output_kind=output_kind,
-                                          mood=mood, max_memory=budget, harmonize=harmonize, map_options=map_options,
-                                          lesion_mask_path=lesion_target)
-            except UadctError as exc:
-                if not many:
-                    raise
-                failures.append(str(exc))
-                records.append({**record, "status": "failed", "error": str(exc)})
-                bar.update(task, advance=1, info=f"{name}: failed")
-                continue
-            seconds = time.perf_counter() - started
-            if outcome.result is None:
-                label = "(exists)" if outcome.status == "skipped" else "(busy: another task)"
-                if outcome.status == "busy":
-                    busy.append(outcome.message)
-                table.add_row(name, str(target), label, "-")
-                records.append({**record, "status": outcome.status})
-                bar.update(task, advance=1, info=f"{name}: {outcome.status}")
-                continue
-            bar.update(task, advance=1, info=f"{name}: {outcome.result.image_score:.4f}")
-            table.add_row(name, str(target), f"{outcome.result.image_score:.4f}", f"{seconds:.1f}")
-            records.append({**record, "status": "done", "image_score": outcome.result.image_score, "seconds": round(seconds, 2)})
+
+        def report(record: Any) -> None:
+            done = "image_score" in record.values
+            bar.update(task, advance=1, info=f"{record.subject}: " + (f"{record.values['image_score']:.4f}" if done else record.status))
+
+        outcome = score_many(inferer, paths, output, force, brain_mask_out, mask_out, progress=report)
+    table = Table(_id_column(), Column("map", overflow="fold"), "image score", "seconds", title=f"score with {Path(model).name}")
+    rows: list[dict[str, Any]] = []
+    for record in outcome.records:
+        row: dict[str, Any] = {"subject": record.subject, "input": str(record.input), "map": str(record.output), "status": record.status}
+        if record.status == "failed":
+            row["error"] = record.error
+        elif "image_score" in record.values:
+            row.update(image_score=record.values["image_score"], seconds=record.seconds)
+            table.add_row(record.subject, str(record.output), f"{record.values['image_score']:.4f}", f"{record.seconds:.1f}")
+        else:
+            table.add_row(record.subject, str(record.output), "(exists)" if record.status == "skipped" else "(busy: another task)", "-")
+        rows.append(row)
     if as_json:
-        print(json.dumps(records, indent=2))
+        print(json.dumps(rows, indent=2))
     else:
         _print_table(table)
-    for message in busy:
+    for _, message in outcome.busy:
         console.print(f"[yellow]skipped[/yellow] {message}")
-    for failure in failures:
-        console.print(f"[red]failed[/red] {failure}")
-    if failures:
+    for _, error in outcome.failed:
+        console.print(f"[red]failed[/red] {error}")
+    if outcome.failed:
         raise typer.Exit(1)
-
-
-def _score_targets(path: Path, output: Path, brain_mask_out: Optional[Path], many: bool,
-                   mood: bool) -> tuple[Path, Optional[Path]]:
-    """The map and brain-mask files one input is written to."""
-    name = _subject_name(path)
-    target = output / f"{name}.nii.gz" if many else output
-    if mood and not path.is_dir():
-        target = output / path.name  # MOOD: the map carries the input's file name
-    mask_target = None
-    if brain_mask_out is not None:
-        mask_target = brain_mask_out / f"{name}.nii.gz" if many else brain_mask_out
-    return target, mask_target
-
-
-def _check_score_outputs(targets: dict[Path, tuple[Path, Optional[Path]]], output: Path,
-                         brain_mask_out: Optional[Path], many: bool) -> None:
-    """Before any scoring: no output replaces an input or another output, and every folder is writable."""
-    from uadct.io import map_sidecar_path
-    from uadct.outputs import check_output_file, check_output_folder, refuse_overwriting_inputs, refuse_shared_outputs
-    from uadct.scoring import mood_score_path
-
-    written = {path: [target, map_sidecar_path(target), mood_score_path(target), mask]
-               for path, (target, mask) in targets.items()}
-    refuse_shared_outputs(written.items())
-    refuse_overwriting_inputs([item for items in written.values() for item in items], list(targets))
-    for folder_or_file in (output, brain_mask_out):
-        if folder_or_file is not None:
-            (check_output_folder if many else check_output_file)(folder_or_file)
 
 
 def _allow_image_memory(budget: int | None) -> None:
@@ -645,23 +593,17 @@ def _parse_batch_size(text: str) -> int | None:
     return value
 
 
-def _subject_name(path: Path) -> str:
-    from uadct.io import strip_nifti_suffix
-    from uadct.preprocess.pipeline import prepared_name
-
-    return prepared_name(path) if path.is_dir() else strip_nifti_suffix(path)
-
-
 def _collect_score_inputs(inputs: list[str]) -> list[Path]:
+    from uadct.batch import read_path_list
     from uadct.dicom import is_dicom_folder
     from uadct.io import list_niftis
-    from uadct.preprocess.pipeline import SIDECAR, find_prepared
+    from uadct.preprocess.prepared import PreparedFolder, find_prepared
 
     paths: list[Path] = []
     for item in inputs:
         if item == "-":
-            paths += [Path(line.strip()) for line in sys.stdin if line.strip()]
-        elif Path(item).is_dir() and not (Path(item) / SIDECAR).is_file() and not is_dicom_folder(item):
+            paths += read_path_list()
+        elif Path(item).is_dir() and not PreparedFolder(item).exists() and not is_dicom_folder(item):
             folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans or series in it
             paths += find_prepared(folder) or list_niftis(folder) or _dicom_children(folder)
         else:
@@ -689,7 +631,7 @@ def calibrate(
     from uadct.calibrate_maps import calibrate_checkpoint
     from uadct.calibration import describe_settings
     from uadct.postprocess import PostProcess
-    from uadct.preprocess.pipeline import SIDECAR, find_prepared
+    from uadct.preprocess.prepared import PreparedFolder, find_prepared
     from uadct.pretrained import resolve_checkpoint
 
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
@@ -697,7 +639,7 @@ def calibrate(
     checkpoint_path = resolve_checkpoint(model)
     refuse_overwriting_inputs([output], [checkpoint_path, *prep])
     check_output_file(output, "calibrated checkpoint")
-    folders = [f for item in prep for f in ([item] if (item / SIDECAR).is_file() else find_prepared(item))]
+    folders = [f for item in prep for f in ([item] if PreparedFolder(item).exists() else find_prepared(item))]
     with _progress() as bar:
         task = bar.add_task("calibrate", total=len(folders), info="")
         path, calibration = calibrate_checkpoint(checkpoint_path, folders, output, stride, gaussian, output_kind,
@@ -826,7 +768,8 @@ def evaluate(
 ) -> None:
     """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
     from uadct.default_outputs import evaluate_output
-    from uadct.evaluate import EvaluationOptions, evaluate_folder, fpr_key
+    from uadct.evaluate import EvaluationOptions, evaluate_folder
+    from uadct.evaluation_report import fpr_key
     from uadct.outputs import check_output_folder
 
     output = output or _announce(evaluate_output(maps))

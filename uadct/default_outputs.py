@@ -75,7 +75,7 @@ def score_output(inputs: list[str], paths: list[Path], folder: bool = False) -> 
 def map_name(path: Path) -> str:
     """``scans/sub-01.nii.gz`` -> ``sub-01_anomaly.nii.gz`` (folders: their subject name)."""
     if path.is_dir():
-        from uadct.preprocess.pipeline import prepared_name
+        from uadct.preprocess.prepared import prepared_name
 
         return prepared_name(path) + MAP_SUFFIX
     return strip_nifti_suffix(path) + MAP_SUFFIX

@@ -16,6 +16,10 @@ Layout under ``out_dir``::
 
     healthy/<id>.nii.gz   test/<id>.nii.gz   labels/<id>.nii.gz (test only)
     truth/<id>.json       truth/<id>.tfm
+
+Size: about 600 lines for one job, rendering a synthetic subject from the atlas; the
+steps (deformation, lesions, contrast, bias, noise, grids) share one geometry convention
+and are kept together so it is stated and used in one place.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from uadct.atlas import KNOWN_ATLASES, Atlas, load_atlas
-from uadct.errors import AtlasError, InputError
+from uadct.errors import AtlasError, InputError, SettingError
 from uadct.io import array_like, atomic_path, grid_of, write_image, write_json
 
 log = logging.getLogger(__name__)
@@ -190,9 +194,9 @@ def generate_cohort(
     :class:`DemoAnatomy` may be passed too (the last one prepared is reused anyway).
     """
     if n_healthy < 0 or n_test < 0 or n_healthy + n_test == 0:
-        raise ValueError(f"need at least one subject, got n_healthy={n_healthy}, n_test={n_test}")
+        raise SettingError(f"need at least one subject, got n_healthy={n_healthy}, n_test={n_test}")
     if not 0.25 <= voxel_scale <= 8.0:
-        raise ValueError(f"voxel_scale must be within 0.25..8, got {voxel_scale}")
+        raise SettingError(f"voxel_scale must be within 0.25..8, got {voxel_scale}")
     anatomy = atlas if isinstance(atlas, DemoAnatomy) else _prepared(atlas if atlas is not None else load_atlas("sri24"))
     root = Path(out_dir)
     cohort = Cohort(root, [], [], [], [])

@@ -29,3 +29,7 @@ class PreprocessError(UadctError):
 
 class OutputError(UadctError):
     """An output cannot be written where asked, or would destroy one of the command's inputs."""
+
+
+class SettingError(UadctError, ValueError):
+    """A setting outside its allowed range (also a ``ValueError`` for library callers)."""

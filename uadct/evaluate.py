@@ -52,13 +52,16 @@ listed in ``EvaluationResult.failed``; when none is left :class:`InputError` is 
 Outputs in ``out_dir`` (written atomically, replacing earlier ones): ``metrics.json``
 (per subject, pooled, options, inputs), ``metrics.csv`` (one row per subject),
 ``report.md``, and the plots ``roc.png``, ``pr.png`` (pooled curve and one thin line per
-subject) and ``image_roc.png`` (when both normal and abnormal subjects are present).
+subject) and ``image_roc.png`` (when both normal and abnormal subjects are present);
+:mod:`uadct.evaluation_report` lays them out.
+
+Size: about 620 lines for one job, the measurement protocol (reading, per-subject and
+pooled metrics with their bootstrap intervals); it is kept in one file so the protocol
+described above can be checked against one piece of code.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -71,11 +74,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from uadct import __version__
+from uadct.arrays import bounding_box, top_k_mean
 from uadct.errors import InputError, UadctError
-from uadct.io import grid_difference, list_niftis, map_sidecar_path, read_image, read_mask, same_grid, strip_nifti_suffix, write_json, write_text
+from uadct.evaluation_report import fpr_key, write_report
+from uadct.io import grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix
 from uadct.metrics import (
     IMAGE_METRIC_FIELDS,
-    VOXEL_METRIC_FIELDS,
     auroc,
     bootstrap_auroc,
     bootstrap_mean,
@@ -92,16 +96,10 @@ from uadct.metrics import (
     threshold_at_fpr,
     voxel_metrics_from_groups,
 )
+from uadct.scoremap import ScoreSidecar
 
 log = logging.getLogger(__name__)
 
-JSON_NAME = "metrics.json"
-CSV_NAME = "metrics.csv"
-MARKDOWN_NAME = "report.md"
-ROC_NAME = "roc.png"
-PR_NAME = "pr.png"
-IMAGE_ROC_NAME = "image_roc.png"
-LESION_FIELDS = ("n_lesions", "n_detected", "detection_rate", "n_predicted_clusters", "n_fp_clusters")
 IMAGE_LEVELS = ("subject", "slice")
 SLICE_TOP_FRACTION = 0.05  # a slice's score: mean of its top 5 % brain voxels
 
@@ -160,11 +158,6 @@ class EvaluationOptions:
             raise UadctError(f"image_level must be one of {', '.join(IMAGE_LEVELS)}, got {self.image_level!r}")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise UadctError(f"threshold must be a finite number, got {self.threshold!r}")
-
-
-def fpr_key(kind: str, fpr: float) -> str:
-    """Column name of a fixed-FPR quantity: ``fpr_key("dice", 0.01) == "dice_at_fpr_0.01"``."""
-    return f"{kind}_at_fpr_{fpr:g}"
 
 
 @dataclass
@@ -297,16 +290,7 @@ def evaluate_folder(
         "uadct_version": __version__,
     }
     settings = {**asdict(options), "threshold_from": str(options.threshold_from) if options.threshold_from else None}
-    files: dict[str, Path] = {
-        "json": write_json(
-            _nan_to_none({"per_subject": per_subject, "pooled": pooled, "options": settings, "inputs": description}),
-            out_dir / JSON_NAME,
-        ),
-        "csv": write_text(_csv_text(per_subject, options), out_dir / CSV_NAME),
-        "markdown": write_text(_markdown_text(per_subject, pooled, description, options), out_dir / MARKDOWN_NAME),
-    }
-    if options.plots:
-        files.update(_write_plots(curves, pooled, per_subject, out_dir))
+    files = write_report(out_dir, per_subject, pooled, description, settings, options, curves)
     return EvaluationResult(per_subject=per_subject, pooled=pooled, files=files, missing=missing, failed=failed)
 
 
@@ -320,21 +304,6 @@ def _niftis_by_subject(folder: Path) -> dict[str, Path]:
             raise InputError(f"{path}: same subject id {subject!r} as {found[subject]}; keep one of the two")
         found[subject] = path
     return found
-
-
-def _sidecar_image_score(map_path: Path) -> float | None:
-    path = map_sidecar_path(map_path)
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text()).get("image_score")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise InputError(f"{path}: not a readable score sidecar ({exc})") from None
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{path}: image_score must be a finite number, found {value!r}")
-    return float(value)
 
 
 def _load_subject(
@@ -372,20 +341,18 @@ def _load_subject(
             where = f"its label {label_path} is empty" if label_path is not None else "it has no label"
             raise InputError(f"{map_path}: the map is all zero and {where}, so there is no brain region to evaluate")
 
-    box = _bounding_box(brain, margin=options.median_filter // 2)
+    box = bounding_box(brain, margin=options.median_filter // 2)
     scores = np.ascontiguousarray(scores_volume[box])
     brain_crop = np.ascontiguousarray(brain[box])
     lesion = np.ascontiguousarray(lesion_volume[box]) & brain_crop
     if not np.isfinite(scores[brain_crop]).all():
         raise InputError(f"{map_path}: the map holds NaN or infinite values inside the brain")
 
-    sidecar_score = _sidecar_image_score(map_path)
-    if sidecar_score is not None:
-        image_score, source = sidecar_score, "sidecar"
+    sidecar = ScoreSidecar.read(map_path)
+    if sidecar is not None and sidecar.image_score is not None:
+        image_score, source = sidecar.image_score, "sidecar"
     else:
-        values = scores[brain_crop]
-        k = min(options.image_top_k, values.size)
-        image_score = float(np.partition(values, values.size - k)[-k:].mean(dtype=np.float64))
+        image_score = top_k_mean(scores[brain_crop], options.image_top_k)
         source = f"top-{options.image_top_k} mean"
 
     slice_scores = slice_abnormal = None
@@ -419,19 +386,9 @@ def _slice_samples(
         if not inside.any():
             continue
         values = np.take(scores, index, axis=axis)[inside]
-        k = max(1, int(round(SLICE_TOP_FRACTION * values.size)))
-        slice_scores.append(float(np.partition(values, values.size - k)[-k:].mean(dtype=np.float64)))
+        slice_scores.append(top_k_mean(values, max(1, int(round(SLICE_TOP_FRACTION * values.size)))))
         abnormal.append(bool(np.take(lesion, index, axis=axis).any()))
     return np.array(slice_scores), np.array(abnormal, dtype=bool)
-
-
-def _bounding_box(region: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
-    box = []
-    for axis in range(region.ndim):
-        other = tuple(a for a in range(region.ndim) if a != axis)
-        inside = np.flatnonzero(region.any(axis=other))
-        box.append(slice(max(0, int(inside[0]) - margin), min(region.shape[axis], int(inside[-1]) + 1 + margin)))
-    return tuple(box)
 
 
 def _read_validation(path: Path) -> dict[str, float | None]:
@@ -648,29 +605,7 @@ def _image_level(
     return result
 
 
-# ----------------------------------------------------------------------------- outputs
-def _write_plots(
-    curves: dict[str, Any], pooled: dict[str, Any], per_subject: list[dict[str, Any]], out_dir: Path
-) -> dict[str, Path]:
-    from uadct.report import plot_image_roc, plot_voxel_curves
-
-    files: dict[str, Path] = {}
-    if curves["pooled"]["fpr"].size:
-        files["roc"] = plot_voxel_curves(curves["pooled"], curves["subjects"], out_dir / ROC_NAME, "roc", pooled["auroc"])
-        files["pr"] = plot_voxel_curves(curves["pooled"], curves["subjects"], out_dir / PR_NAME, "pr", pooled["auprc"])
-    scores, abnormal = curves["image"]
-    if abnormal.any() and (~abnormal).any():
-        image = pooled["image_level"]
-        files["image_roc"] = plot_image_roc(scores, abnormal, out_dir / IMAGE_ROC_NAME, image["auroc"], image["unit"])
-    return files
-
-
-def _csv_columns(options: EvaluationOptions) -> tuple[str, ...]:
-    fixed = tuple(f"{kind}_at_fpr_{f:g}" for f in options.fprs for kind in ("dice", "threshold"))
-    cc = ("dice_cc_at_best_threshold",) if options.min_component_size > 1 else ()
-    return ("subject", "abnormal", "image_score", *VOXEL_METRIC_FIELDS, *fixed, *cc, *LESION_FIELDS)
-
-
+# ----------------------------------------------------------------------------- descriptions
 def _preview(names: list[str], limit: int = 5) -> str:
     if not names:
         return "none"
@@ -682,162 +617,3 @@ def _brain_region_text(masks_dir: Path | None) -> str:
     if masks_dir is not None:
         return f"the brain mask of each subject from {masks_dir}"
     return "the voxels where the anomaly map is nonzero or the label is set"
-
-
-def _nan_to_none(value: Any) -> Any:
-    """JSON has no NaN: write undefined metrics as null."""
-    if isinstance(value, dict):
-        return {key: _nan_to_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(item) for item in value]
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _csv_text(per_subject: list[dict[str, Any]], options: EvaluationOptions) -> str:
-    columns = _csv_columns(options)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in per_subject:
-        writer.writerow([_csv_cell(row[column]) for column in columns])
-    return buffer.getvalue()
-
-
-def _csv_cell(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, float):
-        return "NaN" if math.isnan(value) else repr(value)
-    return str(value)
-
-
-def _interval(pooled: dict[str, Any], name: str) -> str:
-    bounds = pooled["confidence_intervals"].get(name)
-    if not bounds or any(b is None or math.isnan(b) for b in bounds):
-        return ""
-    return f" [{bounds[0]:.3f}, {bounds[1]:.3f}]"
-
-
-def _markdown_text(
-    per_subject: list[dict[str, Any]], pooled: dict[str, Any], description: dict[str, Any], options: EvaluationOptions
-) -> str:
-    header = "| subject | AUROC | AUPRC | best Dice | threshold | brain voxels | lesion voxels |"
-    rule = "|---|---:|---:|---:|---:|---:|---:|"
-
-    def row(name: str, metrics: dict[str, Any]) -> str:
-        return (
-            f"| {name} | {_number(metrics['auroc'])} | {_number(metrics['auprc'])} | {_number(metrics['best_dice'])} "
-            f"| {_number(metrics['best_dice_threshold'], '.4g')} | {metrics['n_voxels']} | {metrics['n_positive']} |"
-        )
-
-    fpr_header = "| subject | " + " | ".join(f"Dice @ FPR {f:g} | threshold" for f in options.fprs)
-    fpr_header += " | lesions detected | FP clusters | image score | abnormal |"
-    fpr_rule = "|---|" + "---:|---:|" * len(options.fprs) + "---:|---:|---:|---|"
-
-    def operating_row(name: str, metrics: dict[str, Any]) -> str:
-        cells = [f"{_number(metrics[fpr_key('dice', f)])} | {_number(metrics[fpr_key('threshold', f)], '.4g')}" for f in options.fprs]
-        return (
-            f"| {name} | {' | '.join(cells)} | {metrics['n_detected']}/{metrics['n_lesions']} | {metrics['n_fp_clusters']} "
-            f"| {_number(metrics['image_score'], '.4g')} | {'yes' if metrics['abnormal'] else 'no'} |"
-        )
-
-    mean = pooled["mean_over_subjects"]
-    lesion = pooled["lesion"]
-    image = pooled["image_level"]
-    lines = [
-        "# Evaluation report",
-        "",
-        f"Anomaly maps from `{description['maps_dir']}` against lesion labels from `{description['labels_dir']}` "
-        f"({len(per_subject)} subject(s), uadct {description['uadct_version']}).",
-        "",
-        "## Voxel level, pooled over all subjects",
-        "",
-        header,
-        rule,
-        row("all (pooled)", pooled),
-        "",
-        *(
-            f"- Dice at voxel FPR {f:g}: {_number(pooled[fpr_key('dice', f)])}"
-            f"{_interval(pooled, 'pooled_' + fpr_key('dice', f))} (threshold {_number(pooled[fpr_key('threshold', f)], '.4g')})"
-            for f in options.fprs
-        ),
-        *(
-            [f"- Dice at the best-Dice threshold after removing clusters < {options.min_component_size} voxels: "
-             f"{_number(pooled['dice_cc_at_best_threshold'])}"]
-            if options.min_component_size > 1 else []
-        ),
-        "",
-        f"## Means over subjects ({options.confidence:.0%} bootstrap interval)" if options.bootstrap else "## Means over subjects",
-        "",
-        *(f"- {name}: {_number(value)}{_interval(pooled, 'mean_' + name)}" for name, value in mean.items()),
-        "",
-        "## Lesion level",
-        "",
-        f"- Voxel threshold {_number(lesion['threshold'], '.4g')} ({lesion['threshold_source']}).",
-        (f"- **Degenerate threshold**: it flags every brain voxel of {', '.join(lesion['subjects_where_threshold_flags_everything'])}; "
-         "their lesions are not counted as detected.\n"
-         if lesion.get("subjects_where_threshold_flags_everything") else "")
-        + f"- Lesions detected: {lesion['n_detected']} of {lesion['n_lesions']} "
-        f"(rate {_number(lesion['detection_rate'])}{_interval(pooled, 'pooled_detection_rate')}).",
-        f"- False-positive clusters per subject: {_number(lesion['fp_clusters_per_subject'], '.2f')}.",
-        "",
-        "## Image level",
-        "",
-        f"- {image['n_abnormal']} abnormal and {image['n_normal']} normal {image['unit']}(s); "
-        f"AUROC {_number(image['auroc'])}{_interval(pooled, 'image_auroc')}.",
-        f"- Threshold {_number(image['threshold'], '.4g')} ({image['threshold_source']}): "
-        + ", ".join(f"{name} {_number(image[name])}" for name in IMAGE_METRIC_FIELDS)
-        + ".",
-        f"- F1-optimal threshold on this set: {_number(image['f1_optimal_threshold'], '.4g')} "
-        "(pass this report's metrics.json to `--threshold-from` when this set is a validation set).",
-        "",
-        "## Per subject",
-        "",
-        header,
-        rule,
-        *(row(metrics["subject"], metrics) for metrics in per_subject),
-        "",
-        fpr_header,
-        fpr_rule,
-        *(operating_row(metrics["subject"], metrics) for metrics in per_subject),
-        "",
-        "## What was measured and how",
-        "",
-        f"- **Brain region**: only voxels inside {description['brain_region']} count; "
-        "everything else is ignored (lesion voxels outside the brain mask included).",
-        "- **Lesion voxels** are the nonzero voxels of the label; all other brain voxels are normal.",
-        "- **AUROC**: area under the ROC curve of the voxel scores, i.e. the probability that a lesion voxel "
-        "scores higher than a normal voxel (ties count one half).",
-        "- **AUPRC**: average precision, the sum over thresholds of (increase in recall) x precision, "
-        "as in scikit-learn's `average_precision_score` (step-wise, not a trapezoid).",
-        "- **Best Dice**: the highest Dice overlap `2 TP / (TP + FP + lesion voxels)` between the label and the "
-        "voxels with `score >= threshold`, over every threshold (all distinct scores); the threshold column gives "
-        "the highest threshold reaching it. Voxels with equal scores are always on the same side of a threshold.",
-        "- **Dice @ FPR f**: Dice at the lowest threshold that flags at most a fraction f of the normal brain voxels "
-        "(per subject: its own threshold; pooled: one threshold for all subjects).",
-        "- **Pooled**: the brain voxels of all subjects taken as one sample (not an average of subject values); "
-        "subjects without a lesion add normal voxels to it.",
-        "- **Lesions**: 26-connected components of the label; detected when the binarised map overlaps "
-        f"at least max(1, {options.lesion_overlap:g} x size) of their voxels; FP clusters are predicted components "
-        "touching no lesion.",
-        "- **Image score**: the `image_score` of the map's sidecar JSON when present, else the mean of the top "
-        f"{options.image_top_k} map voxels; a subject is abnormal when its label has a lesion voxel in the brain.",
-        f"- **Post-processing**: median filter {options.median_filter or 'off'} (voxels, before all metrics); "
-        f"small-cluster removal {options.min_component_size or 'off'} (voxels, binarised maps only).",
-        "- **n/a**: AUROC and AUPRC are undefined when a subject has only normal (or only lesion) voxels; "
-        "Dice values are undefined without lesion voxels.",
-    ]
-    if description["maps_without_label"]:
-        verb = "Normal (map without a label)" if options.unlabelled_are_normal else "Skipped (map without a label)"
-        lines.append(f"- **{verb}**: {', '.join(description['maps_without_label'])}.")
-    if description["labels_without_map"]:
-        lines.append(f"- **Ignored** (label without a map): {', '.join(description['labels_without_map'])}.")
-    for failure in description["failed"]:
-        lines.append(f"- **Failed** {failure['subject']}: {failure['error']}")
-    return "\n".join(lines) + "\n"
-
-
-def _number(value: float | None, spec: str = ".4f") -> str:
-    return "n/a" if value is None or math.isnan(value) else format(value, spec)

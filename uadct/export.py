@@ -35,7 +35,7 @@ EXPORT_FORMAT_TAG = "uadct-export"
 EXPORT_FORMAT_VERSION = 1
 ONNX_OPSET = 18
 DEFAULT_STRIDE = 4  # voxels, as `uadct score`
-IMAGE_SCORE_TOP_K = 1000  # as uadct.scoring.IMAGE_SCORE_TOP_K (not imported: it pulls the whole scorer)
+IMAGE_SCORE_TOP_K = 1000  # as uadct.inference.IMAGE_SCORE_TOP_K (not imported: it pulls the whole scorer)
 EXPORT_BATCH = 2  # example batch used to trace; the batch axis stays dynamic
 
 # Models whose score is not one pass of a network over the patch batch, with the reason.
@@ -301,7 +301,7 @@ def onnx_predictor(path: str | Path, output: str | None = None, volume_shape: tu
                    threads: int = 0) -> Callable[..., np.ndarray]:
     """An exported ONNX file as a numpy predictor for :func:`uadct.patches.sliding_window_map`.
 
-    ``(B, *patch) -> (B, *patch)`` or ``(B,)``, like :func:`uadct.scoring.patch_predictor`;
+    ``(B, *patch) -> (B, *patch)`` or ``(B,)``, like :func:`uadct.inference.patch_predictor`;
     a position-conditioned network also takes the patch starts ``(B, 3)`` and needs
     ``volume_shape``. Runs on onnxruntime's CPU provider with ``threads`` threads (0: one per
     core), which wait without spinning (spinning threads take the CPU from everything else).

@@ -1,7 +1,10 @@
-"""Reading and writing NIfTI volumes with their geometry, and atomic file writes.
+"""Reading and writing NIfTI volumes with their geometry, atomic file writes, and the version record.
 
 Arrays follow SimpleITK's order: ``(D, H, W)`` = (z, y, x) for a 3D image whose
 physical geometry (spacing in mm, origin, direction) lives on the ``SimpleITK.Image``.
+
+Size: about 590 lines; most of it is one job, reading untrusted NIfTI files safely (header,
+affine, size and gzip checks before any voxel is allocated).
 """
 
 from __future__ import annotations
@@ -21,34 +24,21 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from uadct import __version__
 from uadct.errors import InputError, OutputError
+from uadct.names import NIFTI_SUFFIXES, is_nifti, strip_nifti_suffix  # noqa: F401 (re-exported: io is where callers look)
 from uadct.outputs import file_mode, write_failure
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MAX_VOXELS = 1024**3  # refuse volumes over ~1 G voxels before allocating
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
 DEFAULT_MAX_IMAGE_BYTES = 2 << 30  # memory one image read may take unless --max-memory allows more
 MAX_IMAGE_MEMORY_ENV = "UADCT_MAX_IMAGE_MEMORY"  # bytes; set by the CLI's --max-memory
 
 
-def strip_nifti_suffix(path: str | Path) -> str:
-    """Return the file name without ``.nii``/``.nii.gz`` (the subject id)."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def map_sidecar_path(map_path: str | Path) -> Path:
     """The JSON ``uadct score`` writes beside a map: ``<id>.nii.gz`` -> ``<id>.json``."""
     map_path = Path(map_path)
     return map_path.with_name(strip_nifti_suffix(map_path) + ".json")
-
-
-def is_nifti(path: str | Path) -> bool:
-    """True when the path name ends in ``.nii`` or ``.nii.gz``."""
-    return str(path).endswith(NIFTI_SUFFIXES)
 
 
 def list_niftis(folder: str | Path) -> list[Path]:
@@ -582,3 +572,17 @@ def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of uadct and the libraries whose behaviour shapes the outputs."""
+    import importlib.metadata as metadata
+
+    versions = {"uadct": __version__}
+    for package in ("torch", "SimpleITK", "itk-elastix", "deepbet", "nnunetv2", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from uadct.errors import OutputError
+from uadct.names import is_nifti, strip_nifti_suffix
 
 
 def current_umask() -> int:
@@ -72,8 +73,6 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def protected_paths(inputs: Iterable[str | Path]) -> list[Path]:
     """The inputs and what belongs to them: a scan and its BIDS sidecar ``<id>.json``."""
-    from uadct.io import is_nifti, strip_nifti_suffix
-
     protected: list[Path] = []
     for item in inputs:
         path = Path(item)

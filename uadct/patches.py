@@ -2,8 +2,10 @@
 
 Volumes are ``(D, H, W)`` arrays on the atlas grid (D = axial slices). A patch is
 ``(1, P, P)`` for 2D axial patches or ``(P, P, P)`` for 3D ones, addressed by the
-index of its first voxel ``(z, y, x)``. Scoring never holds all patches: positions are
-cheap ``(N, 3)`` integers, and patches are cut and aggregated batch by batch into a sum
+index of its first voxel ``(z, y, x)``, its *start*. Naming: ``starts`` are these
+integer first voxels ``(N, 3)``; ``centres`` are the normalised float patch centres
+(:func:`patch_centres`) that position-conditioned models take as ``positions``.
+Scoring never holds all patches: starts are cheap ``(N, 3)`` integers, and patches are cut and aggregated batch by batch into a sum
 and a count on the volume grid.
 """
 
@@ -35,6 +37,11 @@ class PatchSpec:
     def shape(self) -> tuple[int, int, int]:
         """Patch shape in (z, y, x) voxels."""
         return (1, self.size, self.size) if self.dims == 2 else (self.size,) * 3
+
+    @property
+    def tensor_shape(self) -> tuple[int, ...]:
+        """One patch as the models take it, channel first: ``(1, P, P)`` (2D) or ``(1, P, P, P)`` (3D)."""
+        return (1, self.size, self.size) if self.dims == 2 else (1, self.size, self.size, self.size)
 
 
 def _axis_starts(length: int, patch: int, stride: int) -> np.ndarray:
@@ -79,8 +86,8 @@ def _window_counts(mask: np.ndarray, shape: tuple[int, int, int], starts: tuple[
     return _box_sums(_summed_volume(mask), z0, y0, x0, shape)
 
 
-def grid_positions(mask: np.ndarray, spec: PatchSpec, stride: int = 4, min_foreground: float = 0.0) -> np.ndarray:
-    """First-voxel positions ``(N, 3)`` int32 of a strided patch grid.
+def grid_starts(mask: np.ndarray, spec: PatchSpec, stride: int = 4, min_foreground: float = 0.0) -> np.ndarray:
+    """Patch starts (first voxels) ``(N, 3)`` int32 of a strided patch grid.
 
     Keeps patches with more than ``min_foreground`` of their voxels inside ``mask``
     (0.0: any patch touching the mask). The grid covers every voxel of the volume
@@ -101,7 +108,7 @@ def grid_positions(mask: np.ndarray, spec: PatchSpec, stride: int = 4, min_foreg
     return np.stack([z[keep[:, 0]], y[keep[:, 1]], x[keep[:, 2]]], axis=1).astype(np.int32)
 
 
-def valid_training_positions(
+def valid_training_starts(
     mask: np.ndarray,
     spec: PatchSpec,
     max_background: float = 0.5,
@@ -113,19 +120,19 @@ def valid_training_positions(
     ``exclude`` (same shape, e.g. known lesions): patches overlapping it are dropped, so
     a subject with lesions contributes only its normal tissue.
     """
-    positions = grid_positions(mask, spec, stride=stride, min_foreground=1.0 - max_background - 1e-9)
+    starts = grid_starts(mask, spec, stride=stride, min_foreground=1.0 - max_background - 1e-9)
     if exclude is not None and np.any(exclude):
         if exclude.shape != mask.shape:
             raise UadctError(f"exclusion mask shape {exclude.shape} differs from the volume's {mask.shape}")
-        z0, y0, x0 = positions[:, 0], positions[:, 1], positions[:, 2]
-        positions = positions[_box_sums(_summed_volume(exclude), z0, y0, x0, spec.shape) == 0]
-    return positions
+        z0, y0, x0 = starts[:, 0], starts[:, 1], starts[:, 2]
+        starts = starts[_box_sums(_summed_volume(exclude), z0, y0, x0, spec.shape) == 0]
+    return starts
 
 
-def extract_patches(volume: np.ndarray, positions: np.ndarray, spec: PatchSpec) -> np.ndarray:
-    """Cut patches at ``positions``: ``(N, P, P)`` for 2D, ``(N, P, P, P)`` for 3D (copies)."""
+def extract_patches(volume: np.ndarray, starts: np.ndarray, spec: PatchSpec) -> np.ndarray:
+    """Cut patches at ``starts``: ``(N, P, P)`` for 2D, ``(N, P, P, P)`` for 3D (copies)."""
     windows = sliding_window_view(volume, spec.shape)
-    patches = windows[positions[:, 0], positions[:, 1], positions[:, 2]]
+    patches = windows[starts[:, 0], starts[:, 1], starts[:, 2]]
     return patches[:, 0] if spec.dims == 2 else patches
 
 
@@ -168,50 +175,50 @@ class OverlapAccumulator:
         ).ravel()
         self._flat_weights = self.weights.ravel()
 
-    def add(self, positions: np.ndarray, values: np.ndarray) -> None:
-        """Add ``values`` ``(N, *patch)`` or ``(N,)`` of the patches whose first voxels are ``positions`` ``(N, 3)``.
+    def add(self, starts: np.ndarray, values: np.ndarray) -> None:
+        """Add ``values`` ``(N, *patch)`` or ``(N,)`` of the patches whose first voxels are ``starts`` ``(N, 3)``.
 
         Values are converted to float64 chunk by chunk, so the extra memory stays bounded
         whatever the batch size.
         """
-        positions = np.asarray(positions)
+        starts = np.asarray(starts)
         values = np.asarray(values)
-        if len(values) != len(positions):
-            raise UadctError(f"{len(values)} patch values for {len(positions)} positions")
+        if len(values) != len(starts):
+            raise UadctError(f"{len(values)} patch values for {len(starts)} starts")
         patch_voxels = self._offsets.size
         if values.ndim == 1:
             values = np.broadcast_to(values[:, None], (len(values), patch_voxels))
         else:
             values = values.reshape((len(values), patch_voxels))
-        if len(positions) == 0:
+        if len(starts) == 0:
             return
         _, H, W = self.total.shape
-        starts = (positions[:, 0].astype(np.int64) * H + positions[:, 1]) * W + positions[:, 2]
+        flat_starts = (starts[:, 0].astype(np.int64) * H + starts[:, 1]) * W + starts[:, 2]
         total, hits = self.total.reshape(-1), self._hits.reshape(-1)
         if self.uniform:
-            np.add.at(hits, starts, 1)
+            np.add.at(hits, flat_starts, 1)
         if patch_voxels >= self._LOOP_ABOVE_VOXELS:
-            self._add_by_slices(positions, values)
+            self._add_by_slices(starts, values)
             return
         chunk = max(1, self._VOXELS_PER_SCATTER // patch_voxels)
-        for begin in range(0, len(starts), chunk):
+        for begin in range(0, len(flat_starts), chunk):
             end = begin + chunk
-            flat = (starts[begin:end, None] + self._offsets[None, :]).ravel()
+            flat = (flat_starts[begin:end, None] + self._offsets[None, :]).ravel()
             block = values[begin:end].astype(np.float64)
             if self.uniform:
                 np.add.at(total, flat, block.ravel())
             else:
                 np.add.at(total, flat, (block * self._flat_weights).ravel())
-                np.add.at(hits, flat, np.broadcast_to(self._flat_weights, (len(starts[begin:end]), patch_voxels)).ravel())
+                np.add.at(hits, flat, np.broadcast_to(self._flat_weights, (len(flat_starts[begin:end]), patch_voxels)).ravel())
 
-    def _add_by_slices(self, positions: np.ndarray, values: np.ndarray) -> None:
+    def _add_by_slices(self, starts: np.ndarray, values: np.ndarray) -> None:
         """One slice-add per patch: for big patches the per-patch Python cost is negligible and
         contiguous block adds beat np.add.at's per-element scatter (measured ~4x for 32^3).
         Blocks are added in their own dtype (float32 -> float64 is exact inside the ufunc):
         converting each block first cost 3x (measured 935 vs 3083 patches/s for 32^3)."""
         dz, dy, dx = self.spec.shape
         blocks = values.reshape((len(values),) + self.spec.shape)
-        for (z, y, x), block in zip(positions.tolist(), blocks):  # Python ints slice faster than numpy scalars
+        for (z, y, x), block in zip(starts.tolist(), blocks):  # Python ints slice faster than numpy scalars
             if self.uniform:
                 self.total[z : z + dz, y : y + dy, x : x + dx] += block
             else:
@@ -255,10 +262,10 @@ def _gaussian_weights(spec: PatchSpec, sigma_fraction: float) -> np.ndarray:
     return np.maximum(weights / weights.max(), 1e-3)
 
 
-def iterate_batches(positions: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Split ``(N, 3)`` positions into consecutive batches."""
-    for start in range(0, len(positions), batch_size):
-        yield positions[start : start + batch_size]
+def iterate_batches(starts: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Split ``(N, 3)`` starts into consecutive batches."""
+    for start in range(0, len(starts), batch_size):
+        yield starts[start : start + batch_size]
 
 
 def sliding_window_map(
@@ -272,36 +279,36 @@ def sliding_window_map(
     progress: Callable[[int, int], None] | None = None,
     adapt_to_memory: bool = False,
     stats: dict | None = None,
-    pass_positions: bool = False,
+    pass_starts: bool = False,
 ) -> np.ndarray:
     """Run ``predictor`` over every patch touching ``mask`` and overlap-average its output.
 
     ``predictor`` maps a batch of patches ``(B, *patch)`` to a voxel map of the same
-    shape or a scalar per patch ``(B,)``; with ``pass_positions`` it is called as
+    shape or a scalar per patch ``(B,)``; with ``pass_starts`` it is called as
     ``predictor(patches, starts)`` with the patches' first voxels ``(B, 3)`` too.
     The result is zero outside ``mask``. With
     ``adapt_to_memory`` a batch whose patches or predictions cannot be allocated is split
     in halves and retried (:class:`uadct.memory.AdaptiveBatches`); ``stats`` then receives
     ``final_batch_size`` and ``out_of_memory_retries``.
     """
-    positions = grid_positions(mask, spec, stride)
+    starts = grid_starts(mask, spec, stride)
     accumulator = OverlapAccumulator(volume.shape, spec, gaussian_sigma)
 
-    def predict_at(batch_positions: np.ndarray) -> np.ndarray:
-        patches = extract_patches(volume, batch_positions, spec)
-        return predictor(patches, batch_positions) if pass_positions else predictor(patches)
+    def predict_at(batch_starts: np.ndarray) -> np.ndarray:
+        patches = extract_patches(volume, batch_starts, spec)
+        return predictor(patches, batch_starts) if pass_starts else predictor(patches)
 
     from uadct.memory import AdaptiveBatches
 
     runner = AdaptiveBatches(predict_at, batch_size)
     done = 0
-    for batch in iterate_batches(positions, batch_size):
+    for batch in iterate_batches(starts, batch_size):
         for part, values in runner.map(batch) if adapt_to_memory else [(batch, predict_at(batch))]:
             accumulator.add(part, values)
             del values
         done += len(batch)
         if progress is not None:
-            progress(done, len(positions))
+            progress(done, len(starts))
     if stats is not None and adapt_to_memory:
         stats.update(final_batch_size=runner.batch_size, out_of_memory_retries=runner.reductions)
     result = accumulator.result()
@@ -309,7 +316,7 @@ def sliding_window_map(
     return result
 
 
-def patch_centres(positions: np.ndarray, spec: PatchSpec, volume_shape: tuple[int, int, int]) -> np.ndarray:
+def patch_centres(starts: np.ndarray, spec: PatchSpec, volume_shape: tuple[int, int, int]) -> np.ndarray:
     """Patch centres as normalised grid coordinates: ``(N, 3)`` start indices -> ``(N, 3)`` float32.
 
     Each axis ``(z, y, x)`` maps the centre ``start + patch / 2`` (voxels) linearly onto
@@ -317,7 +324,7 @@ def patch_centres(positions: np.ndarray, spec: PatchSpec, volume_shape: tuple[in
     same numbers for the same atlas location whatever the patch size. This is the only
     definition of a patch's position shared by training and scoring.
     """
-    starts = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
-    centres = starts + np.asarray(spec.shape, dtype=np.float64) / 2.0
+    first = np.asarray(starts, dtype=np.float64).reshape(-1, 3)
+    centres = first + np.asarray(spec.shape, dtype=np.float64) / 2.0
     extent = np.asarray(volume_shape, dtype=np.float64)
     return (2.0 * centres / extent - 1.0).astype(np.float32)

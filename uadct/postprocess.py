@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from uadct.arrays import bounding_box
 from uadct.errors import UadctError
 
 
@@ -64,13 +65,13 @@ def postprocess_map(anomaly_map: np.ndarray, mask: np.ndarray, spacing_mm: tuple
     from scipy import ndimage
 
     if options.erode_mask_mm > 0:
-        box = _bounding_box(brain, 1)
+        box = bounding_box(brain, 1)
         distance = ndimage.distance_transform_edt(np.pad(brain[box], 1), sampling=spacing_mm)[1:-1, 1:-1, 1:-1]
         eroded = np.zeros_like(brain)
         eroded[box] = distance > options.erode_mask_mm
         brain = eroded
     if options.median_filter > 1 and brain.any():
-        box = _bounding_box(brain, options.median_filter)
+        box = bounding_box(brain, options.median_filter)
         result[box] = ndimage.median_filter(result[box], size=options.median_filter, mode="constant", cval=0.0)
     result[~brain] = 0.0
     return result, brain.astype(np.uint8)
@@ -81,15 +82,6 @@ def clean_lesion_mask(binary: np.ndarray, options: PostProcess) -> np.ndarray:
     from uadct.metrics import remove_small_components
 
     return remove_small_components(binary, options.min_component_size)
-
-
-def _bounding_box(region: np.ndarray, margin: int) -> tuple[slice, ...]:
-    box = []
-    for axis in range(region.ndim):
-        other = tuple(a for a in range(region.ndim) if a != axis)
-        inside = np.flatnonzero(region.any(axis=other))
-        box.append(slice(max(0, int(inside[0]) - margin), min(region.shape[axis], int(inside[-1]) + 1 + margin)))
-    return tuple(box)
 
 
 @dataclass(frozen=True)

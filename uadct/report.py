@@ -19,6 +19,9 @@ the Agg canvas, so no pyplot state is touched and no display is needed.
 
 :func:`render_html` draws every subject of a folder into one self-contained HTML page
 (PNG images base64-embedded), carrying on past a bad subject and listing it.
+
+Size: about 600 lines for one job, drawing; the montage, the HTML page and the curves
+share the slice choice, orientation and colour handling.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -37,8 +39,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
+from uadct.arrays import bounding_box, top_k_mean
 from uadct.errors import InputError, UadctError
 from uadct.io import atomic_path, grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix, write_text
+from uadct.scoremap import GENERIC_UNIT, ScoreSidecar
 
 if TYPE_CHECKING:
     from matplotlib.colors import Colormap
@@ -61,7 +65,6 @@ OVERLAY_ALPHA = 0.65
 CONTOUR_COLOUR = "#00e5ff"  # cyan: stands out against the grey scan and the red-yellow overlay
 CROP_MARGIN_VOXELS = 3
 FILL_MARGIN = 0.1  # fraction of the head's slice range left out at each end when filling slices
-GENERIC_UNIT = "anomaly score (map units)"
 TEXT_BOX = {"facecolor": "black", "alpha": 0.55, "edgecolor": "none", "pad": 1.5}  # keeps captions readable on anatomy
 
 
@@ -165,20 +168,11 @@ def map_unit(anomaly_map: str | Path) -> str:
     scaling)"; otherwise the model and output kind are named. Without a readable sidecar:
     "anomaly score (map units)".
     """
-    from uadct.io import map_sidecar_path
-
     try:
-        data = json.loads(map_sidecar_path(anomaly_map).read_text())
-    except (OSError, ValueError):
+        sidecar = ScoreSidecar.read(anomaly_map)
+    except InputError:
         return GENERIC_UNIT
-    if not isinstance(data, dict):
-        return GENERIC_UNIT
-    if data.get("unit"):
-        return str(data["unit"])
-    if data.get("mood_scaling"):
-        return "anomaly score (0-1, MOOD scaling)"
-    details = ", ".join(str(data[k]) + (" output" if k == "output_kind" else "") for k in ("model", "output_kind") if data.get(k))
-    return f"anomaly score ({details})" if details else GENERIC_UNIT
+    return sidecar.colour_bar_unit if sidecar is not None else GENERIC_UNIT
 
 
 def default_threshold(values: np.ndarray) -> float | None:
@@ -222,7 +216,7 @@ def choose_slices(
     if threshold is not None:
         flat = values.reshape(depth, -1)
         top = max(1, int(math.ceil(TOP_FRACTION * flat.shape[1])))
-        scores = np.partition(flat, flat.shape[1] - top, axis=1)[:, -top:].sum(axis=1, dtype=np.float64)
+        scores = top_k_mean(flat, top, axis=1)  # per slice; ranks like the sum (same k everywhere)
         has_overlay = (flat > threshold).any(axis=1)
         peak = int(np.argmax(flat.max(axis=1)))
         order = [peak] + [int(i) for i in np.argsort(-scores, kind="stable") if int(i) != peak]
@@ -312,16 +306,8 @@ def _crop_box(
         keep |= values > threshold
     if outline is not None:
         keep |= outline
-    if not keep.any():
-        return slice(None), slice(None), slice(None)
-    boxes = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        inside = np.flatnonzero(keep.any(axis=other))
-        start = max(0, int(inside[0]) - CROP_MARGIN_VOXELS)
-        stop = min(keep.shape[axis], int(inside[-1]) + 1 + CROP_MARGIN_VOXELS)
-        boxes.append(slice(start, stop))
-    return boxes[0], boxes[1], boxes[2]
+    z, y, x = bounding_box(keep, margin=CROP_MARGIN_VOXELS)
+    return z, y, x
 
 
 def _panel(volume: np.ndarray, view: str, index: int, crop: tuple[slice, slice, slice]) -> np.ndarray:

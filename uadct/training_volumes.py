@@ -1,6 +1,6 @@
 """Fitting voxel-wise models (``normative``) from whole prepared volumes.
 
-The patch engine (:mod:`uadct.train`) calls :func:`fit_volume_model` after its (empty)
+The patch engine (:mod:`uadct.training`) calls :func:`fit_volume_model` after its (empty)
 loop for models that have ``fit_volumes``: the training subjects' volumes (known lesions
 removed from their masks with ``--exclude-labels``) fit the model, and the validation
 subjects' maps give the checkpoint's ``score_scale`` (a robust maximum of healthy scores).
@@ -22,8 +22,8 @@ def usable_mask(folder: Path, mask: np.ndarray, exclude_labels: str | Path | Non
     """The subject's brain mask on the atlas grid without its known lesion (if ``exclude_labels`` has one)."""
     brain = np.asarray(mask) > 0
     if exclude_labels:
-        from uadct.preprocess.pipeline import load_prepared
-        from uadct.train import _lesion_on_atlas_grid
+        from uadct.preprocess.prepared import load_prepared
+        from uadct.training.data import _lesion_on_atlas_grid
 
         lesion = _lesion_on_atlas_grid(load_prepared(folder), exclude_labels)
         if lesion is not None:
@@ -36,7 +36,8 @@ def atlas_reference(folder: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     import SimpleITK as sitk
 
     from uadct.atlas import load_atlas
-    from uadct.preprocess.pipeline import PreprocessConfig, load_prepared
+    from uadct.preprocess.config import PreprocessConfig
+    from uadct.preprocess.prepared import load_prepared
 
     try:
         config = PreprocessConfig.from_dict(load_prepared(folder).sidecar.get("config", {}))

@@ -1,7 +1,7 @@
 """The contract every anomaly model follows, and the registry that finds them.
 
 A model is an ``nn.Module`` holding only the maths; the training engine
-(:mod:`uadct.train`) owns the loop. Subclasses register themselves by name through
+(:mod:`uadct.training`) owns the loop. Subclasses register themselves by name through
 ``__init_subclass__``; hyper-parameters are a dataclass (``Config``) with the papers'
 defaults, stored in checkpoints so a model can be rebuilt from its metadata alone.
 Fitted statistics live in buffers so they travel with the weights.
