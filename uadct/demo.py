@@ -356,7 +356,7 @@ def read_truth_transform(path: str | Path) -> sitk.Transform:
     path = Path(path)
     if path.suffix == ".json":
         try:
-            truth = json.loads(path.read_text())
+            truth = json.loads(path.read_text(encoding="utf-8"))
             path = path.parent / truth["transform"]["file"]
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"{path}: not a demo truth file ({exc})") from None

@@ -395,7 +395,7 @@ def _read_validation(path: Path) -> dict[str, float | None]:
     """The image and voxel thresholds stored in an earlier run's ``metrics.json``."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         pooled = data["pooled"]
         image = pooled["image_level"]["f1_optimal_threshold"]
         unit = pooled["image_level"].get("unit", "subject")

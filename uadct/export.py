@@ -289,7 +289,7 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     json_path = path if path.suffix == ".json" else export_json_path(path)
     try:
-        data = json.loads(json_path.read_text())
+        data = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ExportError(f"{json_path}: cannot read the export metadata ({type(exc).__name__})") from None
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT_TAG:

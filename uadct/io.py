@@ -525,7 +525,7 @@ def _verify_written_nifti(tmp: Path, image: sitk.Image, path: Path) -> None:
 def write_json(data: Any, path: str | Path) -> Path:
     """Write JSON atomically, pretty-printed; NaN and infinities are written as null (valid JSON)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(data), indent=2, default=_json_default, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(json_safe(data), indent=2, default=_json_default, allow_nan=False) + "\n", encoding="utf-8")
     return Path(path)
 
 
@@ -545,7 +545,7 @@ def json_safe(value: Any) -> Any:
 def write_text(text: str, path: str | Path) -> Path:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -31,7 +31,7 @@ from uadct.names import is_nifti, strip_nifti_suffix
 def current_umask() -> int:
     """The process umask, read without changing it where /proc allows."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):

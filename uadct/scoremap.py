@@ -67,7 +67,7 @@ class ScoreSidecar:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: not a readable score sidecar ({exc})") from None
         if not isinstance(data, dict):

@@ -80,7 +80,7 @@ def niivue_bundle() -> str:
 
 def niivue_licence() -> str:
     """NiiVue's BSD-2 licence text, reproduced in every page that embeds the bundle."""
-    return resources.files("uadct").joinpath("viewer_assets", NIIVUE_LICENCE).read_text()
+    return resources.files("uadct").joinpath("viewer_assets", NIIVUE_LICENCE).read_text(encoding="utf-8")
 
 
 def match_subjects(scans_dir: str | Path, maps_dir: str | Path,

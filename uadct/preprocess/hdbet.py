@@ -100,7 +100,7 @@ def load_checkpoint_safely(path: str | Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise PreprocessError(f"{path}: not readable JSON ({exc})") from None
 

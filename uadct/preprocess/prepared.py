@@ -135,7 +135,7 @@ class PreparedFolder:
     def sidecar(self) -> dict[str, Any]:
         """The parsed ``preprocess.json``."""
         try:
-            return json.loads(self.sidecar_path.read_text())
+            return json.loads(self.sidecar_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InputError(f"{self.path}: not a prepared subject folder (no {SIDECAR}); run `uadct preprocess` first") from None
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -246,7 +246,7 @@ class PreparedFolder:
         meta_path = cache / "cache.json"
         meta: dict[str, Any] = {}
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             meta = {}
         image = mask = None
@@ -318,7 +318,7 @@ def write_prepared(result: PreparedSubject, sidecar: dict[str, Any], subject_dir
         write_image(result.mask, staging / files["mask"])
         save_transform(result.atlas_to_subject, staging / files["atlas_to_subject"])
         save_transform(result.subject_to_atlas, staging / files["subject_to_atlas"])
-        (staging / files["elastix"]).write_text(result.parameter_text)
+        (staging / files["elastix"]).write_text(result.parameter_text, encoding="utf-8")
         write_json(sidecar, staging / SIDECAR)
         previous = None
         if subject_dir.exists():  # moved aside, not deleted, until the new folder is in place

@@ -33,7 +33,7 @@ def model_card(name: str) -> dict[str, Any]:
     """The model card of ``name`` (parsed JSON)."""
     path = pretrained_path(name).with_suffix(".json")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: model card unreadable ({exc})") from None
 

@@ -410,7 +410,7 @@ def write_history_csv(history: list[dict[str, float]], path: str | Path) -> Path
     for record in history:
         columns += [k for k in record if k not in columns]
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns or ["epoch"])
             writer.writeheader()
             writer.writerows(history)
