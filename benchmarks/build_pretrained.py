@@ -115,7 +115,7 @@ def reusable_preparation(prepared: Path, template: Path, scans: list[Path]) -> d
     for scan in scans:
         folder = prepared / scan.name.split(".nii")[0]
         try:
-            sidecar = json.loads((folder / "preprocess.json").read_text())
+            sidecar = json.loads((folder / "preprocess.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         config = {k: v for k, v in PreprocessConfig.from_dict(sidecar.get("config", {})).to_dict().items() if k != "atlas"}
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         target = REPO / "uadct" / "pretrained" / f"{NAME}.pt"
         target.write_bytes(path.read_bytes())
         card_path = target.with_suffix(".json")
-        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else {}
         card["sha256"] = digest
         card["size_bytes"] = path.stat().st_size
         write_json(card, card_path)

@@ -85,7 +85,7 @@ def main() -> None:
         print(f"  failed {path}: {error}")
     subjects = [subject_id(p) for p in scans if (prep_dir / subject_id(p) / "preprocess.json").is_file()]
 
-    sidecars = {sid: json.loads((prep_dir / sid / "preprocess.json").read_text()) for sid in subjects}
+    sidecars = {sid: json.loads((prep_dir / sid / "preprocess.json").read_text(encoding="utf-8")) for sid in subjects}
     steps = list(next(iter(sidecars.values()))["timings_s"])
     print("\n(a) seconds per subject per step")
     print("step".ljust(18) + "mean".rjust(9) + "min".rjust(9) + "max".rjust(9))

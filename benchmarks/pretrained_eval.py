@@ -73,7 +73,7 @@ def lesioned_copies(clean: list[Path], seed: int, folder: Path) -> list[Path]:
         name = prepared_dir.name
         out, label_path = folder / "raw" / f"{name}-les.nii.gz", folder / "labels" / f"{name}-les.nii.gz"
         if not (out.is_file() and label_path.is_file()):
-            source = Path(json.loads((prepared_dir / "preprocess.json").read_text())["input"]["path"])
+            source = Path(json.loads((prepared_dir / "preprocess.json").read_text(encoding="utf-8"))["input"]["path"])
             image = read_image(source)
             brain = native_brain(prepared_dir)
             spacing = tuple(float(s) for s in image.GetSpacing()[::-1])

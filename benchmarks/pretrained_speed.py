@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(done.stdout[-2000:], done.stderr[-2000:])
                 return 1
             peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: kB; max over children so far
-            timings = json.loads(out.with_name(f"map{run}.json").read_text())["timings_s"]
+            timings = json.loads(out.with_name(f"map{run}.json").read_text(encoding="utf-8"))["timings_s"]
             load = os.getloadavg()[0]
             print(f"run {run}: {seconds:.1f} s wall, {cpu:.1f} s CPU (user+sys, all threads; load average {load:.1f}) (preprocess {timings.get('preprocess')} s, score {timings.get('score')} s, "
                   f"resample {timings.get('resample')} s); peak RSS {peak_mb:.0f} MB")

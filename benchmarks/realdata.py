@@ -205,7 +205,7 @@ def make_lesioned(clean_prepared: list[Path], seed: int, folder: Path) -> tuple[
         name = prepared_dir.name
         out, label_path = raw_dir / f"{name}-les.nii.gz", label_dir / f"{name}-les.nii.gz"
         if not (out.is_file() and label_path.is_file()):
-            source = Path(json.loads((prepared_dir / "preprocess.json").read_text())["input"]["path"])
+            source = Path(json.loads((prepared_dir / "preprocess.json").read_text(encoding="utf-8"))["input"]["path"])
             image = read_image(source)
             brain = native_brain(prepared_dir)
             spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
@@ -254,7 +254,7 @@ def native_map(checkpoint: Checkpoint, prepared_dir: Path, stride: int, device: 
 
 def raw_maps(subject: Subject) -> dict[str, tuple[np.ndarray, float]]:
     """The raw native intensity and its robust |z| inside the brain (image score: top 1000 voxels)."""
-    source = Path(json.loads((subject.dir / "preprocess.json").read_text())["input"]["path"])
+    source = Path(json.loads((subject.dir / "preprocess.json").read_text(encoding="utf-8"))["input"]["path"])
     array = sitk.GetArrayFromImage(read_image(source)).astype(np.float32)
     values = array[subject.brain]
     centre = float(np.median(values))
@@ -311,7 +311,7 @@ def train(row: str, model: str, overrides: dict[str, Any], prep: Path, out: Path
     out.parent.mkdir(parents=True, exist_ok=True)
     record = out.with_suffix(".seconds.json")
     if out.is_file() and record.is_file():
-        return load_checkpoint(out), float(json.loads(record.read_text())["seconds"])
+        return load_checkpoint(out), float(json.loads(record.read_text(encoding="utf-8"))["seconds"])
     fields = set(model_class(model).Config.__dataclass_fields__)
     config = TrainConfig(
         model=model, patch_size=options.patch_size, max_epochs=options.epochs, patience=options.patience,
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     json_path, md_path = out / "realdata.json", out / "realdata.md"
     # earlier runs into the same folder are kept (other models, tests or seeds); a rerun replaces its own entries
-    previous = json.loads(json_path.read_text()) if json_path.is_file() and not options.fresh_table else {}
+    previous = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() and not options.fresh_table else {}
     results: dict[str, dict[str, dict[str, Any]]] = previous.get("results", {})
     timing: dict[str, dict[str, dict[str, dict[str, float | None]]]] = previous.get("timing_by_seed", {})
     for test in options.tests:

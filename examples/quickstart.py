@@ -81,14 +81,14 @@ def main() -> None:
     run("evaluate", ["evaluate", str(maps), str(cohort / "labels"), "-o", str(report), "--brain-masks", str(masks)], timings)
     total = time.perf_counter() - started
 
-    metrics = json.loads((report / "metrics.json").read_text())
-    baseline = json.loads((root / "report_threshold" / "metrics.json").read_text())
+    metrics = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
+    baseline = json.loads((root / "report_threshold" / "metrics.json").read_text(encoding="utf-8"))
     baseline_rows = {row["subject"]: row for row in baseline["per_subject"]}
     baseline_rows["pooled"] = baseline["pooled"]
-    pretrained = json.loads((root / "report_pretrained" / "metrics.json").read_text())
+    pretrained = json.loads((root / "report_pretrained" / "metrics.json").read_text(encoding="utf-8"))
     pretrained_rows = {row["subject"]: row for row in pretrained["per_subject"]}
     pretrained_rows["pooled"] = pretrained["pooled"]
-    name = json.loads((maps / f"{first}.json").read_text()).get("model") or "default model"
+    name = json.loads((maps / f"{first}.json").read_text(encoding="utf-8")).get("model") or "default model"
     table = Table(title=f"uadct demo: inserted lesions, voxel level inside the brain ({name}, the default model, "
                         "beside the threshold baseline and the pretrained t1 model, which was not trained here)")
     for column in ("subject", f"{name} AUROC", f"{name} AUPRC", f"{name} best Dice", "threshold AUROC", "threshold AUPRC",

@@ -133,7 +133,7 @@ def test_fpr_mask_flags_about_one_percent_of_a_healthy_scan(healthy, tmp_path):
     flagged = sitk.GetArrayFromImage(mask) > 0
     assert not (flagged & ~brain).any()
     assert 0.003 < flagged[brain].mean() < 0.03
-    sidecar = json.loads((tmp_path / "t0.json").read_text())
+    sidecar = json.loads((tmp_path / "t0.json").read_text(encoding="utf-8"))
     assert sidecar["fpr"] == 0.01 and sidecar["units"] == "logp" and sidecar["threshold"] == pytest.approx(2.0, abs=0.05)
     assert sidecar["lesion_voxels"] == int(flagged.sum()) and sidecar["settings"]["fpr"] == 0.01
     logp = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "t0.nii.gz")))
@@ -162,7 +162,7 @@ def test_postprocessing_needs_its_own_calibration_and_is_recorded(healthy, tmp_p
     scored = runner.invoke(app, ["score", str(calibrated), str(scan), "-o", str(tmp_path / "a.nii.gz"), *args,
                                  "--mask-out", str(tmp_path / "m.nii.gz")])
     assert plain.exit_code == 0 and scored.exit_code == 0, scored.output
-    sidecar = json.loads((tmp_path / "a.json").read_text())
+    sidecar = json.loads((tmp_path / "a.json").read_text(encoding="utf-8"))
     assert sidecar["postprocess"] == {"median_filter": 3, "erode_mask_mm": 4.0, "min_component_size": 3}
     assert sidecar["settings"]["postprocess"] == sidecar["postprocess"]
     smoothed = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.nii.gz")))

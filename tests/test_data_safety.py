@@ -237,7 +237,7 @@ def test_5_a_replaced_scan_is_scored_again(setup, scans, tmp_path, capfd):
     first = sitk.GetArrayFromImage(read_image(target, allow_empty=True))
     scan.write_bytes((raw / "case-2.nii.gz").read_bytes())  # another scan under the same name
     assert _run(capfd, "score", str(model), str(scan), "-o", str(target))[0] in (0, None)
-    sidecar = json.loads(target.with_name("case-0.json").read_text())
+    sidecar = json.loads(target.with_name("case-0.json").read_text(encoding="utf-8"))
     assert sidecar["input_sha256"] == sha256_of(scan)
     assert not np.array_equal(first, sitk.GetArrayFromImage(read_image(target, allow_empty=True)))
 
@@ -327,7 +327,7 @@ def test_7_constant_maps_with_brain_masks_are_reported_as_uninformative(tmp_path
     assert all(row["constant_map"] and row["threshold_flags"] == "everything" for row in result.per_subject)
     assert math.isnan(result.pooled["image_level"]["f1"])
     assert "equal" in result.pooled["image_level"]["degenerate"]
-    text = (tmp_path / "report" / "metrics.json").read_text()
+    text = (tmp_path / "report" / "metrics.json").read_text(encoding="utf-8")
     json.loads(text)
     assert "NaN" not in text
 
@@ -357,7 +357,7 @@ def test_8_checkpoint_with_nan_weights_is_refused(setup, scans, tmp_path, capfd)
 
 def test_8_json_never_holds_nan(tmp_path):
     path = write_json({"image_score": float("nan"), "values": [np.float32("inf"), 1.5], "n": np.int64(3)}, tmp_path / "x.json")
-    assert json.loads(path.read_text()) == {"image_score": None, "values": [None, 1.5], "n": 3}
+    assert json.loads(path.read_text(encoding="utf-8")) == {"image_score": None, "values": [None, 1.5], "n": 3}
 
 
 def test_8_a_map_with_non_finite_scores_is_refused(setup, tmp_path):

@@ -47,7 +47,7 @@ def _array(path: Path) -> np.ndarray:
 
 
 def _truth(cohort: Cohort, sid: str) -> dict:
-    return json.loads((cohort.root / "truth" / f"{sid}.json").read_text())
+    return json.loads((cohort.root / "truth" / f"{sid}.json").read_text(encoding="utf-8"))
 
 
 def test_layout_ids_and_healthy_have_no_labels(cohort: Cohort) -> None:

@@ -102,7 +102,7 @@ def strict_json(path: Path) -> dict:
     def refuse(constant: str) -> None:
         raise AssertionError(f"{path} holds {constant}, which is not valid JSON")
 
-    return json.loads(path.read_text(), parse_constant=refuse)
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
 
 
 def test_evaluate_folder_numbers_and_files(cohort: dict[str, Path]) -> None:
@@ -156,7 +156,7 @@ def test_evaluate_folder_numbers_and_files(cohort: dict[str, Path]) -> None:
     assert saved["inputs"]["subjects"][1]["label"].endswith("sub-b.nii")
     assert saved["inputs"]["brain_masks_dir"] is None
 
-    with open(out / "metrics.csv", newline="") as handle:
+    with open(out / "metrics.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["subject"] for row in rows] == ["sub-a", "sub-b", "sub-c"]
     assert float(rows[1]["best_dice"]) == pytest.approx(0.8)
@@ -164,7 +164,7 @@ def test_evaluate_folder_numbers_and_files(cohort: dict[str, Path]) -> None:
     assert math.isnan(float(rows[2]["auroc"]))
     assert int(rows[0]["n_positive"]) == 64
 
-    report = (out / "report.md").read_text()
+    report = (out / "report.md").read_text(encoding="utf-8")
     assert "| sub-b | 0.9940 | 0.5833 | 0.8000 | 0.5 | 4096 | 64 |" in report
     assert "| sub-c | n/a | n/a | n/a | n/a | 4096 | 0 |" in report
     assert "| all (pooled) |" in report
@@ -451,7 +451,7 @@ def test_a_bad_subject_is_left_out_and_reported(cohort: dict[str, Path]) -> None
     assert [row["subject"] for row in result.per_subject] == ["sub-a", "sub-b", "sub-c"]
     assert [name for name, _ in result.failed] == ["sub-d"]
     assert "labels/sub-d.nii.gz" in result.failed[0][1] and "maps/sub-d.nii.gz" in result.failed[0][1]
-    assert "sub-d" in result.files["markdown"].read_text()
+    assert "sub-d" in result.files["markdown"].read_text(encoding="utf-8")
 
 
 def test_bad_options_raise() -> None:
@@ -473,7 +473,7 @@ def test_cli_end_to_end_files_and_exit_codes(cohort: dict[str, Path]) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["image_roc.png", "metrics.csv", "metrics.json", "pr.png", "report.md", "roc.png"]
     saved = strict_json(out / "metrics.json")
     assert saved["options"]["median_filter"] == 3 and saved["options"]["fprs"] == [0.01, 0.05]
-    assert "dice_at_fpr_0.05" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert "dice_at_fpr_0.05" in (out / "metrics.csv").read_text(encoding="utf-8").splitlines()[0]
     assert "pooled" in done.stdout and "image level" in done.stdout
 
     # a validation report applied; then a subject with a bad label: report written, exit 1

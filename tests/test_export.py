@@ -98,7 +98,7 @@ def test_position_conditioned_and_3d_models_export(tmp_path, anatomy):
 def test_metadata_holds_what_scoring_needs_and_torchscript_matches(tmp_path):
     path, checkpoint = _checkpoint(tmp_path, "ganomaly")
     result = export_checkpoint(path, tmp_path / "g.ts", format="torchscript")
-    metadata = json.loads((tmp_path / "g.ts.json").read_text())
+    metadata = json.loads((tmp_path / "g.ts.json").read_text(encoding="utf-8"))
     assert metadata["model"] == "ganomaly" and metadata["runtime"] == "torchscript"
     assert metadata["patch"]["size"] == PATCH and metadata["patch"]["dims"] == 2 and metadata["patch"]["stride_default"] == 4
     assert metadata["normalisation"]["percentiles"] == [5.0, 95.0]

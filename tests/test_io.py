@@ -99,5 +99,5 @@ def test_write_image_and_json_are_complete(tmp_path):
     with gzip.open(tmp_path / "x.nii.gz") as handle:
         assert len(handle.read()) > 348
     write_json({"a": np.float32(1.5), "b": np.arange(2)}, tmp_path / "x.json")
-    assert (tmp_path / "x.json").read_text().strip().startswith("{")
+    assert (tmp_path / "x.json").read_text(encoding="utf-8").strip().startswith("{")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.nii.gz"]

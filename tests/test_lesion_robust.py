@@ -155,7 +155,7 @@ def test_a_finer_scan_is_blurred_to_the_training_resolution_when_scored(atlas_gr
 
     runner = CliRunner()
     _, prep = atlas_grid_subjects(tmp_path, ["case-0", "case-1"])
-    assert json.loads((prep / "case-0" / "preprocess.json").read_text())["resolution"]["effective_mm"] == 2.0
+    assert json.loads((prep / "case-0" / "preprocess.json").read_text(encoding="utf-8"))["resolution"]["effective_mm"] == 2.0
     model = tmp_path / "threshold.pt"
     trained = runner.invoke(app, ["train", str(prep), "-o", str(model), "--model", "threshold", "--validation-patches", "256"])
     assert trained.exit_code == 0, trained.output
@@ -173,7 +173,7 @@ def test_a_finer_scan_is_blurred_to_the_training_resolution_when_scored(atlas_gr
         scored = runner.invoke(app, ["score", str(model), str(tmp_path / "fine.nii.gz"), "-o", str(out), flag])
         assert scored.exit_code == 0, scored.output
         maps[flag] = (sitk.GetArrayFromImage(read_image(out, allow_empty=True)),
-                      json.loads((tmp_path / f"{flag.strip('-')}.json").read_text())["resolution"])
+                      json.loads((tmp_path / f"{flag.strip('-')}.json").read_text(encoding="utf-8"))["resolution"])
     (sharp, kept), (soft, blurred) = maps["--no-harmonize"], maps["--harmonize"]
     assert blurred["effective_mm"] == 2.0 and min(blurred["sigma_mm"]) > 0
     assert kept["effective_mm"] == 1.0 and "sigma_mm" not in kept

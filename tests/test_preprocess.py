@@ -116,7 +116,7 @@ def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, smal
     assert sorted(p.name for p in folder.iterdir()) == [
         "atlas_to_subject.tfm", "elastix_transform.txt", "image.nii.gz", "mask.nii.gz", "preprocess.json",
         "subject_to_atlas.tfm"]
-    sidecar = json.loads((folder / "preprocess.json").read_text())
+    sidecar = json.loads((folder / "preprocess.json").read_text(encoding="utf-8"))
     assert sidecar["config"] == config.to_dict()
     assert sidecar["quality"]["mask_dice"] > 0.8
     assert set(sidecar["timings_s"]) >= {"skull_strip", "registration", "normalization"}

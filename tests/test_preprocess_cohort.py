@@ -84,7 +84,7 @@ def test_sequences_end_on_the_atlas_grid_aligned_with_each_other(two_sequences):
     assert np.corrcoef(a, shifted)[0, 1] > -0.6  # 3 voxels (6 mm) off is far worse
     for image in (a, b):  # each sequence normalised on its own: normal-tissue median -> 0.5 (the default normalisation)
         assert tissue_statistics(image, np.ones(image.shape))["tissue_median"] == pytest.approx(0.5, abs=0.02)
-    sidecar = json.loads((folder / "preprocess.json").read_text())
+    sidecar = json.loads((folder / "preprocess.json").read_text(encoding="utf-8"))
     assert sidecar["warnings"] == ["FLAIR resampled onto the reference's grid"]
     assert set(sidecar["inputs"]) == {"T1w", "FLAIR"} and set(sidecar["sequence_normalization_stats"]) == {"FLAIR"}
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -99,7 +99,7 @@ def test_stored_transforms_are_inverse_and_map_back_onto_the_native_brain(two_se
     folder, native_t1, _, _, _ = two_sequences
     forward = sitk.ReadTransform(str(folder / "subject_to_atlas.tfm"))
     inverse = sitk.ReadTransform(str(folder / "atlas_to_subject.tfm"))
-    sidecar = json.loads((folder / "preprocess.json").read_text())
+    sidecar = json.loads((folder / "preprocess.json").read_text(encoding="utf-8"))
     assert sidecar["transforms"]["subject_to_atlas"]["file"] == "subject_to_atlas.tfm"
     native_mask = sitk.GetArrayViewFromImage(native_t1) > 0
     index = np.argwhere(native_mask)[::97][:, ::-1]
@@ -146,7 +146,7 @@ def test_bids_in_bids_derivative_out(small_atlas_path, tmp_path):
     assert [(row["subject"], row["status"]) for row in summary["subjects"]] == [("sub-01_ses-1", "done"), ("sub-02", "failed")]
     assert "no FLAIR scan" in summary["subjects"][1]["error"]
     deriv = tmp_path / "deriv"
-    description = json.loads((deriv / "dataset_description.json").read_text())
+    description = json.loads((deriv / "dataset_description.json").read_text(encoding="utf-8"))
     assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "uadct"
     anat = deriv / "sub-01" / "ses-1" / "anat"
     assert sorted(p.name for p in anat.iterdir()) == [

@@ -119,7 +119,7 @@ def test_cli_modality_ct_end_to_end(atlas, small_atlas_path, tmp_path, rng):
                                       "--atlas", str(small_atlas_path), "--modality", "ct", "--registration", "none",
                                       "--ct-width", "60", "--json"])
     assert result.exit_code == 0, result.output
-    sidecar = json.loads((tmp_path / "prep" / "ct-01" / "preprocess.json").read_text())
+    sidecar = json.loads((tmp_path / "prep" / "ct-01" / "preprocess.json").read_text(encoding="utf-8"))
     config = sidecar["config"]
     assert (config["skull_strip"], config["bias_correction"], config["normalization"], config["ct_window"]) == ("ct", False, "ct-window", [40.0, 60.0])
     prepared = sitk.GetArrayFromImage(read_image(tmp_path / "prep" / "ct-01" / "image.nii.gz"))

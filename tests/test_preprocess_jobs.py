@@ -34,7 +34,7 @@ def _brains(small_atlas_path, folder, count):
 
 
 def _comparable_sidecar(path):
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     return {k: data[k] for k in ("subject", "config", "atlas", "native_grid", "normalization_stats", "quality")}
 
 
@@ -58,7 +58,7 @@ def test_two_jobs_match_one_job_voxel_for_voxel(small_atlas_path, tmp_path):
             a = sitk.GetArrayFromImage(read_image(one / subject / name, allow_empty=True))
             b = sitk.GetArrayFromImage(read_image(two / subject / name, allow_empty=True))
             np.testing.assert_array_equal(a, b)
-        assert (one / subject / "atlas_to_subject.tfm").read_text() == (two / subject / "atlas_to_subject.tfm").read_text()
+        assert (one / subject / "atlas_to_subject.tfm").read_text(encoding="utf-8") == (two / subject / "atlas_to_subject.tfm").read_text(encoding="utf-8")
         assert _comparable_sidecar(one / subject / "preprocess.json") == _comparable_sidecar(two / subject / "preprocess.json")
 
 

@@ -93,5 +93,5 @@ def test_score_t1_on_a_raw_head_writes_map_and_mask_on_its_grid(small_cohort, tm
         out = sitk.ReadImage(str(tmp_path / name))
         assert out.GetSize() == raw.GetSize() and out.GetSpacing() == raw.GetSpacing()
         assert out.GetOrigin() == raw.GetOrigin() and out.GetDirection() == raw.GetDirection()
-    sidecar = json.loads((tmp_path / "map.json").read_text())
+    sidecar = json.loads((tmp_path / "map.json").read_text(encoding="utf-8"))
     assert sidecar["settings"]["checkpoint_sha256"] == model_card("t1")["sha256"] and sidecar["fpr"] == 0.01

@@ -115,7 +115,7 @@ def test_automatic_batch_gives_the_same_map_as_a_fixed_one(scoring_setup, tmp_pa
     auto = runner.invoke(app, ["score", str(model), str(prep / "case-1"), "-o", str(tmp_path / "auto.nii.gz"), "--max-memory", "300M"])
     fixed = runner.invoke(app, ["score", str(model), str(prep / "case-1"), "-o", str(tmp_path / "fixed.nii.gz"), "--batch-size", "37"])
     assert auto.exit_code == 0 and fixed.exit_code == 0, auto.output + fixed.output
-    batch = json.loads((tmp_path / "auto.json").read_text())["batch"]
+    batch = json.loads((tmp_path / "auto.json").read_text(encoding="utf-8"))["batch"]
     assert batch["batch_size"] > 37 and batch["memory_budget_bytes"] == 300 << 20
     assert batch["fixed_bytes"] + batch["batch_size"] * batch["bytes_per_patch"] <= 300 << 20
     np.testing.assert_array_equal(_array(tmp_path / "auto.nii.gz"), _array(tmp_path / "fixed.nii.gz"))
@@ -195,7 +195,7 @@ def test_map_made_with_other_settings_is_not_silently_kept(scoring_setup, tmp_pa
     assert isinstance(other.exception, UadctError) and "--force" in str(other.exception)
     forced = runner.invoke(app, ["score", str(model), str(prep / "case-0"), "-o", str(target), "--stride", "8", "--force"])
     assert forced.exit_code == 0, forced.output
-    assert json.loads((tmp_path / "m.json").read_text())["settings"]["stride"] == 8
+    assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["settings"]["stride"] == 8
 
 
 def _score_command(model: Path, inputs: Path, out: Path, *extra: str) -> list[str]:
@@ -215,12 +215,15 @@ def test_kill_9_during_scoring_then_rerun_equals_an_uninterrupted_run(scoring_se
     process = subprocess.Popen(_score_command(model, prep, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=_environment())
     deadline = time.monotonic() + 300
-    while not list(killed.glob("*.json")) and time.monotonic() < deadline and process.poll() is None:
+    def finished_sidecars() -> list[Path]:  # a map's JSON, written last; not a hidden temporary file being written
+        return [p for p in killed.glob("*.json") if not p.name.startswith(".")]
+
+    while not finished_sidecars() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
     assert process.poll() is None, "scoring finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finished = len(list(killed.glob("*.json")))
+    finished = len(finished_sidecars())
     assert 1 <= finished < 5
     rerun = subprocess.run(_score_command(model, prep, killed), capture_output=True, text=True, env=_environment(), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -229,8 +232,8 @@ def test_kill_9_during_scoring_then_rerun_equals_an_uninterrupted_run(scoring_se
     assert not _temporaries(killed)
     for reference in sorted(clean.glob("*.nii.gz")):
         np.testing.assert_array_equal(_array(killed / reference.name), _array(reference))
-        assert json.loads((killed / reference.name.replace(".nii.gz", ".json")).read_text())["image_score"] == \
-            json.loads((clean / reference.name.replace(".nii.gz", ".json")).read_text())["image_score"]
+        assert json.loads((killed / reference.name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))["image_score"] == \
+            json.loads((clean / reference.name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))["image_score"]
 
 
 # ----------------------------------------------------------------------------- concurrent array tasks

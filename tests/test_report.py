@@ -326,7 +326,7 @@ def test_html_page_embeds_every_subject_and_lists_the_bad_ones(case, tmp_path):
     assert result.subjects == ["sub-1", "sub-2"]
     assert [s for s, _ in result.failed] == ["sub-orphan", "sub-bad"]
     assert calls[-1] == (3, 3, "sub-bad")
-    page = result.path.read_text()
+    page = result.path.read_text(encoding="utf-8")
     for name in ("sub-1", "sub-2", "sub-bad", "sub-orphan"):
         assert name in page
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
@@ -359,7 +359,7 @@ def test_cli_heatmap_png_and_html_exit_codes(case, tmp_path):
     page = tmp_path / "page.html"
     partly = run("--html", str(scans), str(maps), "-o", str(page), "--slices", "2")
     assert partly.returncode == 1 and "b" in partly.stderr and "Traceback" not in partly.stderr
-    assert page.read_text().count("data:image/png;base64,") == 1
+    assert page.read_text(encoding="utf-8").count("data:image/png;base64,") == 1
     fixed = run("--html", str(scans), str(maps), "-o", str(page), "--slices", "2", "--resample")
     assert fixed.returncode == 0, fixed.stderr
-    assert page.read_text().count("data:image/png;base64,") == 2
+    assert page.read_text(encoding="utf-8").count("data:image/png;base64,") == 2

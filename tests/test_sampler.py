@@ -99,7 +99,7 @@ def test_cache_is_memory_mapped_reused_and_rebuilt_when_the_source_changes(prep)
     assert isinstance(image, np.memmap) and isinstance(mask, np.memmap) and not image.flags.writeable
     assert image.dtype == np.float32 and mask.dtype == np.uint8 and image.shape == mask.shape
     assert cache == folder / "cache" and tissue is not None
-    meta = json.loads((cache / "cache.json").read_text())
+    meta = json.loads((cache / "cache.json").read_text(encoding="utf-8"))
     assert meta["tissue"]["means"] == tissue.means.tolist()
     built = (cache / "image.npy").stat().st_mtime_ns
     again, _, _, tissue_again = PreparedFolder(folder).cached_arrays(tissue_model=True)
@@ -110,7 +110,7 @@ def test_cache_is_memory_mapped_reused_and_rebuilt_when_the_source_changes(prep)
     os.utime(folder / "image.nii.gz", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     rebuilt, _, _, _ = PreparedFolder(folder).cached_arrays()
     assert (cache / "image.npy").stat().st_mtime_ns != built and np.array_equal(rebuilt, image)
-    assert "tissue" not in json.loads((cache / "cache.json").read_text())
+    assert "tissue" not in json.loads((cache / "cache.json").read_text(encoding="utf-8"))
     # a corrupt array is noticed (shape recorded in cache.json) and rebuilt
     np.save(cache / "image.npy", np.zeros((2, 2), np.float32))
     repaired, _, _, _ = PreparedFolder(folder).cached_arrays()

@@ -37,8 +37,8 @@ def test_gaussian_option_is_recorded_and_keeps_an_identity_map(threshold_model, 
     plain = runner.invoke(app, ["score", str(model), str(prep / "case-0"), "-o", str(tmp_path / "plain.nii.gz")])
     weighted = runner.invoke(app, ["score", str(model), str(prep / "case-0"), "-o", str(tmp_path / "gauss.nii.gz"), "--gaussian", "0.125"])
     assert plain.exit_code == 0 and weighted.exit_code == 0, weighted.output
-    assert json.loads((tmp_path / "gauss.json").read_text())["gaussian_sigma"] == 0.125
-    assert json.loads((tmp_path / "plain.json").read_text())["gaussian_sigma"] is None
+    assert json.loads((tmp_path / "gauss.json").read_text(encoding="utf-8"))["gaussian_sigma"] == 0.125
+    assert json.loads((tmp_path / "plain.json").read_text(encoding="utf-8"))["gaussian_sigma"] is None
     # the intensity model is an identity predictor: weighted averaging of identical copies changes nothing
     a = sitk.GetArrayFromImage(read_image(tmp_path / "plain.nii.gz", allow_empty=True))
     b = sitk.GetArrayFromImage(read_image(tmp_path / "gauss.nii.gz", allow_empty=True))
@@ -52,7 +52,7 @@ def test_output_kind_must_be_declared_by_the_model(threshold_model, tmp_path):
     model, prep, _ = threshold_model
     ok = runner.invoke(app, ["score", str(model), str(prep / "case-0"), "-o", str(tmp_path / "v.nii.gz"), "--output-kind", "voxel"])
     assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "v.json").read_text())["output_kind"] == "voxel"
+    assert json.loads((tmp_path / "v.json").read_text(encoding="utf-8"))["output_kind"] == "voxel"
     refused = runner.invoke(app, ["score", str(model), str(prep / "case-0"), "-o", str(tmp_path / "s.nii.gz"), "--output-kind", "scalar"])
     assert isinstance(refused.exception, UadctError)
     assert "no 'scalar' output" in str(refused.exception) and "declares voxel" in str(refused.exception)
@@ -102,9 +102,9 @@ def test_mood_layout_names_maps_like_inputs_with_sample_scores(threshold_model, 
         assert values.min() >= 0.0 and values.max() <= 1.0
         assert values.max() > 0.99  # the brightest 0.1 % of healthy voxels reach the scale
         assert not values[~brain].any()
-        sample = float((out / f"{name}.txt").read_text())
+        sample = float((out / f"{name}.txt").read_text(encoding="utf-8"))
         assert 0.0 <= sample <= 1.0 and sample > 0.5  # mean of the top voxels of a [0, 1] map
-    assert json.loads((out / "case-0.json").read_text())["mood_scaling"].endswith("(checkpoint score_scale)")
+    assert json.loads((out / "case-0.json").read_text(encoding="utf-8"))["mood_scaling"].endswith("(checkpoint score_scale)")
 
 
 def test_training_stores_a_healthy_score_scale_that_mood_maps_divide_by(threshold_model, tmp_path):

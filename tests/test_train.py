@@ -123,8 +123,8 @@ def test_resume_refuses_other_settings(prep, tmp_path):
 
 def test_history_written_as_json_and_csv(prep, tmp_path):
     result = train_model(prep, tmp_path / "m.pt", TrainConfig(**TINY))
-    history = json.loads((tmp_path / "m.pt.history.json").read_text())
-    with open(tmp_path / "m.pt.history.csv", newline="") as handle:
+    history = json.loads((tmp_path / "m.pt.history.json").read_text(encoding="utf-8"))
+    with open(tmp_path / "m.pt.history.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(history) == len(result.history) == 2
     assert [float(r["validation_loss"]) for r in rows] == [h["validation_loss"] for h in history]
@@ -223,10 +223,10 @@ def test_cli_kill_9_then_the_same_command_finishes_like_an_uninterrupted_run(pre
     assert "resuming the interrupted run" in again.output and "at epoch 1" in again.output
     _assert_identical(_weights(whole), _weights(model))
     assert sorted(p.name for p in model.parent.iterdir()) == ["model.pt", "model.pt.history.csv", "model.pt.history.json"]
-    history = json.loads((tmp_path / "cut" / "model.pt.history.json").read_text())
+    history = json.loads((tmp_path / "cut" / "model.pt.history.json").read_text(encoding="utf-8"))
     assert [r["epoch"] for r in history] == [0, 1]
     assert [r["validation_loss"] for r in history] == [r["validation_loss"] for r in json.loads(
-        (tmp_path / "whole" / "model.pt.history.json").read_text())]
+        (tmp_path / "whole" / "model.pt.history.json").read_text(encoding="utf-8"))]
 
 
 def test_cli_resume_file_of_other_settings_is_refused_and_force_starts_over(prep, tmp_path):

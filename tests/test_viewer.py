@@ -180,7 +180,7 @@ def cohort(small_atlas_path, tmp_path_factory) -> Path:
 def test_page_is_one_file_with_the_bundle_the_licence_and_the_volumes(cohort, tmp_path):
     subjects, failed = match_subjects(cohort / "scans", cohort / "maps", cohort / "labels")
     result = write_viewer(subjects, tmp_path / "view.html", failed=failed)
-    page = result.path.read_text()
+    page = result.path.read_text(encoding="utf-8")
     assert result.subjects == ["sub-01", "sub-02"] and [name for name, _ in result.failed] == ["sub-99"]
     assert "sub-99" in page and "Not drawn" in page
     # nothing is fetched: no external script, stylesheet, image or frame; a CSP forbids connections

@@ -51,7 +51,7 @@ def test_full_chain_on_demo_cohort(small_cohort, small_atlas_path, tmp_path):
         array = sitk.GetArrayFromImage(anomaly_map)
         brain = sitk.GetArrayFromImage(read_image(masks / name, allow_empty=True)) > 0
         assert array[brain].max() > 0 and not array[~brain].any()
-        sidecar = json.loads((maps / name.replace(".nii.gz", ".json")).read_text())
+        sidecar = json.loads((maps / name.replace(".nii.gz", ".json")).read_text(encoding="utf-8"))
         assert sidecar["image_score"] > 0
 
     first = small_cohort.test[0]
@@ -62,7 +62,7 @@ def test_full_chain_on_demo_cohort(small_cohort, small_atlas_path, tmp_path):
     report = tmp_path / "report"
     result = invoke("evaluate", maps, small_cohort.root / "labels", "-o", report, "--brain-masks", masks)
     assert "pooled" in result.output
-    metrics = json.loads((report / "metrics.json").read_text())
+    metrics = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
     assert (report / "report.md").is_file() and (report / "metrics.csv").is_file()
     # the default model (normative, fitted on 3 subjects) finds inserted lesions better than chance
     assert metrics["pooled"]["auroc"] > 0.6, metrics["pooled"]
