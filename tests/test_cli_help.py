@@ -65,12 +65,12 @@ def test_group_help_lists_every_command_uncut():
 def test_help_in_a_log_and_version():
     """Not a TTY and no COLUMNS (a SLURM log): the same whole help; --version answers."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
-    done = subprocess.run([sys.executable, "-m", "uadct", "train", "--help"], capture_output=True, text=True, env=env, check=True)
+    done = subprocess.run([sys.executable, "-m", "uadct", "train", "--help"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, check=True)
     for name in ("--patches-per-epoch", "--validation-patches", "--exclude-labels", "--max-memory"):
         assert name in done.stdout
     words = " ".join(done.stdout.split())  # help texts wrap; every word must be there, none cut
     assert "Model name (see `uadct models`); default: the winner of the real-data benchmark." in words
-    version = subprocess.run([sys.executable, "-m", "uadct", "--version"], capture_output=True, text=True, check=True)
+    version = subprocess.run([sys.executable, "-m", "uadct", "--version"], capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
     assert version.stdout.strip() == f"uadct {__version__}"
 
 

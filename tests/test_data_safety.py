@@ -93,7 +93,7 @@ def _mount_tmpfs(folder: Path, size: str = "1m") -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs (full-disk / read-only filesystem)")
     folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True, encoding="utf-8", errors="replace")
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
 
@@ -126,7 +126,7 @@ def read_only_folder(tmp_path):
     folder = tmp_path / "ro"
     _mount_tmpfs(folder)
     try:
-        done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, text=True)
+        done = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True, text=True, encoding="utf-8", errors="replace")
         if done.returncode != 0:
             pytest.skip(f"cannot remount the tmpfs read-only: {done.stderr.strip()}")
         yield folder
@@ -271,7 +271,7 @@ def test_6_memory_is_checked_from_the_header_before_reading(tmp_path):
     probe = ("import sys\nfrom uadct.io import read_image\n"
              "try:\n    read_image(sys.argv[1])\nexcept Exception as exc:\n    print(exc)\n"
              "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))")
-    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120,
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     message, peak_kb = done.stdout.strip().splitlines()
     assert "GiB of memory" in message and "--max-memory" in message and str(path) in message, message

@@ -110,7 +110,7 @@ def test_torchrun_two_processes_train_a_model_that_loads_and_scores(prep, tmp_pa
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "uadct", "train", str(prep), "-o", str(out), "--model", "cae", "--epochs", "2", "--patience", "10",
                "--batch-size", "16", "--patches-per-epoch", "64", "--validation-patches", "32", "--device", "cpu"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("model ") == 1, result.stdout  # only rank 0 reports
     checkpoint = load_checkpoint(out)

@@ -462,7 +462,7 @@ def test_bad_options_raise() -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uadct", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "uadct", *args], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
 
 
 def test_cli_end_to_end_files_and_exit_codes(cohort: dict[str, Path]) -> None:

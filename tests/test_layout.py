@@ -94,7 +94,7 @@ def test_no_module_imports_a_higher_layer_and_there_is_no_circle():
 def test_each_room_imports_on_its_own_in_a_fresh_interpreter():
     failures = {}
     for room in ("uadct.calibration", "uadct.inference", "uadct.training", "uadct.preprocess.prepared"):
-        done = subprocess.run([sys.executable, "-c", f"import {room}"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-c", f"import {room}"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
         if done.returncode != 0:
             failures[room] = done.stderr.strip().splitlines()[-1:]
     assert failures == {}

@@ -66,7 +66,7 @@ def test_models_command_lists_a_models_options():
 def test_train_refuses_an_unknown_option_in_one_line(tmp_path):
     process = subprocess.run(
         [sys.executable, "-m", "uadct", "train", str(tmp_path), "-o", str(tmp_path / "m.pt"), "--model", "ganomaly", "-O", "latnt_dim=4"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, encoding="utf-8", errors="replace",
     )
     assert process.returncode == 2
     lines = process.stderr.strip().splitlines()

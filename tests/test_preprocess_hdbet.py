@@ -179,7 +179,7 @@ def test_cli_hdbet_without_weights_fails_in_one_line(tmp_path, small_atlas_path)
     env.pop("UADCT_HDBET_WEIGHTS", None)
     result = subprocess.run([sys.executable, "-m", "uadct", "preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"),
                              "--atlas", str(small_atlas_path), "--skull-strip", "hd-bet", "--hdbet-weights", str(tmp_path / "none")],
-                            capture_output=True, text=True, env=env, timeout=300)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "no HD-BET weights" in result.stderr and str(tmp_path / "none") in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

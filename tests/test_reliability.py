@@ -143,7 +143,7 @@ def test_real_allocation_failure_halves_the_batch(scoring_setup, tmp_path):
         print(json.dumps({{"equal": bool(np.array_equal(reference, adapted)), **plan}}))
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["equal"]
@@ -225,7 +225,7 @@ def test_kill_9_during_scoring_then_rerun_equals_an_uninterrupted_run(scoring_se
     process.wait()
     finished = len(finished_sidecars())
     assert 1 <= finished < 5
-    rerun = subprocess.run(_score_command(model, prep, killed), capture_output=True, text=True, env=_environment(), timeout=600)
+    rerun = subprocess.run(_score_command(model, prep, killed), capture_output=True, text=True, encoding="utf-8", errors="replace", env=_environment(), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     statuses = [r["status"] for r in json.loads(rerun.stdout)]
     assert statuses.count("skipped") >= finished and "failed" not in statuses
@@ -245,7 +245,7 @@ def test_output_lock_is_exclusive_across_processes_and_dies_with_its_holder(tmp_
             with output_lock({str(tmp_path)!r}, "case-0.nii.gz") as mine:
                 print(mine, flush=True)
                 time.sleep(120)
-        """)], stdout=subprocess.PIPE, text=True, env=_environment())
+        """)], stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=_environment())
     assert holder.stdout.readline().strip() == "True"
     with output_lock(tmp_path, "case-0.nii.gz") as mine:
         assert not mine
@@ -269,7 +269,7 @@ def test_a_map_locked_by_another_task_is_left_alone(scoring_setup, tmp_path):
             with output_lock({str(out)!r}, "case-3.nii.gz") as mine:
                 print(mine, flush=True)
                 time.sleep(120)
-        """)], stdout=subprocess.PIPE, text=True, env=_environment())
+        """)], stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=_environment())
     try:
         assert holder.stdout.readline().strip() == "True"
         result = runner.invoke(app, ["score", str(model), str(prep), "-o", str(out), "--json"])
@@ -288,7 +288,7 @@ def test_two_overlapping_array_tasks_write_every_map_once_and_intact(scoring_set
     model, prep = scoring_setup
     clean, shared = tmp_path / "clean", tmp_path / "shared"
     subprocess.run(_score_command(model, prep, clean), check=True, capture_output=True, env=_environment(), timeout=600)
-    tasks = [subprocess.Popen(_score_command(model, prep, shared), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    tasks = [subprocess.Popen(_score_command(model, prep, shared), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
                               env=_environment()) for _ in range(2)]
     outputs = [task.communicate(timeout=600) for task in tasks]
     assert all(task.returncode == 0 for task in tasks), [o[1][-1000:] for o in outputs]
@@ -390,7 +390,7 @@ def test_kill_9_during_preprocessing_then_rerun_equals_an_uninterrupted_run(raw_
     process.wait()
     finished = len(list(out.glob("*/preprocess.json")))
     assert 1 <= finished < 4
-    rerun = subprocess.run(_preprocess_command(raw, out, small_atlas_path), capture_output=True, text=True,
+    rerun = subprocess.run(_preprocess_command(raw, out, small_atlas_path), capture_output=True, text=True, encoding="utf-8", errors="replace",
                            env=_environment(), timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout)
@@ -404,7 +404,7 @@ def test_two_overlapping_preprocess_tasks_share_an_output_folder(raw_scans, smal
     raw, clean = raw_scans
     out = tmp_path / "prep"
     tasks = [subprocess.Popen(_preprocess_command(raw, out, small_atlas_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=_environment()) for _ in range(2)]
+                              text=True, encoding="utf-8", errors="replace", env=_environment()) for _ in range(2)]
     outputs = [task.communicate(timeout=900) for task in tasks]
     assert all(task.returncode == 0 for task in tasks), [o[1][-1000:] for o in outputs]
     summaries = [json.loads(stdout) for stdout, _ in outputs]

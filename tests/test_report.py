@@ -341,7 +341,7 @@ def test_cli_heatmap_png_and_html_exit_codes(case, tmp_path):
     import sys
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "uadct", "heatmap", *args], capture_output=True, text=True, timeout=300)
+        return subprocess.run([sys.executable, "-m", "uadct", "heatmap", *args], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
 
     png = tmp_path / "one.png"
     done = run(str(case.subject), str(case.anomaly_map), "-o", str(png), "--label", str(case.label), "--slices", "3",

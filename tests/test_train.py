@@ -138,7 +138,7 @@ def test_cli_sigterm_then_resume(prep, tmp_path):
                "--patience", "200", "--batch-size", "16", "--patches-per-epoch", "64", "--validation-patches", "32",
                "--device", "cpu"]
     env = {**os.environ, "UADCT_HOME": os.environ.get("UADCT_HOME", str(tmp_path / "home"))}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=env)
     seen = []
     deadline = time.monotonic() + 120
     try:
@@ -205,7 +205,7 @@ def test_cli_kill_9_then_the_same_command_finishes_like_an_uninterrupted_run(pre
     uninterrupted = CliRunner().invoke(app, ["train", str(prep), "-o", str(whole), "--epochs", "2", *CLI_TINY])
     assert uninterrupted.exit_code == 0, uninterrupted.output
     command = [sys.executable, "-m", "uadct", "train", str(prep), "-o", str(model), "--epochs", "2", *CLI_TINY]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
     deadline = time.monotonic() + 180
     try:
         while not resume_path(model).is_file() and process.poll() is None:
