@@ -41,6 +41,7 @@ Outputs: ``OUT/realdata.md`` (one markdown table, also printed) and ``OUT/realda
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -66,20 +67,38 @@ from uadct.models import available_models, model_class
 from uadct.preprocess.batch import preprocess_many
 from uadct.preprocess.config import PreprocessConfig
 from uadct.preprocess.prepared import find_prepared, load_prepared
+from uadct.preprocess.resolution import coarsest_training_mm
 from uadct.inference import image_level_score, score_volume
 from uadct.training import TrainConfig, train_model
 
 log = logging.getLogger("realdata")
 
 THRESHOLD_MODES = ("intensity", "deviation", "upper")
-SMALL = {"train": 14, "validation": 4, "test": 6, "patch_size": 16, "epochs": 4, "patience": 2, "patches_per_epoch": 4096,
-         "validation_patches": 1024, "statistics_patches": 2048, "stride": 8}
-FULL = {"train": 46, "validation": 6, "test": 8, "patch_size": 32, "epochs": 100, "patience": 10, "patches_per_epoch": 32768,
+SMALL = {"train": 24, "validation": 4, "test": 12, "patch_size": 16, "epochs": 2, "patience": 2, "patches_per_epoch": 2048,
+         "validation_patches": 512, "statistics_patches": 1024, "stride": 16}
+FULL = {"train": 40, "validation": 6, "test": 14, "patch_size": 32, "epochs": 100, "patience": 10, "patches_per_epoch": 32768,
         "validation_patches": 4096, "statistics_patches": 8192, "stride": 4}
+# per-model training/scoring settings over the above (small CPU settings: trimmed budgets so that every model
+# fits the default run; the U-Net models need large patches for their context, Kascenas et al.)
+MODEL_SETTINGS: dict[str, dict[str, dict[str, int]]] = {
+    "small": {
+        "dae-unet": {"patch_size": 64, "stride": 64, "epochs": 1, "patches_per_epoch": 128, "validation_patches": 32,
+                     "statistics_patches": 64, "batch_size": 16},
+        "synthetic-anomaly": {"patch_size": 64, "stride": 64, "epochs": 1, "patches_per_epoch": 128, "validation_patches": 32,
+                              "statistics_patches": 64, "batch_size": 16},
+    },
+    "full": {
+        "dae-unet": {"patch_size": 64, "stride": 32, "batch_size": 32},
+        "synthetic-anomaly": {"patch_size": 64, "stride": 32, "batch_size": 32},
+    },
+}
+SETTING_KEYS = ("patch_size", "stride", "epochs", "patience", "patches_per_epoch", "validation_patches", "statistics_patches",
+                "batch_size")
 SMALL_WIDTH = 16  # small settings: models with `base_channels` (the GANs) at a quarter of their width
 SPLIT_SEED = 20261129  # the IXI train/validation/test split (fixed whatever --seeds)
 FPR = 0.01
 MSLUB_PATIENTS = ("patient07", "patient19", "patient26")
+DEFAULT_MODEL = TrainConfig().model  # what `uadct train` trains without --model
 METRICS = ("auroc", "auprc", "best_dice", "dice_at_val_fpr", "detection_rate", "image_auroc")
 
 
@@ -94,15 +113,17 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-options", default="{}", help='JSON {"model": {"field": value}} for the models\' configs')
     parser.add_argument("--variants", default="{}",
                         help='JSON {"row name": ["model", {"field": value}]}: extra rows (e.g. normative settings)')
-    parser.add_argument("--train", type=int, help="IXI training subjects (small 14, full 46)")
+    parser.add_argument("--train", type=int, help="IXI training subjects (small 24, full 40)")
     parser.add_argument("--validation", type=int, help="IXI healthy validation subjects (4, full 6)")
-    parser.add_argument("--test", type=int, help="IXI test subjects, lesioned and clean (6, full 8)")
-    parser.add_argument("--epochs", type=int, help="maximum epochs of the trained models (small 4, full 100)")
-    parser.add_argument("--stride", type=int, help="scoring stride of patch models (small 8, full 4)")
+    parser.add_argument("--test", type=int, help="IXI test subjects, lesioned and clean (12, full 14)")
+    parser.add_argument("--epochs", type=int, help="maximum epochs of every trained model (default: per model, small 2, full 100)")
+    parser.add_argument("--stride", type=int, help="scoring stride of every patch model (default: per model, small 16, full 4)")
+    parser.add_argument("--patches-per-epoch", type=int, help="training patches per epoch of every model (default: per model)")
     parser.add_argument("--jobs", type=int, default=2, help="preprocessing worker processes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--fresh-table", action="store_true", help="forget the results of earlier runs into --output")
     options = parser.parse_args(argv)
+    options.explicit = sorted(k for k in SETTING_KEYS if getattr(options, k, None) is not None)  # override every model's
     for key, value in (FULL if options.full else SMALL).items():
         if getattr(options, key, None) is None:
             setattr(options, key, value)
@@ -136,6 +157,16 @@ def model_rows(spec: str, extra_options: dict[str, dict[str, Any]], variants: di
         model_class(name)
         rows[row] = (name, dict(overrides))
     return rows
+
+
+def model_settings(model: str, options: argparse.Namespace) -> dict[str, int]:
+    """Training and scoring settings of one registry model: the run's defaults, the model's own
+    (:data:`MODEL_SETTINGS`), then whatever the command line set explicitly."""
+    settings = {k: getattr(options, k) for k in SETTING_KEYS if getattr(options, k, None) is not None}
+    settings.setdefault("batch_size", 128)
+    settings.update(MODEL_SETTINGS["full" if options.full else "small"].get(model, {}))
+    settings.update({k: getattr(options, k) for k in options.explicit})
+    return settings
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -313,12 +344,14 @@ def train(row: str, model: str, overrides: dict[str, Any], prep: Path, out: Path
     if out.is_file() and record.is_file():
         return load_checkpoint(out), float(json.loads(record.read_text(encoding="utf-8"))["seconds"])
     fields = set(model_class(model).Config.__dataclass_fields__)
+    settings = model_settings(model, options)
     config = TrainConfig(
-        model=model, patch_size=options.patch_size, max_epochs=options.epochs, patience=options.patience,
-        patches_per_epoch=options.patches_per_epoch, validation_patches=options.validation_patches,
-        statistics_patches=options.statistics_patches, seed=seed, device=options.device, workers=0,
-        exclude_labels=str(exclude_labels) if exclude_labels else None,
+        model=model, patch_size=settings["patch_size"], max_epochs=settings["epochs"], patience=settings["patience"],
+        patches_per_epoch=settings["patches_per_epoch"], validation_patches=settings["validation_patches"],
+        statistics_patches=settings["statistics_patches"], batch_size=settings["batch_size"], seed=seed,
+        device=options.device, workers=0, exclude_labels=str(exclude_labels) if exclude_labels else None,
         model_options={k: v for k, v in overrides.items() if k in fields},
+        calibration_subjects=0,  # the benchmark thresholds raw maps on its own validation subjects
     )
     started = time.perf_counter()
     train_model(prep, out, config, resume=False)
@@ -358,6 +391,60 @@ def summarise(results: dict[str, dict[str, dict[str, Any]]], seeds: list[int]) -
                                        "seeds": int(values.size)}
             summary[test][row] = metrics
     return summary
+
+
+def paired_differences(results: dict[str, dict[str, dict[str, Any]]], summary: dict[str, dict[str, dict[str, float]]],
+                       seeds: list[int], default: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """test -> metric -> the default model minus the best ``threshold`` mode (best by mean, per metric).
+
+    Per seed (paired: same lesions, same split), their mean and std, and the verdict: the
+    default wins by more than the seed spread when the margin of the means exceeds the
+    larger of the two rows' seed standard deviations.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for test, rows in summary.items():
+        modes = [r for r in rows if r.startswith("threshold:")]
+        if default not in rows or not modes:
+            continue
+        out[test] = {}
+        for metric in METRICS:
+            candidates = [r for r in modes if metric in rows[r]]
+            if metric not in rows[default] or not candidates:
+                continue
+            best = max(candidates, key=lambda r: rows[r][metric]["mean"])
+            ours, theirs = results[test][default], results[test][best]
+            common = [str(s) for s in seeds if str(s) in ours and str(s) in theirs]
+            differences = [float(ours[s][metric]) - float(theirs[s][metric]) for s in common]
+            differences = [d for d in differences if math.isfinite(d)]
+            if not differences:
+                continue
+            a, b = rows[default][metric], rows[best][metric]
+            margin, spread = a["mean"] - b["mean"], max(a["std"], b["std"])
+            out[test][metric] = {
+                "best_threshold": best, "per_seed": dict(zip(common, differences)),
+                "mean": float(np.mean(differences)), "std": float(np.std(differences)), "margin": margin, "spread": spread,
+                "wins_beyond_spread": bool(margin > spread), "wins_every_seed": bool(all(d > 0 for d in differences)),
+            }
+    return out
+
+
+def paired_markdown(paired: dict[str, dict[str, dict[str, Any]]], default: str) -> str:
+    """The paired differences and verdicts as a markdown table (AUPRC and best Dice first)."""
+    lines = ["", f"Paired per-seed difference, default model `{default}` minus the best `threshold` mode (by mean, per "
+             "metric); verdict: margin of the means > the larger of the two rows' seed std.", "",
+             "| test | metric | best threshold mode | difference (mean ± std over seeds) | per seed | margin | spread | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = ("auprc", "best_dice", *(m for m in METRICS if m not in ("auprc", "best_dice")))
+    for test, metrics in paired.items():
+        for metric in order:
+            if metric not in metrics:
+                continue
+            d = metrics[metric]
+            verdict = "wins beyond spread" if d["wins_beyond_spread"] else ("wins, within spread" if d["margin"] > 0 else "loses")
+            per_seed = ", ".join(f"{v:+.3f}" for v in d["per_seed"].values())
+            lines.append(f"| {test} | {metric} | {d['best_threshold']} | {d['mean']:+.3f} ± {d['std']:.3f} | {per_seed} | "
+                         f"{d['margin']:+.3f} | {d['spread']:.3f} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(summary: dict[str, dict[str, dict[str, float]]], timing: dict[str, dict[str, float]], seeds: list[int]) -> str:
@@ -418,9 +505,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(results, seeds)
         times = {t: {r: {f"{kind}_per_subject": _mean([v[kind] for v in by_seed.values()]) for kind in ("train", "score")}
                      for r, by_seed in rows_.items()} for t, rows_ in timing.items()}
-        table = markdown(summary, times, seeds)
+        paired = paired_differences(results, summary, seeds, DEFAULT_MODEL)
+        table = markdown(summary, times, seeds) + paired_markdown(paired, DEFAULT_MODEL)
         write_text(table, md_path)
-        write_json({"summary": summary, "timing_s": times, "timing_by_seed": timing, "results": results,
+        write_json({"summary": summary, "paired_vs_best_threshold": paired, "default_model": DEFAULT_MODEL,
+                    "timing_s": times, "timing_by_seed": timing, "results": results,
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
                     "rows": {r: list(v) for r, v in rows.items()}, "platform": platform.platform(),
                     "cpus": os.cpu_count(), "seconds": time.perf_counter() - started}, json_path)
@@ -437,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                  time.perf_counter() - started)
         validation = [Subject(d) for d in val_dirs]
         clean = [Subject(d) for d in clean_dirs]
+        coarsest = coarsest_training_mm(json.loads((d / "preprocess.json").read_text(encoding="utf-8")) for d in train_dirs)
+        t1_config = dataclasses.replace(ixi_config, resolution_mm=coarsest)
     mslub = options.data / "mslub"
     mslub_prepared: dict[str, list[Path]] = {}
     labels = None
@@ -449,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             links = link_inputs({p: mslub / p / f"{sequence}.nii.gz" for p in MSLUB_PATIENTS},
                                 work / "inputs" / f"mslub-{sequence}")
-            config = ixi_config if sequence == "T1" else stripped_config  # T1 goes through the IXI models' chain
+            # T1 goes through the IXI models' chain, blurred to their training resolution first (as `uadct score`
+            # does with a raw scan finer than the training data: resolution harmonisation)
+            config = t1_config if sequence == "T1" else stripped_config
             mslub_prepared[sequence] = prepare(links, work / "prep" / f"mslub-{sequence}", config, options.jobs)
 
     for seed in options.seeds:
@@ -468,10 +561,11 @@ def main(argv: list[str] | None = None) -> int:
                         return [(s, *maps[s.name][row]) for s in group]
                     note(test, row, seed, measure(trio(subjects[0]), trio(validation), trio(subjects[1])), None, 0, None, 0)
             for row, (model, overrides) in rows.items():
+                stride = model_settings(model, options)["stride"]
                 checkpoint, train_s = train(row, model, overrides, prep / "ixi-train", work / "models" / f"seed{seed}" /
                                             "ixi" / f"{row.replace(':', '-')}.pt", seed, options)
                 clock = time.perf_counter()
-                scored = {s.name: native_map(checkpoint, s.dir, options.stride, options.device)
+                scored = {s.name: native_map(checkpoint, s.dir, stride, options.device)
                           for s in [*lesioned, *clean, *validation]}
                 score_s = time.perf_counter() - clock
 
@@ -482,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                          score_s, len(scored))
                 if t1:
                     clock = time.perf_counter()
-                    scored.update({s.name: native_map(checkpoint, s.dir, options.stride, options.device) for s in t1})
+                    scored.update({s.name: native_map(checkpoint, s.dir, stride, options.device) for s in t1})
                     note("mslub-t1", row, seed, measure(trio(t1), trio(validation), []), train_s, len(train_dirs),
                          time.perf_counter() - clock, len(t1))
                 print(flush(), file=sys.stderr)
@@ -498,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                 note(test, row_name, seed, measure_folds(trios, subjects), None, 0, None, 0)
             for row, (model, overrides) in rows.items():
                 fold_trios: dict[str, dict[str, tuple[Subject, np.ndarray, float]]] = {}
+                stride = model_settings(model, options)["stride"]
                 train_total = score_total = 0.0
                 for held_out in subjects:
                     fold = fold_dir(work, sequence, held_out, prepared)
@@ -508,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 held_out / f"{row.replace(':', '-')}.pt", seed, options, labels)
                     train_total += train_s
                     clock = time.perf_counter()
-                    fold_trios[held_out] = {n: (s, *native_map(checkpoint, s.dir, options.stride, options.device))
+                    fold_trios[held_out] = {n: (s, *native_map(checkpoint, s.dir, stride, options.device))
                                             for n, s in subjects.items()}
                     score_total += time.perf_counter() - clock
                 metrics = measure_folds(None, subjects, fold_trios)
