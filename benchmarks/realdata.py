@@ -6,8 +6,8 @@
 
 The data folder is read, never copied (see its README). Everything is prepared onto the
 2 mm SRI24 brain template (:func:`uadct.atlas.coarse_brain_template`; IXI is 2 mm anyway)
-with the chain a user runs (``uadct preprocess``: deepbet, N4, affine, 5th/95th percentile),
-cached under ``OUT/work`` so reruns only score.
+with the chain a user runs (``uadct preprocess`` defaults: deepbet, lesion-robust N4, affine
+registration, tissue-anchored normalisation), cached under ``OUT/work`` so reruns only score.
 
 Tests (voxel level inside each scan's brain mask on its own native grid):
 
@@ -25,17 +25,27 @@ Tests (voxel level inside each scan's brain mask on its own native grid):
   patients' lesion-free tissue (``--exclude-labels``; skull-stripped inputs, no skull-strip
   step); the threshold comes from those two patients' lesion-free voxels.
 - ``mslub-t1``: the three T1s (1 mm: another resolution than training) scored by the
-  IXI-trained models through the IXI chain; the threshold from the IXI validation subjects.
+  IXI-trained models through the IXI chain, blurred first to the IXI training resolution
+  (resolution harmonisation, as ``uadct score`` does with a raw scan); the threshold from the
+  IXI validation subjects.
 
-Rows: every registry model (small CPU settings by default), every ``threshold`` mode,
+Rows: every registry model (small CPU settings by default, per model: :data:`MODEL_SETTINGS`;
+``--epochs``/``--stride``/``--patches-per-epoch`` override them for every model), every ``threshold`` mode,
 and the raw intensity of the native scan inside the same brain mask (``raw`` and its robust
 |z| ``raw-z``: |x - median| / MAD over the subject's brain). Metrics (uadct.metrics): pooled
 and per-subject AUROC, AUPRC, best Dice; Dice and lesion detection rate at the validation
 1 % FPR threshold; image-level AUROC (ixi). Mean and standard deviation over ``--seeds``
 (models are retrained with each seed; IXI lesions are redrawn with each seed).
 
-Outputs: ``OUT/realdata.md`` (one markdown table, also printed) and ``OUT/realdata.json``
-(every number, per subject, settings, seconds per subject for training and scoring).
+Under the table: the paired per-seed difference of the default model (``uadct train``
+without ``--model``) minus the best ``threshold`` mode (best by mean, per metric), mean ± std,
+and the verdict "wins beyond spread" (margin of the means > the larger of the two rows'
+seed std).
+
+Outputs: ``OUT/realdata.md`` (the table and the paired differences, also printed),
+``OUT/realdata_wide.md`` (one row per model: AUPRC and best Dice per test, seconds per
+subject) and ``OUT/realdata.json`` (every number, per subject, the paired differences,
+settings, seconds per subject for training and scoring).
 """
 
 from __future__ import annotations
@@ -135,8 +145,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- rows
 def model_rows(spec: str, extra_options: dict[str, dict[str, Any]], variants: dict[str, list[Any]],
                full: bool) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Row name -> (registry model, config overrides): every threshold mode, then the models, then variants."""
+    """Row name -> (registry model, config overrides): the default model, every threshold mode, the other models, variants."""
     names = sorted(available_models()) if spec == "all" else [n.strip() for n in spec.split(",") if n.strip() and n.strip() != "none"]
+    names.sort(key=lambda n: (n != DEFAULT_MODEL, n != "threshold"))  # the default and the baseline first (stable)
     rows: dict[str, tuple[str, dict[str, Any]]] = {}
     for name in names:
         fields = set(model_class(name).Config.__dataclass_fields__)
@@ -393,6 +404,12 @@ def summarise(results: dict[str, dict[str, dict[str, Any]]], seeds: list[int]) -
     return summary
 
 
+def test_order(test: str) -> int:
+    """Tables list the tests in the order of ``--tests``' default."""
+    known = ("ixi", "mslub-flair", "mslub-t2", "mslub-t1")
+    return known.index(test) if test in known else len(known)
+
+
 def paired_differences(results: dict[str, dict[str, dict[str, Any]]], summary: dict[str, dict[str, dict[str, float]]],
                        seeds: list[int], default: str) -> dict[str, dict[str, dict[str, Any]]]:
     """test -> metric -> the default model minus the best ``threshold`` mode (best by mean, per metric).
@@ -435,7 +452,8 @@ def paired_markdown(paired: dict[str, dict[str, dict[str, Any]]], default: str) 
              "| test | metric | best threshold mode | difference (mean ± std over seeds) | per seed | margin | spread | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     order = ("auprc", "best_dice", *(m for m in METRICS if m not in ("auprc", "best_dice")))
-    for test, metrics in paired.items():
+    for test in sorted(paired, key=test_order):
+        metrics = paired[test]
         for metric in order:
             if metric not in metrics:
                 continue
@@ -447,12 +465,41 @@ def paired_markdown(paired: dict[str, dict[str, dict[str, Any]]], default: str) 
     return "\n".join(lines) + "\n"
 
 
+def wide_markdown(summary: dict[str, dict[str, dict[str, float]]], timing: dict[str, dict[str, dict[str, float]]],
+                  default: str) -> str:
+    """One compact table: a row per model, pooled AUPRC and best Dice (mean ± std) per test, seconds per subject.
+
+    Training seconds per training subject and scoring seconds per scored subject, averaged over
+    the tests that trained or scored the row.
+    """
+    tests = sorted(summary, key=test_order)
+    rows = sorted({r for t in tests for r in summary[t]},
+                  key=lambda r: (r != default, not r.startswith("threshold:"), r.startswith("raw"), r))
+    head = " | ".join(f"{t} AUPRC | {t} best Dice" for t in tests)
+    lines = [f"| model | {head} | train s/subject | score s/subject |", "|---" * (2 * len(tests) + 3) + "|"]
+    for row in rows:
+        cells = []
+        for test in tests:
+            for metric in ("auprc", "best_dice"):
+                value = summary[test].get(row, {}).get(metric)
+                cells.append("-" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
+        seconds = []
+        for kind in ("train", "score"):
+            values = [timing[t][row][f"{kind}_per_subject"] for t in tests
+                      if timing.get(t, {}).get(row, {}).get(f"{kind}_per_subject") is not None]
+            seconds.append(f"{np.mean(values):.2f}" if values else "-")
+        name = f"**{row}** (default)" if row == default else row
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds[0]} | {seconds[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict[str, dict[str, dict[str, float]]], timing: dict[str, dict[str, float]], seeds: list[int]) -> str:
     heads = ("AUROC", "AUPRC", "best Dice", "Dice @ val 1% FPR", "detection rate", "image AUROC")
     lines = [f"Pooled voxel metrics inside the brain, native grid; mean ± std over seeds {','.join(map(str, seeds))}.", "",
              "| test | model | " + " | ".join(heads) + " | train s/subject | score s/subject | seeds |",
              "|" + "---|" * (len(heads) + 5)]
-    for test, rows in summary.items():
+    for test in sorted(summary, key=test_order):
+        rows = summary[test]
         order = sorted(rows, key=lambda r: -rows[r].get("auprc", {}).get("mean", -1))
         for row in order:
             cells = []
@@ -508,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         paired = paired_differences(results, summary, seeds, DEFAULT_MODEL)
         table = markdown(summary, times, seeds) + paired_markdown(paired, DEFAULT_MODEL)
         write_text(table, md_path)
+        write_text(wide_markdown(summary, times, DEFAULT_MODEL), out / "realdata_wide.md")
         write_json({"summary": summary, "paired_vs_best_threshold": paired, "default_model": DEFAULT_MODEL,
                     "timing_s": times, "timing_by_seed": timing, "results": results,
                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
