@@ -67,7 +67,7 @@ import SimpleITK as sitk
 
 from uadct.atlas import coarse_brain_template, load_atlas
 from uadct.checkpoint import Checkpoint, load_checkpoint
-from uadct.io import read_image, write_image, write_json, write_text
+from uadct.io import read_image, sha256_of, write_image, write_json, write_text
 from uadct.lesions import describe, draw_lesions, insert_lesions
 from uadct.metrics import (
     auroc, counts_at_threshold, dice_from_counts, lesion_detection, threshold_at_fpr, voxel_metrics,
@@ -76,7 +76,7 @@ from uadct.metrics import (
 from uadct.models import available_models, model_class
 from uadct.preprocess.batch import preprocess_many
 from uadct.preprocess.config import PreprocessConfig
-from uadct.preprocess.prepared import find_prepared, load_prepared
+from uadct.preprocess.prepared import find_prepared, is_complete, load_prepared
 from uadct.preprocess.resolution import coarsest_training_mm
 from uadct.inference import image_level_score, score_volume
 from uadct.training import TrainConfig, train_model
@@ -191,6 +191,8 @@ def template(work: Path) -> Path:
 def prepare(paths: list[Path], out: Path, config: PreprocessConfig, jobs: int) -> list[Path]:
     """Preprocess (cached: complete subjects made the same way are skipped); the prepared folders."""
     names = {p.name.split(".nii")[0] for p in paths}
+    if all(is_complete(out / p.name.split(".nii")[0], config, sha256_of(p)) for p in paths):
+        return [p for p in find_prepared(out) if p.name in names]  # cached: no worker processes to start
     for _ in range(360):  # subjects another run is writing (busy) are waited for
         outcome = preprocess_many(paths, out, config, jobs=jobs)
         if outcome.failed:
