@@ -30,7 +30,7 @@ def _cohort(rng: np.random.Generator, n: int = 5) -> tuple[list[np.ndarray], lis
 
 def _raw_model(**options) -> torch.nn.Module:
     return build_model("normative", {"patch_size": 4, "smooth": 0.0, "scale_smooth": 0.0, "scale_floor": 0.0,
-                                     "min_subjects": 1, **options}).eval()
+                                     "min_subjects": 1, "map_smooth": 0.0, **options}).eval()
 
 
 def test_statistics_match_a_direct_numpy_computation(rng):
@@ -77,6 +77,26 @@ def test_smoothing_floor_and_tails(rng):
     np.testing.assert_allclose(maps["upper"], np.maximum(z, 0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(maps["lower"], np.maximum(-z, 0), rtol=1e-5, atol=1e-5)
     assert maps["upper"][5, 6, 7] > 5 and maps["upper"][2, 3, 4] == 0 and maps["lower"][2, 3, 4] > 5
+
+
+def test_default_map_is_the_raw_map_smoothed_inside_the_brain(rng):
+    """map_smooth defaults to 1 voxel: the map is the unsmoothed one, smoothed by normalised convolution in the brain."""
+    from uadct.models.normative import masked_smooth
+
+    images, masks = _cohort(rng)
+    brain = np.zeros(SHAPE, bool)
+    brain[1:-1, 1:-1, 1:-1] = True
+    smoothed = build_model("normative", {"patch_size": 4, "smooth": 0.0, "scale_smooth": 0.0, "scale_floor": 0.0,
+                                         "min_subjects": 1}).eval()
+    assert smoothed.config.map_smooth == 1.0
+    raw = _raw_model()
+    for model in (smoothed, raw):
+        model.fit_volumes(images, masks)
+    test = images[1] + 0.0
+    test[5, 6, 7] += 3.0
+    expected = masked_smooth(raw.score_volume(test, brain), brain, 1.0, fill=0.0)
+    expected[~brain] = 0.0
+    np.testing.assert_allclose(smoothed.score_volume(test, brain), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_recentre_removes_a_global_offset(rng):
