@@ -178,3 +178,23 @@ def test_preprocess_errors_name_the_file_and_leave_nothing(tmp_path, small_atlas
     with pytest.raises(PreprocessError, match="speck.nii.gz"):
         preprocess_file(tmp_path / "speck.nii.gz", tmp_path / "out", PreprocessConfig(atlas=str(small_atlas_path)))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_records_the_registration_backend_and_refuses_an_unknown_one(small_atlas_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from uadct.cli import app
+
+    template = read_image(small_atlas_path)
+    moved = sitk.Resample(template, template, sitk.TranslationTransform(3, (3.0, -2.0, 1.0)), sitk.sitkLinear, 0.0)
+    (tmp_path / "raw").mkdir()
+    write_image(moved, tmp_path / "raw" / "sub-01.nii.gz")
+    fast = ["--atlas", str(small_atlas_path), "--skull-strip", "none", "--no-bias-correction"]
+    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"), *fast])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "prep" / "sub-01" / "preprocess.json").read_text(encoding="utf-8"))
+    assert sidecar["config"]["registration_backend"] == "sitk" and sidecar["quality"]["mask_dice"] > 0.9
+    assert "SimpleITK ImageRegistrationMethod" in (tmp_path / "prep" / "sub-01" / "elastix_transform.txt").read_text(encoding="utf-8")
+    bad = CliRunner().invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "bad"), *fast, "--registration-backend", "ants"])
+    assert bad.exit_code != 0 and "unknown registration backend 'ants'" in str(bad.exception) + bad.output
+    assert not (tmp_path / "bad" / "sub-01").exists()
