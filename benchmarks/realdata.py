@@ -84,18 +84,18 @@ from uadct.training import TrainConfig, train_model
 log = logging.getLogger("realdata")
 
 THRESHOLD_MODES = ("intensity", "deviation", "upper")
-SMALL = {"train": 24, "validation": 4, "test": 12, "patch_size": 16, "epochs": 2, "patience": 2, "patches_per_epoch": 2048,
-         "validation_patches": 512, "statistics_patches": 1024, "stride": 16}
+SMALL = {"train": 24, "validation": 4, "test": 12, "patch_size": 16, "epochs": 1, "patience": 2, "patches_per_epoch": 1024,
+         "validation_patches": 256, "statistics_patches": 512, "stride": 16}
 FULL = {"train": 40, "validation": 6, "test": 14, "patch_size": 32, "epochs": 100, "patience": 10, "patches_per_epoch": 32768,
         "validation_patches": 4096, "statistics_patches": 8192, "stride": 4}
-# per-model training/scoring settings over the above (small CPU settings: trimmed budgets so that every model
-# fits the default run; the U-Net models need large patches for their context, Kascenas et al.)
+# per-model training/scoring settings over the above (small CPU settings: token budgets so that every model fits
+# the default run on 2 cores; the U-Net models need large patches for their context, Kascenas et al.)
 MODEL_SETTINGS: dict[str, dict[str, dict[str, int]]] = {
     "small": {
-        "dae-unet": {"patch_size": 64, "stride": 64, "epochs": 1, "patches_per_epoch": 128, "validation_patches": 32,
-                     "statistics_patches": 64, "batch_size": 16},
-        "synthetic-anomaly": {"patch_size": 64, "stride": 64, "epochs": 1, "patches_per_epoch": 128, "validation_patches": 32,
-                              "statistics_patches": 64, "batch_size": 16},
+        "dae-unet": {"patch_size": 64, "stride": 64, "epochs": 1, "patches_per_epoch": 32, "validation_patches": 16,
+                     "statistics_patches": 16, "batch_size": 8},
+        "synthetic-anomaly": {"patch_size": 64, "stride": 64, "epochs": 1, "patches_per_epoch": 32, "validation_patches": 16,
+                              "statistics_patches": 16, "batch_size": 8},
     },
     "full": {
         "dae-unet": {"patch_size": 64, "stride": 32, "batch_size": 32},
@@ -595,70 +595,74 @@ def main(argv: list[str] | None = None) -> int:
             config = t1_config if sequence == "T1" else stripped_config
             mslub_prepared[sequence] = prepare(links, work / "prep" / f"mslub-{sequence}", config, options.jobs)
 
-    for seed in options.seeds:
-        if need_ixi:
-            lesioned_raw, label_dir = make_lesioned(clean_dirs, seed, work / "lesioned" / f"seed{seed}")
-            lesioned_dirs = prepare(lesioned_raw, work / "prep" / f"ixi-lesioned-seed{seed}", ixi_config, options.jobs)
-            lesioned = [Subject(d, label_dir / f"{d.name}.nii.gz") for d in lesioned_dirs]
-            t1 = [Subject(d, labels / f"{d.name}.nii.gz") for d in mslub_prepared.get("T1", [])] if labels else []
-            # raw intensity rows
-            for test, subjects in (("ixi", (lesioned, clean)), ("mslub-t1", (t1, []))):
+    # the default model and the threshold modes (and variants) for every seed first, then the other models
+    first = {r: v for r, v in rows.items() if v[0] in (DEFAULT_MODEL, "threshold") or r not in available_models()}
+    phases = [first, {r: v for r, v in rows.items() if r not in first}]
+    for phase, phase_rows in enumerate(phases):
+        for seed in options.seeds:
+            if need_ixi:
+                lesioned_raw, label_dir = make_lesioned(clean_dirs, seed, work / "lesioned" / f"seed{seed}")
+                lesioned_dirs = prepare(lesioned_raw, work / "prep" / f"ixi-lesioned-seed{seed}", ixi_config, options.jobs)
+                lesioned = [Subject(d, label_dir / f"{d.name}.nii.gz") for d in lesioned_dirs]
+                t1 = [Subject(d, labels / f"{d.name}.nii.gz") for d in mslub_prepared.get("T1", [])] if labels else []
+                # raw intensity rows
+                for test, subjects in (("ixi", (lesioned, clean)), ("mslub-t1", (t1, []))):
+                    if test not in options.tests or phase:
+                        continue
+                    maps = {s.name: raw_maps(s) for s in [*subjects[0], *subjects[1], *validation]}
+                    for row in ("raw", "raw-z"):
+                        def trio(group: list[Subject]) -> list[tuple[Subject, np.ndarray, float]]:
+                            return [(s, *maps[s.name][row]) for s in group]
+                        note(test, row, seed, measure(trio(subjects[0]), trio(validation), trio(subjects[1])), None, 0, None, 0)
+                for row, (model, overrides) in phase_rows.items():
+                    stride = model_settings(model, options)["stride"]
+                    checkpoint, train_s = train(row, model, overrides, prep / "ixi-train", work / "models" / f"seed{seed}" /
+                                                "ixi" / f"{row.replace(':', '-')}.pt", seed, options)
+                    clock = time.perf_counter()
+                    scored = {s.name: native_map(checkpoint, s.dir, stride, options.device)
+                              for s in [*lesioned, *clean, *validation]}
+                    score_s = time.perf_counter() - clock
+
+                    def trio(group: list[Subject]) -> list[tuple[Subject, np.ndarray, float]]:
+                        return [(s, *scored[s.name]) for s in group]
+                    if "ixi" in options.tests:
+                        note("ixi", row, seed, measure(trio(lesioned), trio(validation), trio(clean)), train_s, len(train_dirs),
+                             score_s, len(scored))
+                    if t1:
+                        clock = time.perf_counter()
+                        scored.update({s.name: native_map(checkpoint, s.dir, stride, options.device) for s in t1})
+                        note("mslub-t1", row, seed, measure(trio(t1), trio(validation), []), train_s, len(train_dirs),
+                             time.perf_counter() - clock, len(t1))
+                    print(flush(), file=sys.stderr)
+            for sequence in ("FLAIR", "T2"):
+                test = f"mslub-{sequence.lower()}"
                 if test not in options.tests:
                     continue
-                maps = {s.name: raw_maps(s) for s in [*subjects[0], *subjects[1], *validation]}
-                for row in ("raw", "raw-z"):
-                    def trio(group: list[Subject]) -> list[tuple[Subject, np.ndarray, float]]:
-                        return [(s, *maps[s.name][row]) for s in group]
-                    note(test, row, seed, measure(trio(subjects[0]), trio(validation), trio(subjects[1])), None, 0, None, 0)
-            for row, (model, overrides) in rows.items():
-                stride = model_settings(model, options)["stride"]
-                checkpoint, train_s = train(row, model, overrides, prep / "ixi-train", work / "models" / f"seed{seed}" /
-                                            "ixi" / f"{row.replace(':', '-')}.pt", seed, options)
-                clock = time.perf_counter()
-                scored = {s.name: native_map(checkpoint, s.dir, stride, options.device)
-                          for s in [*lesioned, *clean, *validation]}
-                score_s = time.perf_counter() - clock
-
-                def trio(group: list[Subject]) -> list[tuple[Subject, np.ndarray, float]]:
-                    return [(s, *scored[s.name]) for s in group]
-                if "ixi" in options.tests:
-                    note("ixi", row, seed, measure(trio(lesioned), trio(validation), trio(clean)), train_s, len(train_dirs),
-                         score_s, len(scored))
-                if t1:
-                    clock = time.perf_counter()
-                    scored.update({s.name: native_map(checkpoint, s.dir, stride, options.device) for s in t1})
-                    note("mslub-t1", row, seed, measure(trio(t1), trio(validation), []), train_s, len(train_dirs),
-                         time.perf_counter() - clock, len(t1))
-                print(flush(), file=sys.stderr)
-        for sequence in ("FLAIR", "T2"):
-            test = f"mslub-{sequence.lower()}"
-            if test not in options.tests:
-                continue
-            prepared = mslub_prepared[sequence]
-            subjects = {d.name: Subject(d, labels / f"{d.name}.nii.gz") for d in prepared}
-            raw = {n: raw_maps(s) for n, s in subjects.items()}
-            for row_name in ("raw", "raw-z"):
-                trios = {n: (subjects[n], *raw[n][row_name]) for n in subjects}
-                note(test, row_name, seed, measure_folds(trios, subjects), None, 0, None, 0)
-            for row, (model, overrides) in rows.items():
-                fold_trios: dict[str, dict[str, tuple[Subject, np.ndarray, float]]] = {}
-                stride = model_settings(model, options)["stride"]
-                train_total = score_total = 0.0
-                for held_out in subjects:
-                    fold = fold_dir(work, sequence, held_out, prepared)
-                    fold_overrides = dict(overrides)
-                    if "fit_validation" in model_class(model).Config.__dataclass_fields__:
-                        fold_overrides.setdefault("fit_validation", True)  # two patients: fit on both
-                    checkpoint, train_s = train(row, model, fold_overrides, fold, work / "models" / f"seed{seed}" / test /
-                                                held_out / f"{row.replace(':', '-')}.pt", seed, options, labels)
-                    train_total += train_s
-                    clock = time.perf_counter()
-                    fold_trios[held_out] = {n: (s, *native_map(checkpoint, s.dir, stride, options.device))
-                                            for n, s in subjects.items()}
-                    score_total += time.perf_counter() - clock
-                metrics = measure_folds(None, subjects, fold_trios)
-                note(test, row, seed, metrics, train_total, 2 * len(subjects), score_total, len(subjects) ** 2)
-                print(flush(), file=sys.stderr)
+                prepared = mslub_prepared[sequence]
+                subjects = {d.name: Subject(d, labels / f"{d.name}.nii.gz") for d in prepared}
+                raw = {n: raw_maps(s) for n, s in subjects.items()} if not phase else {}
+                for row_name in ("raw", "raw-z") if not phase else ():
+                    trios = {n: (subjects[n], *raw[n][row_name]) for n in subjects}
+                    note(test, row_name, seed, measure_folds(trios, subjects), None, 0, None, 0)
+                for row, (model, overrides) in phase_rows.items():
+                    fold_trios: dict[str, dict[str, tuple[Subject, np.ndarray, float]]] = {}
+                    stride = model_settings(model, options)["stride"]
+                    train_total = score_total = 0.0
+                    for held_out in subjects:
+                        fold = fold_dir(work, sequence, held_out, prepared)
+                        fold_overrides = dict(overrides)
+                        if "fit_validation" in model_class(model).Config.__dataclass_fields__:
+                            fold_overrides.setdefault("fit_validation", True)  # two patients: fit on both
+                        checkpoint, train_s = train(row, model, fold_overrides, fold, work / "models" / f"seed{seed}" / test /
+                                                    held_out / f"{row.replace(':', '-')}.pt", seed, options, labels)
+                        train_total += train_s
+                        clock = time.perf_counter()
+                        fold_trios[held_out] = {n: (s, *native_map(checkpoint, s.dir, stride, options.device))
+                                                for n, s in subjects.items()}
+                        score_total += time.perf_counter() - clock
+                    metrics = measure_folds(None, subjects, fold_trios)
+                    note(test, row, seed, metrics, train_total, 2 * len(subjects), score_total, len(subjects) ** 2)
+                    print(flush(), file=sys.stderr)
     table = flush()
     print(table)
     log.info("done in %.0f s; %s, %s", time.perf_counter() - started, md_path, json_path)
