@@ -84,7 +84,7 @@ from uadct.training import TrainConfig, train_model
 log = logging.getLogger("realdata")
 
 THRESHOLD_MODES = ("intensity", "deviation", "upper")
-SMALL = {"train": 24, "validation": 4, "test": 12, "patch_size": 16, "epochs": 1, "patience": 2, "patches_per_epoch": 1024,
+SMALL = {"train": 20, "validation": 4, "test": 8, "patch_size": 16, "epochs": 1, "patience": 2, "patches_per_epoch": 1024,
          "validation_patches": 256, "statistics_patches": 512, "stride": 16}
 FULL = {"train": 40, "validation": 6, "test": 14, "patch_size": 32, "epochs": 100, "patience": 10, "patches_per_epoch": 32768,
         "validation_patches": 4096, "statistics_patches": 8192, "stride": 4}
@@ -123,9 +123,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-options", default="{}", help='JSON {"model": {"field": value}} for the models\' configs')
     parser.add_argument("--variants", default="{}",
                         help='JSON {"row name": ["model", {"field": value}]}: extra rows (e.g. normative settings)')
-    parser.add_argument("--train", type=int, help="IXI training subjects (small 24, full 40)")
+    parser.add_argument("--train", type=int, help="IXI training subjects (small 20, full 40)")
     parser.add_argument("--validation", type=int, help="IXI healthy validation subjects (4, full 6)")
-    parser.add_argument("--test", type=int, help="IXI test subjects, lesioned and clean (12, full 14)")
+    parser.add_argument("--test", type=int, help="IXI test subjects, lesioned and clean (small 8, full 14)")
     parser.add_argument("--epochs", type=int, help="maximum epochs of every trained model (default: per model, small 2, full 100)")
     parser.add_argument("--stride", type=int, help="scoring stride of every patch model (default: per model, small 16, full 4)")
     parser.add_argument("--patches-per-epoch", type=int, help="training patches per epoch of every model (default: per model)")
