@@ -442,7 +442,7 @@ def paired_differences(results: dict[str, dict[str, dict[str, Any]]], summary: d
             out[test][metric] = {
                 "best_threshold": best, "per_seed": dict(zip(common, differences)),
                 "mean": float(np.mean(differences)), "std": float(np.std(differences)), "margin": margin, "spread": spread,
-                "wins_beyond_spread": bool(margin > spread), "wins_every_seed": bool(all(d > 0 for d in differences)),
+                "wins_beyond_spread": bool(margin > spread and len(differences) > 1),  # one seed has no spread "wins_every_seed": bool(all(d > 0 for d in differences)),
             }
     return out
 
@@ -460,7 +460,8 @@ def paired_markdown(paired: dict[str, dict[str, dict[str, Any]]], default: str) 
             if metric not in metrics:
                 continue
             d = metrics[metric]
-            verdict = "wins beyond spread" if d["wins_beyond_spread"] else ("wins, within spread" if d["margin"] > 0 else "loses")
+            verdict = "wins beyond spread" if d["wins_beyond_spread"] else ("loses" if d["margin"] <= 0 else
+                                                                             "wins (one seed)" if len(d["per_seed"]) < 2 else "wins, within spread")
             per_seed = ", ".join(f"{v:+.3f}" for v in d["per_seed"].values())
             lines.append(f"| {test} | {metric} | {d['best_threshold']} | {d['mean']:+.3f} ± {d['std']:.3f} | {per_seed} | "
                          f"{d['margin']:+.3f} | {d['spread']:.3f} | {verdict} |")
