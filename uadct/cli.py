@@ -179,10 +179,10 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
             paths += read_path_list()
             continue
         path = Path(item)
-        if is_dicom_folder(path):
+        if is_dicom_folder(path) and not _dicom_images(path):
             paths.append(path)  # one DICOM series
         elif path.is_dir():
-            paths += list_niftis(path) or _dicom_children(path)
+            paths += list_niftis(path) or _images_2d(path) or _dicom_children(path)
         elif is_nifti(path) or path.exists():
             paths.append(path)
         else:
@@ -190,6 +190,23 @@ def _collect_inputs(inputs: list[str]) -> list[Path]:
     if not paths:
         raise InputError(f"no NIfTI files or DICOM series found in {', '.join(inputs)}")
     return paths
+
+
+def _dicom_images(folder: Path) -> bool:
+    """A folder of separate 2D DICOM images (X-rays, CT slides), not one series."""
+    from uadct.images2d import is_dicom_image_folder
+
+    return is_dicom_image_folder(folder)
+
+
+def _images_2d(folder: Path) -> list[Path]:
+    """The 2D image files (PNG/JPEG/TIFF/DICOM) in a folder, also inside normal/ and abnormal/ sub-folders."""
+    from uadct.images2d import list_images_2d
+
+    found = list_images_2d(folder)
+    if found:
+        return found
+    return [p for name in ("normal", "abnormal") if (folder / name).is_dir() for p in list_images_2d(folder / name)]
 
 
 def _dicom_children(folder: Path) -> list[Path]:
@@ -237,14 +254,17 @@ def preprocess(
     output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="BIDS: <dataset>/derivatives/uadct/; a folder F: F-uadct/; else uadct-prep/",
                                           help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
     series_uid: Optional[str] = typer.Option(None, "--series-uid", help="DICOM: the Series Instance UID to read when a folder holds several series."),
-    atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
-    modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue normalisation) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
+    atlas: Optional[str] = typer.Option(None, show_default="sri24; none for 2D", help="Atlas name or path to a skull-stripped template."),
+    modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue normalisation), ct (HU skull-strip, no N4, brain window), or 2D images: xray or image (PNG/JPEG/TIFF/DICOM; resized, percentile-normalised, no atlas); sets the defaults below."),
     skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
     hdbet_weights: Optional[Path] = typer.Option(None, help="HD-BET weights folder. [default: $UADCT_HDBET_WEIGHTS, then ~/hd-bet_params/release_2.0.0]"),
-    registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),
+    registration: Optional[str] = typer.Option(None, show_default="affine; none for 2D", help="affine, rigid or none (input already on the atlas grid)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="N4 bias-field correction. [default: on for mr, off for ct]"),
     bias_field: Optional[str] = typer.Option(None, "--bias-field", help="robust (N4 fitted on normal tissue only, keeps large lesions) or n4 (N4 under the whole brain mask). [default: from --modality]"),
-    normalization: Optional[str] = typer.Option(None, help="tissue (normal-tissue median -> 0.5, 4 robust SDs -> 1), percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    normalization: Optional[str] = typer.Option(None, help="tissue (normal-tissue median -> 0.5, 4 robust SDs -> 1), percentile (5th -> 0, 95th -> 1; 1st/99th for 2D), zscore, ct-window, or for 2D DICOM dicom-window (the file's Window Center/Width). [default: from --modality]"),
+    image_size: Optional[str] = typer.Option(None, "--image-size", metavar="N|HxW", help="2D: pixels the images are resized to, e.g. 256 or 256x320. [default: 256]"),
+    resize: Optional[str] = typer.Option(None, "--resize", metavar="pad|crop|stretch", help="2D: pad (aspect kept, zero border outside the mask), crop (aspect kept, centre) or stretch. [default: pad]"),
+    fov_mask: Optional[str] = typer.Option(None, "--fov-mask", metavar="image|nonzero|otsu", help="2D field of view scored: the whole image, its nonzero pixels, or the bright Otsu region. [default: nonzero for xray, image for image]"),
     resolution_mm: Optional[float] = typer.Option(None, "--resolution-mm", metavar="MM", help="Blur finer scans to this effective resolution first (a cohort of mixed resolutions). [default: none]"),
     ct_level: Optional[float] = typer.Option(None, help="ct-window level in HU. [default: 40]"),
     ct_width: Optional[float] = typer.Option(None, help="ct-window width in HU. [default: 80]"),
@@ -289,6 +309,7 @@ def preprocess(
     config = PreprocessConfig.for_modality(modality, atlas=atlas, skull_strip=skull_strip, registration=registration,
                                            bias_correction=bias_correction, bias_correction_method=bias_field,
                                            normalization=normalization, ct_window=window, resolution_mm=resolution_mm,
+                                           image_size=_image_size(image_size), resize=resize, fov_mask=fov_mask,
                                            sequences=tuple(names) or None,
                                            reference=resolve_reference(names, reference) if names else None)
     if config.skull_strip == "hd-bet":
@@ -314,6 +335,15 @@ def preprocess(
         _print_preprocess_summary(rows, output)
     if outcome.failed:
         raise typer.Exit(1)
+
+
+def _image_size(text: Optional[str]) -> tuple[int, int] | None:
+    """--image-size N or HxW (2D images) -> (H, W)."""
+    if text is None:
+        return None
+    from uadct.preprocess.image2d import parse_image_size
+
+    return parse_image_size(text)
 
 
 MAX_SUBJECT_ROWS = 40  # larger batches get the counts, the warned and the failed subjects only
@@ -603,9 +633,9 @@ def _collect_score_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         if item == "-":
             paths += read_path_list()
-        elif Path(item).is_dir() and not PreparedFolder(item).exists() and not is_dicom_folder(item):
-            folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans or series in it
-            paths += find_prepared(folder) or list_niftis(folder) or _dicom_children(folder)
+        elif Path(item).is_dir() and not PreparedFolder(item).exists() and (not is_dicom_folder(item) or _dicom_images(Path(item))):
+            folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans, 2D images or series in it
+            paths += find_prepared(folder) or list_niftis(folder) or _images_2d(folder) or _dicom_children(folder)
         else:
             paths.append(Path(item))
     if not paths:

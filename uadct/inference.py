@@ -242,10 +242,11 @@ class Inferer:
                 config = harmonized_config(checkpoint.preprocess_config, checkpoint.metadata, self.harmonize)
             except (TypeError, ValueError, AttributeError) as exc:
                 raise CheckpointError(f"{self.checkpoint_path or 'checkpoint'}: its preprocessing settings are invalid ({exc})") from None
-            atlas = load_atlas(config.atlas)
-            if checkpoint.atlas_sha256 and checkpoint.atlas_sha256 != atlas.checksum:
+            atlas = None if config.is_2d else load_atlas(config.atlas)  # 2D images: resized, no atlas
+            if atlas is not None and checkpoint.atlas_sha256 and checkpoint.atlas_sha256 != atlas.checksum:
                 raise CheckpointError(f"the atlas {config.atlas!r} in the cache differs from the one the model was trained on (checksum)")
-            self.plan(atlas.brain.GetSize()[::-1])  # fail on a batch that cannot fit before minutes of preprocessing
+            # fail on a batch that cannot fit before minutes of preprocessing
+            self.plan((1, *config.image_size) if atlas is None else atlas.brain.GetSize()[::-1])
             try:
                 prepared = run_preprocessing(image, config, atlas)
             except UadctError as exc:
@@ -407,7 +408,7 @@ def score_many(
     called with each record as it is made.
     """
     output = Path(output)
-    many = inferer.mood or not str(output).endswith((".nii", ".nii.gz"))
+    many = inferer.mood or not str(output).lower().endswith((".nii", ".nii.gz", ".png", ".tif", ".tiff"))
     if not many and len(inputs) > 1:
         raise InputError(f"{output}: {len(inputs)} inputs need an output folder, not a single map file")
     inputs = [Path(path) for path in inputs]

@@ -107,6 +107,9 @@ def _first_line(exc: BaseException) -> str:
 def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
     """Read a 3D scalar volume as float32, validating what can go wrong.
 
+    A 2D image file (PNG/JPEG/TIFF, a DICOM image file) is read by
+    :func:`uadct.images2d.read_image_2d` as a volume of one slice ``(1, H, W)``.
+
     A 4D file with a single volume is accepted (the last axis is dropped). Raises
     :class:`InputError` naming the file for anything that is not a usable 3D scan:
     missing file, folder, broken link, unreadable, empty, not NIfTI, header that
@@ -123,6 +126,10 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
 
             if is_dicom_folder(path):  # a folder holding one DICOM series (uadct.dicom owns that format)
                 return _check_volume(path, read_series(path), allow_empty)
+        from uadct.images2d import is_image_2d_file, read_map_2d
+
+        if is_image_2d_file(path):  # PNG/JPEG/TIFF or one DICOM image: a volume of one slice (uadct.images2d owns them)
+            return _check_volume(path, read_map_2d(path), allow_empty)
         return _read_image(path, allow_empty)
 
 
@@ -138,7 +145,7 @@ def _read_image(path: Path, allow_empty: bool) -> sitk.Image:
         size = size[:3]
     elif dim != 3:
         raise InputError(f"{path}: expected a 3D volume, found {dim}D with size {tuple(size)}")
-    if any(s < 2 for s in size):
+    if any(s < 2 for s in size[:2]) or size[2] < 1:  # one slice: a 2D image's prepared image or map (uadct.images2d)
         raise InputError(f"{path}: expected a 3D volume, found size {tuple(size)}")
     if int(np.prod(size)) > MAX_VOXELS:
         raise InputError(f"{path}: dimensions {tuple(size)} are too large ({np.prod(size):.3g} voxels)")
@@ -468,6 +475,10 @@ def write_image(image: sitk.Image, path: str | Path) -> Path:
     """Write an image atomically (temporary file, then rename); a NIfTI's size is checked
     against its header first, since ITK does not raise on a full disk."""
     path = Path(path)
+    if path.suffix.lower() in (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".dcm"):
+        from uadct.images2d import write_image_2d
+
+        return write_image_2d(image, path)  # a 2D map or mask (uadct.images2d owns the format)
     verify = (lambda tmp: _verify_written_nifti(tmp, image, path)) if is_nifti(path) else None
     with atomic_path(path, verify) as tmp, _native_stderr_silenced():
         sitk.WriteImage(image, str(tmp), useCompression=str(path).endswith(".gz"))

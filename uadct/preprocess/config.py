@@ -12,11 +12,19 @@ from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
 LEGACY_BIAS_CORRECTION = "n4"  # what configs recorded without bias_correction_method ran
 BIAS_CORRECTIONS = ("robust", "n4")
 
+NO_ATLAS = "none"  # the atlas of 2D images: none (they are resized, not registered)
+
 # per-modality defaults of the fields that differ (see PreprocessConfig.for_modality)
 MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "mr": {"skull_strip": "deepbet", "bias_correction": True, "bias_correction_method": "robust", "normalization": "tissue"},
     "ct": {"skull_strip": "ct", "bias_correction": False, "normalization": "ct-window"},
+    # 2D images (uadct.preprocess.image2d): resized, normalised, no atlas, skull-strip, N4 or registration
+    "xray": {"atlas": NO_ATLAS, "skull_strip": "none", "registration": "none", "bias_correction": False,
+             "normalization": "percentile", "percentiles": (1.0, 99.0), "image_size": (256, 256), "fov_mask": "nonzero"},
+    "image": {"atlas": NO_ATLAS, "skull_strip": "none", "registration": "none", "bias_correction": False,
+              "normalization": "percentile", "percentiles": (1.0, 99.0), "image_size": (256, 256), "fov_mask": "image"},
 }
+IMAGE_MODALITIES = ("xray", "image")
 
 
 @dataclass
@@ -36,12 +44,25 @@ class PreprocessConfig:
     sequences: tuple[str, ...] = ()  # e.g. ("T1w", "FLAIR"); empty: one scan per subject
     reference: str = ""  # the sequence that is skull-stripped and registered (default: the first)
     resolution_mm: float | None = None  # blur finer scans to this effective resolution first (uadct.preprocess.resolution)
+    image_size: tuple[int, int] | None = None  # 2D images only: (H, W) pixels they are resized to; None for volumes
+    resize: str = "pad"  # 2D: pad (aspect kept, whole image, zero border), crop (aspect kept, centre) or stretch
+    fov_mask: str = "image"  # 2D: the scored area: image (all of it), nonzero (pixels != 0 as read) or otsu
+
+    @property
+    def is_2d(self) -> bool:
+        """True for 2D images (``--modality xray|image``): resized instead of registered to an atlas."""
+        return self.image_size is not None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["percentiles"] = list(self.percentiles)
         data["ct_window"] = list(self.ct_window)
         data["sequences"] = list(self.sequences)
+        if self.image_size is None:  # volumes: the sidecars and checkpoints of before 2D images, unchanged
+            for name in ("image_size", "resize", "fov_mask"):
+                data.pop(name)
+        else:
+            data["image_size"] = list(self.image_size)
         return data
 
     @classmethod
@@ -49,14 +70,15 @@ class PreprocessConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("bias_correction_method", LEGACY_BIAS_CORRECTION)  # recorded before the field existed
-        for name in ("percentiles", "ct_window", "sequences"):
+        for name in ("percentiles", "ct_window", "sequences", "image_size"):
             if name in values:
                 values[name] = tuple(values[name])
         return cls(**values)
 
     @classmethod
     def for_modality(cls, modality: str, **overrides: Any) -> "PreprocessConfig":
-        """Defaults for ``mr`` (deepbet, robust N4, tissue normalisation) or ``ct`` (HU thresholds, no N4, brain window).
+        """Defaults for ``mr`` (deepbet, robust N4, tissue normalisation), ``ct`` (HU thresholds, no N4, brain
+        window), or the 2D ``xray`` and ``image`` (resized to 256 x 256, 1st/99th percentile normalisation).
 
         ``overrides`` that are not None replace the modality's defaults.
         """
@@ -69,5 +91,11 @@ class PreprocessConfig:
                              f"choose one of {', '.join(BIAS_CORRECTIONS)}")
         if values.get("resolution_mm") is not None and not values["resolution_mm"] > 0:
             raise InputError(f"the target resolution must be positive, got {values['resolution_mm']:g} mm")
+        if modality in IMAGE_MODALITIES:
+            from uadct.preprocess.image2d import check_2d_config
+
+            check_2d_config(modality, values)
+        elif any(overrides.get(name) is not None for name in ("image_size", "resize", "fov_mask")):
+            raise InputError(f"--image-size, --resize and --fov-mask apply to 2D images (--modality xray or image), not {modality}")
         return cls(**values)
 
