@@ -89,6 +89,10 @@ def render_heatmap(
     written atomically. Raises :class:`InputError` naming the file for unreadable inputs,
     a grid mismatch (unless ``resample``) or a map that does not overlap the scan.
     """
+    from uadct.heatmap2d import is_single_slice, render_heatmap_2d
+
+    if is_single_slice(read_image(subject)):  # a 2D image: one overlay panel, the picture as stored
+        return render_heatmap_2d(subject, anomaly_map, out_png, label, threshold, title, unit, resample)
     figure = heatmap_montage(subject, anomaly_map, label, n_slices, threshold, title, unit, resample).figure
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
