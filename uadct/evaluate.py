@@ -80,6 +80,7 @@ from uadct.evaluation_report import fpr_key, write_report
 from uadct.io import grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix
 from uadct.metrics import (
     IMAGE_METRIC_FIELDS,
+    auprc,
     auroc,
     bootstrap_auroc,
     bootstrap_mean,
@@ -296,9 +297,11 @@ def evaluate_folder(
 
 # ----------------------------------------------------------------------------- reading
 def _niftis_by_subject(folder: Path) -> dict[str, Path]:
-    """Subject id -> NIfTI file in ``folder``; two files with the same id are an error."""
+    """Subject id -> NIfTI file in ``folder`` (else its 2D PNG/TIFF/DICOM files); two files with the same id are an error."""
+    from uadct.images2d import list_images_2d
+
     found: dict[str, Path] = {}
-    for path in list_niftis(folder):
+    for path in list_niftis(folder) or list_images_2d(folder):
         subject = strip_nifti_suffix(path)
         if subject in found:
             raise InputError(f"{path}: same subject id {subject!r} as {found[subject]}; keep one of the two")
@@ -575,13 +578,14 @@ def _pooled(
 def _image_level(
     scores: np.ndarray, abnormal: np.ndarray, validation: dict | None, options: EvaluationOptions
 ) -> dict[str, Any]:
-    """Image-level AUROC, the F1-optimal threshold here, and the classification at the applied threshold."""
+    """Image-level AUROC, AUPRC, the F1-optimal threshold here, and the classification at the applied threshold."""
     f1_threshold = f1_optimal_threshold(scores, abnormal)
     result: dict[str, Any] = {
         "unit": options.image_level,
         "n_abnormal": int(abnormal.sum()),
         "n_normal": int((~abnormal).sum()),
         "auroc": auroc(scores, abnormal),
+        "auprc": auprc(scores, abnormal),
         "f1_optimal_threshold": f1_threshold,
     }
     if validation is not None:
@@ -603,6 +607,10 @@ def _image_level(
     else:
         result.update(classification_metrics(scores, abnormal, applied))
     return result
+
+
+image_level_metrics = _image_level  # uadct.image_labels measures images against image labels the same way
+read_validation = _read_validation
 
 
 # ----------------------------------------------------------------------------- descriptions

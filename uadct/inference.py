@@ -46,6 +46,7 @@ from uadct.scoremap import ScoreSidecar, map_state, mood_score_path
 log = logging.getLogger(__name__)
 
 IMAGE_SCORE_TOP_K = 1000  # voxels (~1 ml at 1 mm) averaged for the image-level score
+IMAGE_SCORE_FRACTION_2D = 0.01  # 2D images (one slice): the top 1 % of the field of view's pixels
 
 
 @dataclass
@@ -125,9 +126,19 @@ def plan_scoring_batch(model: AnomalyModel, spec: PatchSpec, volume_shape: tuple
     return plan_batch(batch_size, per_patch, fixed, budget, "scoring")
 
 
-def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int = IMAGE_SCORE_TOP_K) -> float:
-    """Mean of the ``top_k`` highest map values inside the mask (float64; 0.0 for an empty mask)."""
-    return top_k_mean(anomaly_map[mask > 0], top_k)
+def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int | None = None) -> float:
+    """Mean of the ``top_k`` highest map values inside the mask (float64; 0.0 for an empty mask).
+
+    ``top_k`` defaults to :func:`image_score_top_k` of the mask.
+    """
+    return top_k_mean(anomaly_map[mask > 0], image_score_top_k(mask) if top_k is None else top_k)
+
+
+def image_score_top_k(mask: np.ndarray) -> int:
+    """Voxels averaged for the image score: 1000 in a volume; 1 % of the mask in a 2D image ``(1, H, W)``."""
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        return max(1, int(round(IMAGE_SCORE_FRACTION_2D * np.count_nonzero(mask))))
+    return IMAGE_SCORE_TOP_K
 
 
 class Inferer:
@@ -300,7 +311,9 @@ class Inferer:
             write_image(native_mask, brain_mask_path)
         sidecar = ScoreSidecar(
             subject=str(subject), input_sha256=input_sha, map=str(out_path), image_score=score,
-            image_score_definition=f"mean of the top {IMAGE_SCORE_TOP_K} map voxels inside the brain (atlas grid)",
+            image_score_definition=(f"mean of the top {IMAGE_SCORE_TOP_K} map voxels inside the brain (atlas grid)"
+                                    if mask_array.shape[0] > 1 else f"mean of the top {image_score_top_k(mask_array)} map "
+                                    f"pixels (1 %) inside the field of view (prepared grid)"),
             checkpoint=str(self.checkpoint_path) if self.checkpoint_path else None, model=checkpoint.model_name,
             stride=self.stride, output_kind=self.output_kind, gaussian_sigma=self.gaussian_sigma, mood_scaling=scaling,
             settings=self.settings, batch=plan, timings_s=timings, extra={**finished.record, "resolution": resolution},
