@@ -164,8 +164,10 @@ def _read_raster(path: Path) -> np.ndarray:
             array = np.asarray(picture)
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: not a readable PNG, JPEG or TIFF image ({_one_line(exc)})") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not a readable PNG, JPEG or TIFF image (Pillow cannot identify it)") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: the image is too large (over {MAX_PIXELS} pixels)") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
         raise InputError(f"{path}: the image data is truncated or corrupt ({_one_line(exc)})") from None
     if array.dtype == bool:
