@@ -42,6 +42,17 @@ def _on_grid(image: sitk.Image, reference: sitk.Image, path: Path, reference_pat
                          sitk.sitkUInt8 if label else sitk.sitkFloat32)
 
 
+def _map_unit(anomaly_map: Path) -> str:
+    """The colour-bar label from the map's score sidecar (as :func:`uadct.report.map_unit`)."""
+    from uadct.scoremap import GENERIC_UNIT, ScoreSidecar
+
+    try:
+        sidecar = ScoreSidecar.read(anomaly_map)
+    except InputError:
+        return GENERIC_UNIT
+    return sidecar.colour_bar_unit if sidecar is not None else GENERIC_UNIT
+
+
 def render_heatmap_2d(subject: str | Path, anomaly_map: str | Path, out_png: str | Path, label: str | Path | None = None,
                       threshold: float | None = None, title: str | None = None, unit: str | None = None,
                       resample: bool = False) -> Path:
@@ -51,8 +62,6 @@ def render_heatmap_2d(subject: str | Path, anomaly_map: str | Path, out_png: str
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.figure import Figure
-
-    from uadct.report import map_unit
 
     subject, anomaly_map = Path(subject), Path(anomaly_map)
     image = read_image(subject)
@@ -89,7 +98,7 @@ def render_heatmap_2d(subject: str | Path, anomaly_map: str | Path, out_png: str
     total_w = panel_w + COLORBAR_INCHES
     colorbar_axes = figure.add_axes(((panel_w + 0.2) / total_w, 0.1, 0.18 / total_w, 0.7))
     colorbar = figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=colorbar_axes)
-    caption = unit if unit is not None else map_unit(anomaly_map)
+    caption = unit if unit is not None else _map_unit(anomaly_map)
     if threshold is not None:
         caption += f"\nshown above {threshold:.3g}"
     colorbar.set_label(caption, color="white", fontsize=9)

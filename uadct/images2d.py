@@ -17,7 +17,7 @@ A 2D image becomes a volume of one slice, ``(1, H, W)`` float32 (SimpleITK size
   (:data:`WINDOW_KEY`) for ``--normalization dicom-window``.
 
 Notes (e.g. the grey conversion) travel as image metadata (:data:`NOTES_KEY`) and end up
-in the prepared subject's warnings. Maps are written as PNG (16-bit: ``round(65535 * value /
+in the prepared subject's warnings. Maps are written (:func:`encode_image_2d`) as PNG (16-bit: ``round(65535 * value /
 full_scale)`` with ``full_scale`` the map's maximum, stored in the PNG's ``uadct_full_scale``
 text chunk so that reading the PNG back restores the map's units to 1/65535 of the maximum)
 or TIFF (float32: the exact values; uint8 for masks).
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -261,17 +262,16 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
-def write_image_2d(image: sitk.Image, path: str | Path) -> Path:
-    """Write a one-slice image (a map or a mask) as PNG or TIFF, atomically.
+def encode_image_2d(image: sitk.Image, path: str | Path) -> tuple[Any, str, dict[str, Any]]:
+    """How a one-slice image (a map or a mask) is stored as PNG or TIFF: (Pillow image, format, save options).
 
     TIFF: float32 values as they are (uint8 masks as uint8). PNG: uint8 masks as they are;
     maps as 16-bit ``round(65535 * value / full_scale)`` (values below 0 become 0), with
     ``full_scale`` the map's maximum (1 when the map is <= 0), stored in the text chunk
-    ``uadct_full_scale``. JPEG (lossy) and DICOM are refused.
+    ``uadct_full_scale``. JPEG (lossy) and DICOM are refused. :func:`uadct.io.write_image`
+    writes it atomically.
     """
     from PIL import Image, PngImagePlugin
-
-    from uadct.io import atomic_path
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -280,7 +280,7 @@ def write_image_2d(image: sitk.Image, path: str | Path) -> Path:
     if image.GetDimension() != 3 or image.GetSize()[2] != 1:
         raise OutputError(f"{path}: a PNG/TIFF holds one 2D image; this one has size {image.GetSize()}; write NIfTI (.nii.gz)")
     array = sitk.GetArrayFromImage(image)[0]
-    info = None
+    options: dict[str, Any] = {}
     if array.dtype == np.uint8:
         picture = Image.fromarray(array)
     elif suffix == ".png":
@@ -289,15 +289,14 @@ def write_image_2d(image: sitk.Image, path: str | Path) -> Path:
         picture = Image.fromarray(scaled)
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_SCALE_KEY, repr(full_scale))
+        options["pnginfo"] = info
     else:
         picture = Image.fromarray(array.astype(np.float32))
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG" if suffix == ".png" else "TIFF", **({"pnginfo": info} if info is not None else {}))
-    return path
+    return picture, "PNG" if suffix == ".png" else "TIFF", options
 
 
 def png_full_scale(path: str | Path) -> float | None:
-    """The ``uadct_full_scale`` of a PNG map written by :func:`write_image_2d` (None for other PNGs)."""
+    """The ``uadct_full_scale`` of a PNG map written by :func:`uadct.io.write_image` (None for other PNGs)."""
     from PIL import Image
 
     try:
@@ -320,5 +319,5 @@ def read_map_2d(path: str | Path) -> sitk.Image:
     return image
 
 
-__all__ = ["IMAGE_2D_SUFFIXES", "read_image_2d", "read_map_2d", "write_image_2d", "list_images_2d", "is_image_2d_file",
+__all__ = ["IMAGE_2D_SUFFIXES", "read_image_2d", "read_map_2d", "encode_image_2d", "list_images_2d", "is_image_2d_file",
            "is_dicom_image_folder", "image_notes", "dicom_window"]

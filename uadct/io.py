@@ -476,9 +476,12 @@ def write_image(image: sitk.Image, path: str | Path) -> Path:
     against its header first, since ITK does not raise on a full disk."""
     path = Path(path)
     if path.suffix.lower() in (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".dcm"):
-        from uadct.images2d import write_image_2d
+        from uadct.images2d import encode_image_2d
 
-        return write_image_2d(image, path)  # a 2D map or mask (uadct.images2d owns the format)
+        picture, image_format, options = encode_image_2d(image, path)  # a 2D map or mask (uadct.images2d owns the format)
+        with atomic_path(path) as tmp:
+            picture.save(tmp, format=image_format, **options)
+        return path
     verify = (lambda tmp: _verify_written_nifti(tmp, image, path)) if is_nifti(path) else None
     with atomic_path(path, verify) as tmp, _native_stderr_silenced():
         sitk.WriteImage(image, str(tmp), useCompression=str(path).endswith(".gz"))

@@ -92,10 +92,49 @@ class PreprocessConfig:
         if values.get("resolution_mm") is not None and not values["resolution_mm"] > 0:
             raise InputError(f"the target resolution must be positive, got {values['resolution_mm']:g} mm")
         if modality in IMAGE_MODALITIES:
-            from uadct.preprocess.image2d import check_2d_config
-
             check_2d_config(modality, values)
         elif any(overrides.get(name) is not None for name in ("image_size", "resize", "fov_mask")):
             raise InputError(f"--image-size, --resize and --fov-mask apply to 2D images (--modality xray or image), not {modality}")
         return cls(**values)
 
+
+RESIZE_MODES = ("pad", "crop", "stretch")
+FOV_MASKS = ("image", "nonzero", "otsu")
+NORMALIZATIONS_2D = ("percentile", "zscore", "ct-window", "dicom-window")
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096  # pixels per side of the prepared grid
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``--image-size``: ``"256"`` -> (256, 256); ``"256x320"`` (H x W) -> (256, 320)."""
+    parts = text.lower().replace(" ", "").split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--image-size {text!r}: expected N or HxW pixels, e.g. 256 or 256x320") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE for v in values):
+        raise InputError(f"--image-size {text!r}: expected N or HxW with {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels per side")
+    return values[0], values[1]
+
+
+def check_2d_config(modality: str, values: dict[str, Any]) -> None:
+    """Refuse settings that do not apply to 2D images (``values``: the config fields, modality defaults applied)."""
+    for name, allowed, option in (("atlas", "none", "--atlas"), ("skull_strip", "none", "--skull-strip"),
+                                  ("registration", "none", "--registration")):
+        if values.get(name, allowed) != allowed:
+            raise InputError(f"--modality {modality}: 2D images are resized, not skull-stripped or registered; "
+                             f"leave out {option} (got {values[name]!r})")
+    if values.get("bias_correction"):
+        raise InputError(f"--modality {modality}: no bias-field correction for 2D images; leave out --bias-correction")
+    if values.get("resolution_mm") is not None:
+        raise InputError(f"--modality {modality}: --resolution-mm applies to volumes; 2D images are resized with --image-size")
+    if values.get("sequences"):
+        raise InputError(f"--modality {modality}: one image per subject; leave out --sequences")
+    if values.get("normalization") not in NORMALIZATIONS_2D:
+        raise InputError(f"--modality {modality}: normalisation {values.get('normalization')!r} does not apply to 2D "
+                         f"images; choose one of {', '.join(NORMALIZATIONS_2D)}")
+    if values.get("resize", "pad") not in RESIZE_MODES:
+        raise InputError(f"--resize {values['resize']!r}: choose one of {', '.join(RESIZE_MODES)}")
+    if values.get("fov_mask", "image") not in FOV_MASKS:
+        raise InputError(f"--fov-mask {values['fov_mask']!r}: choose one of {', '.join(FOV_MASKS)}")
