@@ -67,6 +67,9 @@ def run_preprocessing(
         from uadct.preprocess.image2d import prepare_image_2d
 
         return prepare_image_2d(image, config)
+    if min(image.GetSize()) < 2:  # a 2D image read as one slice (uadct.images2d)
+        raise InputError(f"expected a 3D volume, found one slice of size {image.GetSize()}; "
+                         "2D images need --modality xray or image")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     warnings: list[str] = []
