@@ -7,15 +7,18 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.table import Table
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from uadct import __version__, cli
+from uadct import __version__
 from uadct.cli import app
+from uadct.commands import _console, preprocess
 
 
 def _commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
@@ -76,7 +79,7 @@ def test_help_in_a_log_and_version():
 
 def _log(monkeypatch) -> io.StringIO:
     buffer = io.StringIO()
-    monkeypatch.setattr(cli, "out", Console(file=buffer, width=80, force_terminal=False))
+    monkeypatch.setattr(_console, "out", Console(file=buffer, width=80, force_terminal=False))
     return buffer
 
 
@@ -88,7 +91,7 @@ def test_subject_ids_never_cut_in_an_80_column_log(monkeypatch, id_length):
     rows = [{"subject": name, "input": f"/data/{name}.nii.gz", "status": "failed" if i == 1 else "done", "seconds": 12.3,
              "mask_dice": 0.91, "ncc": 0.8, "error": f"/data/{name}.nii.gz: broken gzip stream" if i == 1 else None,
              "warnings": ["registration Dice 0.75 below 0.8"] if i == 2 else []} for i, name in enumerate(ids)]
-    cli._print_preprocess_summary(rows, cli.Path("prep"))
+    preprocess.print_preprocess_summary(rows, Path("prep"))
     text = buffer.getvalue()
     assert "…" not in text
     for i, name in enumerate(ids):
@@ -102,11 +105,11 @@ def test_subject_ids_never_cut_in_an_80_column_log(monkeypatch, id_length):
 def test_wide_tables_shrink_without_cutting(monkeypatch, subject):
     """An evaluate-like table of 9 columns: borderless when that fits, else one line per row; nothing cut."""
     buffer = _log(monkeypatch)
-    table = cli.Table(cli._id_column(), "AUROC", "AUPRC", "best Dice", "Dice@FPR 0.01", "Dice@FPR 0.05", "lesions found",
+    table = Table(_console.id_column(), "AUROC", "AUPRC", "best Dice", "Dice@FPR 0.01", "Dice@FPR 0.05", "lesions found",
                       "FP clusters", "image score", title="evaluation")
     for name in (subject, "pooled"):
         table.add_row(name, "0.967", "0.674", "0.671", "0.500", "0.400", "12/12", "3.250", "0.123")
-    cli._print_table(table)
+    _console.print_table(table)
     text = buffer.getvalue()
     assert "…" not in text
     line = next(line for line in text.splitlines() if subject in line)

@@ -21,7 +21,7 @@ LAYERS = {
         "uadct.postprocess", "uadct.pretrained"),
     2: ("uadct.training", "uadct.inference", "uadct.training_volumes", "uadct.calibrate_maps"),
     3: ("uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
-    4: ("uadct.cli", "uadct.__main__"),
+    4: ("uadct.commands", "uadct.cli", "uadct.__main__"),
 }
 
 
@@ -107,3 +107,33 @@ def test_modules_stay_small_unless_their_docstring_says_why():
         if lines > 520 and "Size:" not in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""):
             too_long.append(f"{name} ({lines} lines)")
     assert too_long == []
+
+
+def test_rich_is_drawn_by_the_command_layer_only():
+    """The library reports through callbacks and return values; only uadct.cli and uadct.commands import rich."""
+    drawing = []
+    for name, path in _modules().items():
+        if _layer(name) == 4:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(item == "rich" or item.startswith("rich.") for item in names):
+                drawing.append(name)
+    assert drawing == []
+
+
+def test_cli_only_builds_the_app():
+    """uadct/cli.py holds no command of its own: every command is defined in a module of uadct.commands."""
+    from typer.main import get_command
+
+    from uadct.cli import app
+
+    def commands(group):
+        for command in group.commands.values():
+            yield command
+            if hasattr(command, "commands"):
+                yield from commands(command)
+
+    homes = {command.name: command.callback.__module__ for command in commands(get_command(app)) if command.callback}
+    assert homes and all(home.startswith("uadct.commands.") for home in homes.values()), homes

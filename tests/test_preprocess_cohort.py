@@ -164,10 +164,10 @@ def test_bids_in_bids_derivative_out(small_atlas_path, tmp_path):
     assert prepared.subject == "sub-01_ses-1" and same_grid(prepared.image, read_image(anat / prepared.sidecar["files"]["mask"]))
     assert list(deriv.glob("**/.*tmp")) == []
     # `uadct score model.pt deriv/ -o maps/` finds the BIDS subjects and names maps after them
-    from uadct.cli import _collect_score_inputs
+    from uadct.commands._inputs import collect_score_inputs
     from uadct.inference import subject_name as _subject_name
 
-    assert _collect_score_inputs([str(deriv)]) == [anat] and _subject_name(anat) == "sub-01_ses-1"
+    assert collect_score_inputs([str(deriv)]) == [anat] and _subject_name(anat) == "sub-01_ses-1"
 
 
 def test_bids_participant_that_does_not_exist_is_an_input_error(small_atlas_path, tmp_path):
