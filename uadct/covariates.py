@@ -209,3 +209,28 @@ def covariate_model_option(model: str, scorer: str, encoding: CovariateEncoding)
     if scorer == "forest" and not model_class(model).supports_covariates:
         return {}
     return {"covariates": encoding.size}
+
+
+def scoring_source(metadata: dict[str, Any], table: str | Path | None = None, age: float | None = None,
+                   sex: str | None = None) -> CovariateSource | None:
+    """The covariates `uadct score` gives a checkpoint: from ``table`` or from ``age``/``sex``;
+    one-line errors when a conditioned model gets none, or an unconditioned one gets some."""
+    encoding = encoding_of(metadata)
+    given = table is not None or age is not None or sex is not None
+    if encoding is None:
+        if given:
+            raise InputError("the model was not trained with covariates; leave out --covariates, --age and --sex")
+        return None
+    if table is not None and (age is not None or sex is not None):
+        raise InputError("give either --covariates or --age/--sex, not both")
+    if table is not None:
+        return CovariateSource(encoding, CovariateTable.read(table))
+    if not given:
+        raise InputError(f"the model is conditioned on subject covariates ({', '.join(encoding.columns)}); "
+                         "give --covariates participants.tsv or --age/--sex")
+    values = {k: str(v) for k, v in (("age", age), ("sex", sex)) if v is not None}
+    missing = [c for c in encoding.columns if c not in values]
+    if missing:
+        raise InputError(f"the model is conditioned on {', '.join(encoding.columns)}; --age/--sex cannot give "
+                         f"{', '.join(missing)}: use --covariates with a table")
+    return CovariateSource(encoding, values=values)
