@@ -112,3 +112,27 @@ def test_training_subject_without_a_row_is_a_one_line_error(atlas_grid_subjects,
     with pytest.raises(UadctError, match=r"participants.tsv: no row for subject 'sub-05'") as excinfo:
         train_model(prep, tmp_path / "m.pt", config)
     assert "\n" not in str(excinfo.value)
+
+
+def test_cli_trains_a_forest_with_covariates_and_scores_with_them(atlas_grid_subjects, tmp_path):
+    from typer.testing import CliRunner
+
+    from uadct.cli import app
+
+    _, prep = atlas_grid_subjects(tmp_path, ["sub-00", "sub-01", "sub-02"])
+    tsv = _tsv(tmp_path)
+    runner = CliRunner()
+    trained = runner.invoke(app, [
+        "train", str(prep), "-o", str(tmp_path / "m.pt"), "--model", "cae", "--epochs", "1", "--batch-size", "16",
+        "--patches-per-epoch", "16", "--validation-patches", "16", "--device", "cpu", "-O", "base_channels=4", "-O", "latent_dim=4",
+        "--covariates", str(tsv), "--covariate-columns", "age", "--scorer", "forest", "--forest-trees", "4", "--forest-patches", "32",
+    ])
+    assert trained.exit_code == 0, trained.output
+    checkpoint = load_checkpoint(tmp_path / "m.pt")
+    assert checkpoint.metadata["covariates"]["names"] == ["age"] and checkpoint.metadata["forest"]["features"] == 4 + 1
+    scored = runner.invoke(app, ["score", str(tmp_path / "m.pt"), str(prep / "sub-00"), "-o", str(tmp_path / "a.nii.gz"),
+                                 "--stride", "8", "--device", "cpu", "--age", "44"])
+    assert scored.exit_code == 0, scored.output
+    refused = runner.invoke(app, ["score", str(tmp_path / "m.pt"), str(prep / "sub-00"), "-o", str(tmp_path / "b.nii.gz"),
+                                  "--device", "cpu"])
+    assert refused.exit_code != 0 and "conditioned on subject covariates (age)" in str(refused.exception)
