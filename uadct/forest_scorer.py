@@ -172,7 +172,7 @@ def fit_forest_scorer(model: nn.Module, train: tuple[np.ndarray, ...], validatio
     Returns the wrapped model, the checkpoint extra state and the metadata record
     (ensemble, trees, feature count and names, patch counts, validation AUROC).
     """
-    from sklearn.metrics import roc_auc_score
+    from uadct.metrics import auroc as area_under_roc
 
     require_encoder(model)
     if settings.model not in FOREST_MODELS:
@@ -185,7 +185,7 @@ def fit_forest_scorer(model: nn.Module, train: tuple[np.ndarray, ...], validatio
     scored = ForestScoredModel(model, ensemble, covariate_count)
     val_features, val_labels = labelled_features(model, validation[0], validation[1], validation[3] if len(validation) > 3 else None,
                                                  device, settings.seed + 1)
-    auroc = float(roc_auc_score(val_labels, ensemble.probability(val_features))) if len(val_labels) else None
+    auroc = float(area_under_roc(ensemble.probability(val_features), val_labels.astype(bool))) if len(val_labels) else None
     log.info("forest scorer: %s of %d trees on %d features; validation AUROC (healthy vs synthetic) %s",
              settings.model, ensemble.trees, features.shape[1], auroc)
     extra = {EXTRA_KEY: {**ensemble.to_state(), "covariates": covariate_count}}
