@@ -114,25 +114,38 @@ def test_training_subject_without_a_row_is_a_one_line_error(atlas_grid_subjects,
     assert "\n" not in str(excinfo.value)
 
 
-def test_cli_trains_a_forest_with_covariates_and_scores_with_them(atlas_grid_subjects, tmp_path):
+
+def test_cli_trains_a_forest_on_features_and_covariates_and_scores_with_them(atlas_grid_subjects, tmp_path):
+    """The SSAE cannot take covariates, so only the forest does: features = its band codes + age."""
     from typer.testing import CliRunner
 
     from uadct.cli import app
 
     _, prep = atlas_grid_subjects(tmp_path, ["sub-00", "sub-01", "sub-02"])
-    tsv = _tsv(tmp_path)
     runner = CliRunner()
     trained = runner.invoke(app, [
-        "train", str(prep), "-o", str(tmp_path / "m.pt"), "--model", "cae", "--epochs", "1", "--batch-size", "16",
-        "--patches-per-epoch", "16", "--validation-patches", "16", "--device", "cpu", "-O", "base_channels=4", "-O", "latent_dim=4",
-        "--covariates", str(tsv), "--covariate-columns", "age", "--scorer", "forest", "--forest-trees", "4", "--forest-patches", "32",
+        "train", str(prep), "-o", str(tmp_path / "m.pt"), "--model", "ssae", "--epochs", "1", "--batch-size", "16",
+        "--patches-per-epoch", "16", "--validation-patches", "16", "--device", "cpu",
+        "-O", "base_channels=4", "-O", "latent_dim=4", "-O", "bands=2", "--covariates", str(_tsv(tmp_path)),
+        "--covariate-columns", "age", "--scorer", "forest", "--forest-model", "gradient-boosting", "--forest-trees", "4",
+        "--forest-patches", "32",
     ])
     assert trained.exit_code == 0, trained.output
     checkpoint = load_checkpoint(tmp_path / "m.pt")
-    assert checkpoint.metadata["covariates"]["names"] == ["age"] and checkpoint.metadata["forest"]["features"] == 4 + 1
+    model = checkpoint.model
+    assert checkpoint.metadata["model_config"]["covariates"] == 0 and model.forest_covariates == 1  # only the forest takes age
+    assert checkpoint.metadata["forest"]["features"] == 2 * 4 + 1 and checkpoint.metadata["forest"]["covariate_features"] == ["age"]
+    x = torch.rand(3, 1, 16, 16)
+    with torch.no_grad():
+        with pytest.raises(UadctError, match="covariates"):
+            model.score_patches(x)
+        scores = model.score_patches(x, covariates=torch.full((3, 1), 0.5))
+        features = np.concatenate([model.scored_model.encode_features(x).numpy(), np.full((3, 1), 0.5, np.float32)], axis=1)
+    np.testing.assert_array_equal(scores["scalar"].numpy(), model.ensemble.probability(features).astype(np.float32))
     scored = runner.invoke(app, ["score", str(tmp_path / "m.pt"), str(prep / "sub-00"), "-o", str(tmp_path / "a.nii.gz"),
                                  "--stride", "8", "--device", "cpu", "--age", "44"])
     assert scored.exit_code == 0, scored.output
+    assert np.isfinite(sitk.GetArrayFromImage(read_image(tmp_path / "a.nii.gz"))).all()
     refused = runner.invoke(app, ["score", str(tmp_path / "m.pt"), str(prep / "sub-00"), "-o", str(tmp_path / "b.nii.gz"),
                                   "--device", "cpu"])
     assert refused.exit_code != 0 and "conditioned on subject covariates (age)" in str(refused.exception)

@@ -86,31 +86,3 @@ def test_forest_scorer_needs_an_encoder(atlas_grid_subjects, tmp_path):
         train_model(prep, tmp_path / "m.pt", config)
     assert "\n" not in str(excinfo.value)
 
-
-def test_forest_features_take_the_covariates_when_the_network_cannot(atlas_grid_subjects, tmp_path):
-    from uadct.covariates import CovariateSource, CovariateTable, encoding_of
-
-    _, prep = atlas_grid_subjects(tmp_path, ["sub-00", "sub-01", "sub-02"])
-    tsv = tmp_path / "participants.tsv"
-    tsv.write_text("participant_id\tage\tsex\nsub-00\t30\tF\nsub-01\t50\tM\nsub-02\t70\tM\n", encoding="utf-8")
-    config = TrainConfig(model="ssae", patch_size=16, batch_size=16, patches_per_epoch=32, validation_patches=32,
-                         statistics_patches=16, max_epochs=1, device="cpu", calibration_subjects=0, scorer="forest",
-                         forest_model="gradient-boosting", forest_trees=5, forest_patches=64, covariates=str(tsv),
-                         model_options={"base_channels": 4, "latent_dim": 4, "bands": 2})
-    train_model(prep, tmp_path / "m.pt", config)
-    checkpoint = load_checkpoint(tmp_path / "m.pt")
-    model = checkpoint.model
-    assert checkpoint.metadata["model_config"]["covariates"] == 0  # the SSAE is not conditioned ...
-    assert model.forest_covariates == 3 and model.uses_covariates  # ... the forest takes age, sex=F, sex=M
-    assert checkpoint.metadata["forest"]["features"] == 2 * 4 + 3
-    assert checkpoint.metadata["forest"]["covariate_features"] == ["age", "sex=F", "sex=M"]
-    x = torch.rand(3, 1, 16, 16)
-    with torch.no_grad():
-        with pytest.raises(UadctError, match="covariates"):
-            model.score_patches(x)
-        scores = model.score_patches(x, covariates=torch.zeros(3, 3))
-    features = np.concatenate([model.scored_model.encode_features(x).detach().numpy(), np.zeros((3, 3), np.float32)], axis=1)
-    np.testing.assert_array_equal(scores["scalar"].numpy(), model.ensemble.probability(features).astype(np.float32))
-    source = CovariateSource(encoding_of(checkpoint.metadata), CovariateTable.read(tsv))
-    scored = score_scan(checkpoint, prep / "sub-01", tmp_path / "map.nii.gz", stride=8, device="cpu", covariates=source)
-    assert np.isfinite(sitk.GetArrayFromImage(read_image(scored.map_path))).all()
