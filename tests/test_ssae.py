@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from uadct.checkpoint import load_checkpoint, save_checkpoint
 from uadct.errors import UadctError
 from uadct.models import build_model
-from uadct.models.ssae import band_masks, collapse, laplacian_pyramid
+from uadct.models.ssae import _up, band_masks, collapse, laplacian_pyramid
 
 SMALL = {"patch_size": 16, "base_channels": 4, "latent_dim": 6, "bands": 3}
 
@@ -22,6 +22,12 @@ def test_pyramid_bands_sum_back_to_the_input(shape):
     size = shape[-1]
     assert [b.shape[-1] for b in bands] == [size, size // 2, size // 4]
     torch.testing.assert_close(collapse(bands), x, rtol=0, atol=1e-12)
+    full = []  # each band brought to full resolution (upsampling is linear): they simply add up to the input
+    for k, band in enumerate(bands):
+        for _ in range(k):
+            band = _up(band)
+        full.append(band)
+    torch.testing.assert_close(sum(full), x, rtol=0, atol=1e-12)
     # the coarsest band is the 4x-averaged image; a detail band of a constant image is zero
     pool = F.avg_pool2d if x.dim() == 4 else F.avg_pool3d
     torch.testing.assert_close(bands[-1], pool(x, 4))
