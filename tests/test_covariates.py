@@ -106,13 +106,18 @@ def test_train_with_covariates_then_score_with_a_table_or_given_values(atlas_gri
     assert "\n" not in str(excinfo.value)
 
 
-def test_training_subject_without_a_row_is_a_one_line_error(atlas_grid_subjects, tmp_path):
-    _, prep = atlas_grid_subjects(tmp_path, ["sub-00", "sub-01", "sub-05"])
-    config = TrainConfig(model="cae", patch_size=16, device="cpu", covariates=str(_tsv(tmp_path)))
-    with pytest.raises(UadctError, match=r"participants.tsv: no row for subject 'sub-05'") as excinfo:
-        train_model(prep, tmp_path / "m.pt", config)
-    assert "\n" not in str(excinfo.value)
+def test_training_subject_without_a_row_is_a_one_line_error(tmp_path):
+    """What train_model runs on its loaded volumes before building the model."""
+    from types import SimpleNamespace
 
+    from uadct.covariates import attach_training_covariates
+
+    volumes = [SimpleNamespace(subject=name, covariates=None) for name in ("sub-00", "sub-01_ses-1", "sub-05")]
+    with pytest.raises(UadctError, match=r"participants.tsv: no row for subject 'sub-05'") as excinfo:
+        attach_training_covariates(_tsv(tmp_path), (), volumes[:2], volumes[2:])
+    assert "\n" not in str(excinfo.value)
+    encoding = attach_training_covariates(_tsv(tmp_path), ("age",), volumes[:2], [])
+    assert encoding.names == ["age"] and [float(v.covariates[0]) for v in volumes[:2]] == [-1.0, 1.0]
 
 
 def test_cli_trains_a_forest_on_features_and_covariates_and_scores_with_them(atlas_grid_subjects, tmp_path):

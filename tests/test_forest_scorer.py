@@ -79,10 +79,11 @@ def test_train_with_forest_scorer_then_score(atlas_grid_subjects, tmp_path):
     assert np.isfinite(values).all() and 0 <= values.min() and values.max() <= 1 and values.max() > 0
 
 
-def test_forest_scorer_needs_an_encoder(atlas_grid_subjects, tmp_path):
-    _, prep = atlas_grid_subjects(tmp_path, ["sub-00", "sub-01"])
-    config = TrainConfig(model="threshold", patch_size=16, validation_patches=16, device="cpu", scorer="forest")
-    with pytest.raises(UadctError, match="needs a model with an encoder.*cae") as excinfo:
-        train_model(prep, tmp_path / "m.pt", config)
-    assert "\n" not in str(excinfo.value)
+def test_forest_scorer_needs_an_encoder():
+    from uadct.forest_scorer import require_encoder
+    from uadct.models import build_model
 
+    require_encoder(build_model("vae", {"patch_size": 16}))
+    with pytest.raises(UadctError, match="needs a model with an encoder.*alphagan, bigan, cae, dae") as excinfo:
+        require_encoder(build_model("threshold", {"patch_size": 16}))
+    assert "\n" not in str(excinfo.value)
