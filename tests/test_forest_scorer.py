@@ -87,3 +87,20 @@ def test_forest_scorer_needs_an_encoder():
     with pytest.raises(UadctError, match="needs a model with an encoder.*alphagan, bigan, cae, dae") as excinfo:
         require_encoder(build_model("threshold", {"patch_size": 16}))
     assert "\n" not in str(excinfo.value)
+
+
+def test_every_model_with_an_encoder_gives_one_feature_vector_per_patch():
+    from uadct.forest_scorer import has_encoder
+    from uadct.models import MODEL_REGISTRY, build_model
+
+    names = sorted(n for n, cls in MODEL_REGISTRY.items() if has_encoder(cls))
+    assert {"cae", "vae", "dae", "ganomaly", "progressive-ganomaly", "fanogan", "bigan", "alphagan", "ssae"} <= set(names)
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 16, 16)
+    for name in names:
+        small = {"base_channels": 4} if "base_channels" in MODEL_REGISTRY[name].Config.__dataclass_fields__ else {}
+        model = build_model(name, {"patch_size": 16, **small}).eval()
+        with torch.no_grad():
+            features = model.encode_features(x)
+        assert features.ndim == 2 and features.shape[0] == 3 and torch.isfinite(features).all(), name
+        assert not torch.allclose(features[0], features[1]), name
