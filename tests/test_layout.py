@@ -18,7 +18,7 @@ LAYERS = {
         "uadct.memory", "uadct.patches", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
     1: ("uadct.models", "uadct.preprocess", "uadct.augment", "uadct.checkpoint", "uadct.synthetic", "uadct.demo",
         "uadct.metrics", "uadct.lesions", "uadct.default_outputs", "uadct.datasets",
-        "uadct.postprocess", "uadct.pretrained"),
+        "uadct.postprocess", "uadct.pretrained", "uadct.forest", "uadct.forest_scorer", "uadct.covariates"),
     2: ("uadct.training", "uadct.inference", "uadct.training_volumes", "uadct.calibrate_maps"),
     3: ("uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export", "uadct.heatmap2d",
         "uadct.image_labels"),

@@ -71,17 +71,25 @@ class ScoreOutcome:
 def patch_predictor(
     model: torch.nn.Module, device: torch.device, output: str | None = None,
     volume_shape: tuple[int, int, int] | None = None, spec: PatchSpec | None = None,
+    covariates: np.ndarray | None = None,
 ) -> Callable[..., np.ndarray]:
     """Wrap a model's ``score_patches`` as a numpy ``(B, *patch) -> (B, *patch) or (B,)`` function.
 
     ``output`` is ``"voxel"`` or ``"scalar"``; default the model's first declared output.
     For a position-conditioned model (``model.uses_positions``) the function also takes
     the patches' starts ``(B, 3)`` and passes their centres
-    (:func:`uadct.patches.patch_centres` on ``volume_shape``) to the model.
+    (:func:`uadct.patches.patch_centres` on ``volume_shape``) to the model. A model conditioned
+    on subject covariates (``model.uses_covariates``) gets ``covariates`` ``(K,)`` for every patch.
     """
     key = resolve_output_kind(model, output)
     # any module with score_patches works here (MONAI-style); uadct models define uses_positions
     conditioned = bool(getattr(model, "uses_positions", False))
+    subject: torch.Tensor | None = None
+    if getattr(model, "uses_covariates", False):
+        if covariates is None:
+            raise UadctError(f"model {getattr(model, 'name', '?')!r} is conditioned on subject covariates; "
+                             "give them (--covariates participants.tsv, or --age/--sex)")
+        subject = torch.as_tensor(np.asarray(covariates, np.float32)).reshape(1, -1).to(device)
 
     @torch.inference_mode()
     def predict(patches: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
@@ -91,6 +99,8 @@ def patch_predictor(
             if starts is None or volume_shape is None or spec is None:
                 raise UadctError(f"model {getattr(model, 'name', '?')!r} is conditioned on patch positions; give the patch starts and volume shape")
             extra["positions"] = torch.from_numpy(patch_centres(starts, spec, volume_shape)).to(device)
+        if subject is not None:
+            extra["covariates"] = subject.expand(len(batch), -1)
         return model.score_patches(batch, **extra)[key].float().cpu().numpy()
 
     return predict
@@ -108,8 +118,12 @@ SCORING_BYTES_PER_PATCH_VOXEL = 32
 def scoring_bytes_per_patch(model: AnomalyModel, spec: PatchSpec, device: torch.device) -> int:
     """Bytes one patch costs while scoring: the model's activations (measured) and the overlap-add's arrays."""
     score = None
-    if model.uses_positions:  # the probe batch sits at the volume centre
-        score = lambda batch: model.score_patches(batch, positions=batch.new_zeros(len(batch), 3))  # noqa: E731
+    if model.uses_positions or getattr(model, "uses_covariates", False):  # the probe batch sits at the volume centre
+        def score(batch: torch.Tensor) -> Any:
+            extra = {"positions": batch.new_zeros(len(batch), 3)} if model.uses_positions else {}
+            if getattr(model, "uses_covariates", False):
+                extra["covariates"] = batch.new_zeros(len(batch), model.covariate_features)
+            return model.score_patches(batch, **extra)
     return inference_bytes_per_patch(model, spec.tensor_shape, device, score) + SCORING_BYTES_PER_PATCH_VOXEL * int(np.prod(spec.shape))
 
 
@@ -157,7 +171,7 @@ class Inferer:
     def __init__(self, checkpoint: Checkpoint | str | Path, stride: int = 4, batch_size: int | None = None,
                  device: str = "auto", gaussian_sigma: float | None = None, output_kind: str | None = None,
                  mood: bool = False, max_memory: int | None = None, harmonize: bool = True,
-                 map_options: MapOptions | None = None) -> None:
+                 map_options: MapOptions | None = None, covariates: Any = None) -> None:
         map_options = map_options or MapOptions()
         if mood and (map_options.units != "raw" or map_options.fpr is not None):
             raise UadctError("--mood maps are scaled to [0, 1] by the MOOD rule; leave out --units and --fpr")
@@ -182,6 +196,10 @@ class Inferer:
         self.model = self.checkpoint.model.to(self.device).eval()
         self.output_kind = resolve_output_kind(self.model, output_kind)
         self._per_patch: int | None = None  # memory probe, measured on first use
+        # subject covariates (a uadct.covariates.CovariateSource) for models conditioned on them;
+        # score_scan looks each subject up, __call__ uses the current one
+        self.covariates = covariates
+        self.subject_covariates: np.ndarray | None = None
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -205,7 +223,8 @@ class Inferer:
             if plan_out is not None:  # voxel-wise models (normative) map the whole volume at once
                 plan_out.update({"whole_volume": True})
             return self.model.score_volume(image, mask)
-        predictor = patch_predictor(self.model, self.device, self.output_kind, volume_shape=image.shape, spec=self.spec)
+        predictor = patch_predictor(self.model, self.device, self.output_kind, volume_shape=image.shape, spec=self.spec,
+                                    covariates=self.subject_covariates)
         plan = self.plan(image.shape)
         log.info("scoring %s", plan.describe())
         stats: dict[str, Any] = {}
@@ -237,6 +256,11 @@ class Inferer:
         if lesion_mask_path is not None and map_options.fpr is None:
             raise UadctError(f"{lesion_mask_path}: a lesion mask needs a false-positive rate (--fpr)")
         checkpoint, subject, out_path = self.checkpoint, Path(subject), Path(out_path)
+        if getattr(self.model, "uses_covariates", False):  # before minutes of preprocessing: a subject without a row fails now
+            if self.covariates is None:
+                raise UadctError(f"{self.checkpoint_path or 'model'}: conditioned on subject covariates; give --covariates "
+                                 "participants.tsv or --age/--sex")
+            self.subject_covariates = self.covariates.vector(subject_name(subject))
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         if subject.is_dir() and not is_dicom_folder(subject):  # a DICOM series folder is a raw scan
@@ -378,10 +402,11 @@ def score_scan(checkpoint: Checkpoint | str | Path, subject: str | Path, out_pat
                brain_mask_path: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
                gaussian_sigma: float | None = None, output_kind: str | None = None, mood: bool = False,
                max_memory: int | None = None, harmonize: bool = True, map_options: MapOptions | None = None,
-               lesion_mask_path: str | Path | None = None) -> ScoreResult:
-    """Score one raw scan or prepared subject folder (:meth:`Inferer.score_scan`)."""
+               lesion_mask_path: str | Path | None = None, covariates: Any = None) -> ScoreResult:
+    """Score one raw scan or prepared subject folder (:meth:`Inferer.score_scan`); ``covariates``: a
+    :class:`uadct.covariates.CovariateSource` for a model conditioned on them."""
     inferer = Inferer(checkpoint, stride, batch_size, device, gaussian_sigma, output_kind, mood, max_memory, harmonize,
-                      map_options)
+                      map_options, covariates)
     return inferer.score_scan(subject, out_path, atlas_map_path, brain_mask_path, progress, lesion_mask_path)
 
 
