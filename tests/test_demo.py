@@ -14,13 +14,13 @@ from uadct.atlas import Atlas, load_atlas
 from uadct.demo import (
     Cohort,
     DemoAnatomy,
-    _prepared,
     atlas_to_subject,
     generate_cohort,
     plan_subject,
     read_truth_transform,
     render_subject,
 )
+from uadct.demo.anatomy import prepared_anatomy as _prepared
 from uadct.errors import AtlasError
 from uadct.io import read_image, same_grid
 

@@ -13,14 +13,14 @@ PACKAGE = Path(uadct.__file__).parent
 
 # lower number = lower floor; a module may import its own floor or lower ones only
 LAYERS = {
-    0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.names", "uadct.outputs", "uadct.dicom", "uadct.device", "uadct.locks", "uadct.io",
+    0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.names", "uadct.outputs", "uadct.dicom", "uadct.device", "uadct.locks", "uadct.writing", "uadct.io",
         "uadct.arrays", "uadct.batch",
         "uadct.memory", "uadct.patches", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
     1: ("uadct.models", "uadct.preprocess", "uadct.augment", "uadct.checkpoint", "uadct.synthetic", "uadct.demo",
         "uadct.metrics", "uadct.lesions", "uadct.default_outputs", "uadct.datasets",
         "uadct.postprocess", "uadct.pretrained"),
     2: ("uadct.training", "uadct.inference", "uadct.training_volumes", "uadct.calibrate_maps"),
-    3: ("uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
+    3: ("uadct.evaluation_report", "uadct.evaluation_subjects", "uadct.evaluate", "uadct.report", "uadct.report_page", "uadct.report_curves", "uadct.viewer", "uadct.export"),
     4: ("uadct.commands", "uadct.cli", "uadct.__main__"),
 }
 
@@ -104,7 +104,7 @@ def test_modules_stay_small_unless_their_docstring_says_why():
     too_long = []
     for name, path in _modules().items():
         lines = path.read_text(encoding="utf-8").count("\n")
-        if lines > 520 and "Size:" not in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""):
+        if lines > 500 and "Size:" not in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""):
             too_long.append(f"{name} ({lines} lines)")
     assert too_long == []
 

@@ -24,8 +24,8 @@ from uadct.report import (
     heatmap_montage,
     map_unit,
     render_heatmap,
-    render_html,
 )
+from uadct.report_page import render_html
 
 BLOB_CENTRE_MM = (90.0, -110.0, 90.0)  # LPS point in the right hemisphere (the head spans x 0..239 mm)
 BLOB_SIGMA_MM = 6.0
