@@ -50,6 +50,9 @@ def _truth(cohort: Cohort, sid: str) -> dict:
     return json.loads((cohort.root / "truth" / f"{sid}.json").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
+
+
 def test_layout_ids_and_healthy_have_no_labels(cohort: Cohort) -> None:
     assert [p.name for p in cohort.healthy] == ["sub-h000.nii.gz", "sub-h001.nii.gz"]
     assert [p.name for p in cohort.test] == ["sub-t000.nii.gz", "sub-t001.nii.gz"]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import uadct
 
 PACKAGE = Path(uadct.__file__).parent
@@ -89,6 +91,9 @@ def test_no_module_imports_a_higher_layer_and_there_is_no_circle():
     for name in sorted(graph):
         if name not in state:
             visit(name)
+
+
+@pytest.mark.slow
 
 
 def test_each_room_imports_on_its_own_in_a_fresh_interpreter():

@@ -36,6 +36,9 @@ def _brain_points(atlas, step: int = 400) -> np.ndarray:
     return np.array([atlas.brain.TransformIndexToPhysicalPoint([int(i) for i in p]) for p in index])
 
 
+@pytest.mark.slow
+
+
 def test_registration_recovers_a_known_affine_within_1mm(atlas):
     true_atlas_to_subject = _known_affine()
     subject = sitk.Resample(atlas.brain, atlas.brain, true_atlas_to_subject.GetInverse(), sitk.sitkLinear, 0.0)
@@ -74,6 +77,9 @@ def test_rigid_and_none_registrations(atlas):
         register_to_atlas(small, small, "bspline")
 
 
+@pytest.mark.slow
+
+
 def test_deepbet_mask_matches_atlas_brain_in_any_orientation(atlas):
     head = sitk.Shrink(atlas.head, [1, 1, 1])
     reference = sitk.GetArrayViewFromImage(atlas.mask) > 0
@@ -106,6 +112,9 @@ def test_percentile_normalisation_maps_5th_and_95th_to_0_and_1(rng):
     assert not normalized[mask == 0].any()
     z, _ = normalize_intensity(array, mask, "zscore")
     assert z[mask > 0].mean() == pytest.approx(0.0, abs=1e-4) and z[mask > 0].std() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.slow
 
 
 def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, small_atlas_path, tmp_path):

@@ -335,6 +335,9 @@ def test_html_page_embeds_every_subject_and_lists_the_bad_ones(case, tmp_path):
     assert "sub-bad.nii.gz: not on the grid" in page and "label" in page
 
 
+@pytest.mark.slow
+
+
 def test_cli_heatmap_png_and_html_exit_codes(case, tmp_path):
     import shutil
     import subprocess

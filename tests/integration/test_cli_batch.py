@@ -25,6 +25,9 @@ def brains(atlas_grid_subjects, tmp_path):
     return make
 
 
+@pytest.mark.slow
+
+
 def test_preprocess_shards_and_json(brains, small_atlas_path, tmp_path, monkeypatch):
     scans = brains()
     common = ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"), "--atlas", str(small_atlas_path), *FAST, "--json"]
@@ -51,6 +54,9 @@ def test_batch_carries_on_past_a_bad_subject(brains, small_atlas_path, tmp_path)
     assert len(summary["done"]) == 2
     assert summary["failed"][0]["input"].endswith("sub-bad.nii.gz") and "sub-bad.nii.gz" in summary["failed"][0]["error"]
     assert not (tmp_path / "prep" / "sub-bad").exists()
+
+
+@pytest.mark.slow
 
 
 def test_score_prepared_folders_with_json_and_skip(brains, small_atlas_path, tmp_path):
