@@ -158,6 +158,9 @@ def test_a_voxel_wise_model_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(caught.value) and not (tmp_path / "n.onnx").exists()
 
 
+@pytest.mark.slow
+
+
 def test_cli_export_and_its_errors(tmp_path):
     from typer.testing import CliRunner
 

@@ -49,6 +49,9 @@ def test_registration_recovers_a_known_affine_within_1mm(atlas):
     assert error < 1.0, f"mean displacement error {error:.2f} mm"
 
 
+@pytest.mark.slow
+
+
 def test_elastix_transform_matches_transformix(atlas):
     """Our SimpleITK copy of elastix's transform resamples like transformix itself."""
     import itk
@@ -140,6 +143,9 @@ def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, smal
     # same parameters, same input: skipped; no temporary folders are left behind
     assert preprocess_file(scan, tmp_path, config)[1] is True
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+@pytest.mark.slow
 
 
 def test_preprocess_errors_name_the_file_and_leave_nothing(tmp_path, small_atlas_path):

@@ -122,6 +122,9 @@ def test_sigterm_mid_epoch_saves_state_and_resume_is_exact(prep, tmp_path):
     assert resumed.history[1]["train_loss"] == pytest.approx(whole.history[1]["train_loss"], rel=1e-12)
 
 
+@pytest.mark.slow
+
+
 def test_resume_refuses_other_settings(prep, tmp_path):
     def crash(event, info):
         if event == "epoch":

@@ -77,6 +77,9 @@ def test_score_prepared_folders_with_json_and_skip(brains, small_atlas_path, tmp
     assert [r["status"] for r in again] == ["skipped"] * 3
 
 
+@pytest.mark.slow
+
+
 def test_a_shard_with_one_subject_still_writes_into_the_folder(brains, small_atlas_path, tmp_path):
     brains(2)
     prep = tmp_path / "prep"
