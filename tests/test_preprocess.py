@@ -36,6 +36,9 @@ def _brain_points(atlas, step: int = 400) -> np.ndarray:
     return np.array([atlas.brain.TransformIndexToPhysicalPoint([int(i) for i in p]) for p in index])
 
 
+@pytest.mark.slow
+
+
 def test_registration_recovers_a_known_affine_within_1mm(atlas):
     true_atlas_to_subject = _known_affine()
     subject = sitk.Resample(atlas.brain, atlas.brain, true_atlas_to_subject.GetInverse(), sitk.sitkLinear, 0.0)
@@ -44,6 +47,9 @@ def test_registration_recovers_a_known_affine_within_1mm(atlas):
     registration = register_to_atlas(subject, atlas.brain, "affine")
     error = mean_displacement_mm(registration.atlas_to_subject, true_atlas_to_subject, _brain_points(atlas))
     assert error < 1.0, f"mean displacement error {error:.2f} mm"
+
+
+@pytest.mark.slow
 
 
 def test_elastix_transform_matches_transformix(atlas):
@@ -72,6 +78,9 @@ def test_rigid_and_none_registrations(atlas):
     np.testing.assert_allclose(rigid.atlas_to_subject.TransformPoint((120.0, -120.0, 70.0)), (116.0, -117.0, 68.0), atol=1.0)
     with pytest.raises(PreprocessError, match="unknown registration"):
         register_to_atlas(small, small, "bspline")
+
+
+@pytest.mark.slow
 
 
 def test_deepbet_mask_matches_atlas_brain_in_any_orientation(atlas):
@@ -108,6 +117,9 @@ def test_percentile_normalisation_maps_5th_and_95th_to_0_and_1(rng):
     assert z[mask > 0].mean() == pytest.approx(0.0, abs=1e-4) and z[mask > 0].std() == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
+
+
 def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, small_atlas_path, tmp_path):
     scan = small_cohort.healthy[0]
     config = PreprocessConfig(atlas=str(small_atlas_path))
@@ -131,6 +143,9 @@ def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, smal
     # same parameters, same input: skipped; no temporary folders are left behind
     assert preprocess_file(scan, tmp_path, config)[1] is True
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+@pytest.mark.slow
 
 
 def test_preprocess_errors_name_the_file_and_leave_nothing(tmp_path, small_atlas_path):

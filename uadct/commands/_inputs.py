@@ -129,3 +129,10 @@ def collect_score_inputs(inputs: list[str]) -> list[Path]:
     if not paths:
         raise InputError(f"nothing to score in {', '.join(inputs)}")
     return paths
+
+
+def collect_prepared(items: list[Path]) -> list[Path]:
+    """Prepared subject folders, or folders of them (plain or BIDS derivative), -> the subject folders."""
+    from uadct.preprocess.prepared import PreparedFolder, find_prepared
+
+    return [folder for item in items for folder in ([item] if PreparedFolder(item).exists() else find_prepared(item))]

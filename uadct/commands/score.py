@@ -10,7 +10,7 @@ import typer
 from rich.table import Column, Table
 
 from uadct.commands import _console as ui
-from uadct.commands._inputs import allow_image_memory, collect_score_inputs, parse_batch_size, select_series
+from uadct.commands._inputs import allow_image_memory, collect_prepared, collect_score_inputs, parse_batch_size, select_series
 from uadct.errors import InputError
 
 def score(
@@ -124,15 +124,13 @@ def calibrate(
     from uadct.calibrate_maps import calibrate_checkpoint
     from uadct.calibration import describe_settings
     from uadct.postprocess import PostProcess
-    from uadct.preprocess.prepared import PreparedFolder, find_prepared
-    from uadct.pretrained import resolve_checkpoint
-
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
+    from uadct.pretrained import resolve_checkpoint
 
     checkpoint_path = resolve_checkpoint(model)
     refuse_overwriting_inputs([output], [checkpoint_path, *prep])
     check_output_file(output, "calibrated checkpoint")
-    folders = [f for item in prep for f in ([item] if PreparedFolder(item).exists() else find_prepared(item))]
+    folders = collect_prepared(prep)
     with ui.progress() as bar:
         task = bar.add_task("calibrate", total=len(folders), info="")
         path, calibration = calibrate_checkpoint(checkpoint_path, folders, output, stride, gaussian, output_kind,
