@@ -21,7 +21,7 @@ LAYERS = {
     1: ("uadct.models", "uadct.preprocess", "uadct.augment", "uadct.checkpoint", "uadct.synthetic", "uadct.demo",
         "uadct.metrics", "uadct.lesions", "uadct.default_outputs", "uadct.datasets",
         "uadct.postprocess", "uadct.pretrained", "uadct.forest", "uadct.forest_scorer", "uadct.covariates"),
-    2: ("uadct.training", "uadct.inference", "uadct.training_volumes", "uadct.calibrate_maps"),
+    2: ("uadct.training", "uadct.inference", "uadct.patch_scoring", "uadct.training_volumes", "uadct.calibrate_maps"),
     3: ("uadct.evaluation_report", "uadct.evaluation_subjects", "uadct.evaluate", "uadct.report", "uadct.report_page", "uadct.report_curves", "uadct.viewer", "uadct.export",
         "uadct.heatmap2d", "uadct.image_labels"),
     4: ("uadct.commands", "uadct.cli", "uadct.__main__"),

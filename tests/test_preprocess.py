@@ -37,14 +37,16 @@ def _brain_points(atlas, step: int = 400) -> np.ndarray:
 
 
 @pytest.mark.slow
-
-
-def test_registration_recovers_a_known_affine_within_1mm(atlas):
+@pytest.mark.parametrize("backend", ["sitk", "elastix"])
+def test_registration_recovers_a_known_affine_within_1mm(atlas, backend):
     true_atlas_to_subject = _known_affine()
     subject = sitk.Resample(atlas.brain, atlas.brain, true_atlas_to_subject.GetInverse(), sitk.sitkLinear, 0.0)
     # the subject lives on its own (oblique content, LPS->RAS stored) grid
     subject = sitk.DICOMOrient(subject, "RAS")
-    registration = register_to_atlas(subject, atlas.brain, "affine")
+    registration = register_to_atlas(subject, atlas.brain, "affine", backend=backend)
+    if backend == "sitk":
+        assert "(Registration \"SimpleITK ImageRegistrationMethod\")" in registration.parameter_text
+        assert "(Transform \"AffineTransform\")" in registration.parameter_text
     error = mean_displacement_mm(registration.atlas_to_subject, true_atlas_to_subject, _brain_points(atlas))
     assert error < 1.0, f"mean displacement error {error:.2f} mm"
 
@@ -70,14 +72,48 @@ def test_elastix_transform_matches_transformix(atlas):
     assert np.abs(transformix[inside] - ours[inside]).mean() < 0.01 * scale
 
 
-def test_rigid_and_none_registrations(atlas):
+@pytest.mark.parametrize("backend", ["sitk", "elastix"])
+def test_rigid_and_none_registrations(atlas, backend):
     small = sitk.Shrink(atlas.brain, [2, 2, 2])
-    assert register_to_atlas(small, small, "none").atlas_to_subject.GetMatrix() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    assert register_to_atlas(small, small, "none", backend=backend).atlas_to_subject.GetMatrix() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
     shifted = sitk.Resample(small, small, sitk.TranslationTransform(3, (4.0, -3.0, 2.0)), sitk.sitkLinear, 0.0)
-    rigid = register_to_atlas(shifted, small, "rigid")
+    rigid = register_to_atlas(shifted, small, "rigid", backend=backend)
     np.testing.assert_allclose(rigid.atlas_to_subject.TransformPoint((120.0, -120.0, 70.0)), (116.0, -117.0, 68.0), atol=1.0)
+    # a rigid result has no scale or shear
+    np.testing.assert_allclose(np.linalg.svd(np.reshape(rigid.atlas_to_subject.GetMatrix(), (3, 3)), compute_uv=False), 1.0, atol=1e-6)
     with pytest.raises(PreprocessError, match="unknown registration"):
-        register_to_atlas(small, small, "bspline")
+        register_to_atlas(small, small, "bspline", backend=backend)
+    with pytest.raises(PreprocessError, match="unknown registration backend 'ants'"):
+        register_to_atlas(small, small, "affine", backend="ants")
+
+
+def test_sitk_registration_is_the_same_whatever_the_global_thread_count(small_atlas_path):
+    """The sitk backend runs on one thread of its own: a rebuild gives the same transform on any machine."""
+    atlas_brain = read_image(small_atlas_path)
+    moving = sitk.Resample(atlas_brain, atlas_brain, _known_affine(), sitk.sitkLinear, 0.0)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    results = []
+    try:
+        for threads in (1, 2):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            registration = register_to_atlas(moving, atlas_brain, "affine", backend="sitk")
+            results.append(registration.atlas_to_subject.GetParameters() + registration.atlas_to_subject.GetCenter())
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    assert results[0] == results[1]
+
+
+def test_registration_backend_is_recorded_and_old_records_mean_elastix():
+    from uadct.errors import InputError
+
+    assert PreprocessConfig().registration_backend == "sitk"
+    assert PreprocessConfig.for_modality("mr", registration_backend="elastix").registration_backend == "elastix"
+    old = PreprocessConfig().to_dict()
+    del old["registration_backend"]
+    assert PreprocessConfig.from_dict(old).registration_backend == "elastix"
+    assert PreprocessConfig.from_dict(PreprocessConfig().to_dict()) == PreprocessConfig()
+    with pytest.raises(InputError, match="unknown registration backend 'ants'"):
+        PreprocessConfig.for_modality("mr", registration_backend="ants")
 
 
 @pytest.mark.slow
@@ -155,3 +191,23 @@ def test_preprocess_errors_name_the_file_and_leave_nothing(tmp_path, small_atlas
     with pytest.raises(PreprocessError, match="speck.nii.gz"):
         preprocess_file(tmp_path / "speck.nii.gz", tmp_path / "out", PreprocessConfig(atlas=str(small_atlas_path)))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_records_the_registration_backend_and_refuses_an_unknown_one(small_atlas_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from uadct.cli import app
+
+    template = read_image(small_atlas_path)
+    moved = sitk.Resample(template, template, sitk.TranslationTransform(3, (3.0, -2.0, 1.0)), sitk.sitkLinear, 0.0)
+    (tmp_path / "raw").mkdir()
+    write_image(moved, tmp_path / "raw" / "sub-01.nii.gz")
+    fast = ["--atlas", str(small_atlas_path), "--skull-strip", "none", "--no-bias-correction"]
+    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"), *fast])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "prep" / "sub-01" / "preprocess.json").read_text(encoding="utf-8"))
+    assert sidecar["config"]["registration_backend"] == "sitk" and sidecar["quality"]["mask_dice"] > 0.9
+    assert "SimpleITK ImageRegistrationMethod" in (tmp_path / "prep" / "sub-01" / "elastix_transform.txt").read_text(encoding="utf-8")
+    bad = CliRunner().invoke(app, ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "bad"), *fast, "--registration-backend", "ants"])
+    assert bad.exit_code != 0 and "unknown registration backend 'ants'" in str(bad.exception) + bad.output
+    assert not (tmp_path / "bad" / "sub-01").exists()

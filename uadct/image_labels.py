@@ -187,7 +187,7 @@ def evaluate_image_labels(maps_dir: str | Path, labels_source: str | Path, out_d
     files["image_csv"] = write_text("\n".join(table) + "\n", out_dir / CSV_NAME)
     files["image_markdown"] = write_text(_markdown(metrics, len(rows), missing, failed), out_dir / MARKDOWN_NAME)
     if options.plots and abnormal.any() and (~abnormal).any():
-        from uadct.report import plot_image_roc
+        from uadct.report_curves import plot_image_roc
 
         files["image_roc"] = plot_image_roc(scores, abnormal, out_dir / ROC_NAME, metrics["auroc"], "image")
     return ImageLevelResult(rows, metrics, files, missing, failed)

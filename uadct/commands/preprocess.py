@@ -24,6 +24,7 @@ def preprocess(
     skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
     hdbet_weights: Optional[Path] = typer.Option(None, help="HD-BET weights folder. [default: $UADCT_HDBET_WEIGHTS, then ~/hd-bet_params/release_2.0.0]"),
     registration: Optional[str] = typer.Option(None, show_default="affine; none for 2D", help="affine, rigid or none (input already on the atlas grid)."),
+    registration_backend: str = typer.Option("sitk", help="sitk (SimpleITK, ~1 s) or elastix (itk-elastix; ~12 s more on its first call)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="N4 bias-field correction. [default: on for mr, off for ct]"),
     bias_field: Optional[str] = typer.Option(None, "--bias-field", help="robust (N4 fitted on normal tissue only, keeps large lesions) or n4 (N4 under the whole brain mask). [default: from --modality]"),
     normalization: Optional[str] = typer.Option(None, help="tissue (normal-tissue median -> 0.5, 4 robust SDs -> 1), percentile (5th -> 0, 95th -> 1; 1st/99th for 2D), zscore, ct-window, or for 2D DICOM dicom-window (the file's Window Center/Width). [default: from --modality]"),
@@ -73,6 +74,7 @@ def preprocess(
     if ct_level is not None or ct_width is not None:
         window = (ct_level if ct_level is not None else CT_BRAIN_WINDOW_HU[0], ct_width if ct_width is not None else CT_BRAIN_WINDOW_HU[1])
     config = PreprocessConfig.for_modality(modality, atlas=atlas, skull_strip=skull_strip, registration=registration,
+                                           registration_backend=registration_backend,
                                            bias_correction=bias_correction, bias_correction_method=bias_field,
                                            normalization=normalization, ct_window=window, resolution_mm=resolution_mm,
                                            image_size=parse_image_size(image_size) if image_size is not None else None,

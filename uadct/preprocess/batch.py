@@ -28,12 +28,13 @@ def preprocess_many(
     force: bool = False,
     progress: Callable[[Path, str], None] | None = None,
     jobs: int = 1,
+    threads: int | None = None,
 ) -> BatchOutcome:
     """Preprocess many scans (or :class:`SubjectInputs`); a failing subject is recorded and the batch carries on.
 
     ``jobs`` > 1 runs subjects in that many worker processes (``spawn`` start method, so
     safe with torch and ITK threads); each worker loads the atlas once and uses
-    ``cpu_count // jobs`` threads. Outputs do not depend on ``jobs``; ``outcome`` lists
+    ``threads`` threads (default ``cpu_count // jobs``; the caller's settings when ``jobs`` is 1). Outputs do not depend on ``jobs``; ``outcome`` lists
     keep the input order and ``progress`` is called as each subject finishes. BIDS
     inputs make ``out_dir`` a BIDS derivative (its ``dataset_description.json``).
     """
@@ -62,7 +63,7 @@ def preprocess_many(
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         del atlas  # each worker loads its own
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker,
                                  initargs=(config.atlas, threads)) as pool:

@@ -98,7 +98,7 @@ def run_preprocessing(
         image, bias_quality = _bias_correct(image, native_mask, config.bias_correction_method)
         lap("bias_correction")
     brain = sitk.Mask(image, native_mask)
-    registration: Registration = register_to_atlas(brain, atlas.brain, config.registration)
+    registration: Registration = register_to_atlas(brain, atlas.brain, config.registration, backend=config.registration_backend)
     lap("registration")
     transform = registration.atlas_to_subject
     check_transform(transform)

@@ -8,6 +8,7 @@ from typing import Any
 
 from uadct.errors import InputError
 from uadct.preprocess.intensity import CT_BRAIN_WINDOW_HU
+from uadct.preprocess.register import LEGACY_REGISTRATION_BACKEND, REGISTRATION_BACKENDS
 
 LEGACY_BIAS_CORRECTION = "n4"  # what configs recorded without bias_correction_method ran
 BIAS_CORRECTIONS = ("robust", "n4")
@@ -34,6 +35,7 @@ class PreprocessConfig:
     atlas: str = "sri24"
     skull_strip: str = "deepbet"
     registration: str = "affine"
+    registration_backend: str = "sitk"  # "sitk" (SimpleITK, ~1 s) or "elastix" (itk-elastix); older records: elastix
     bias_correction: bool = True
     bias_correction_method: str = "robust"  # "robust": N4 fitted on normal tissue only (uadct.preprocess.tissue); "n4": whole mask
     normalization: str = "tissue"  # normal-tissue median -> 0.5, 4 robust SDs -> 1 (lesion-robust); "percentile" before
@@ -70,6 +72,7 @@ class PreprocessConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values.setdefault("bias_correction_method", LEGACY_BIAS_CORRECTION)  # recorded before the field existed
+        values.setdefault("registration_backend", LEGACY_REGISTRATION_BACKEND)  # likewise
         for name in ("percentiles", "ct_window", "sequences", "image_size"):
             if name in values:
                 values[name] = tuple(values[name])
@@ -89,6 +92,9 @@ class PreprocessConfig:
         if values.get("bias_correction_method", LEGACY_BIAS_CORRECTION) not in BIAS_CORRECTIONS:
             raise InputError(f"unknown bias-field correction {values['bias_correction_method']!r}; "
                              f"choose one of {', '.join(BIAS_CORRECTIONS)}")
+        if values.get("registration_backend", LEGACY_REGISTRATION_BACKEND) not in REGISTRATION_BACKENDS:
+            raise InputError(f"unknown registration backend {values['registration_backend']!r}; "
+                             f"choose one of {', '.join(REGISTRATION_BACKENDS)}")
         if values.get("resolution_mm") is not None and not values["resolution_mm"] > 0:
             raise InputError(f"the target resolution must be positive, got {values['resolution_mm']:g} mm")
         if modality in IMAGE_MODALITIES:
