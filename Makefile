@@ -28,6 +28,9 @@ demo: atlas
 test: atlas
 	$(PY) -m pytest -q
 
+# test-fast skips the tests marked @pytest.mark.slow: full-size deepbet/elastix runs, the short fits of
+# each network model, exact-resume and torchrun/kill -9 runs, ONNX export and checkpoint round trips of
+# every model, and the end-to-end CLI train/score/evaluate runs (under 2 min on 2 cores; `make test` runs all)
 test-fast: atlas
 	$(PY) -m pytest -q -m "not slow"
 

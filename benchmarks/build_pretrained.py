@@ -115,14 +115,15 @@ def reproducible_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def reusable_preparation(prepared: Path, template: Path, scans: list[Path]) -> dict[Path, Path]:
-    """Scans -> folders of an existing preprocessing made with this script's chain on a template
-    file identical (voxels and geometry) to :data:`ATLAS`; subjects made otherwise are skipped."""
+    """Scans -> folders of an existing preprocessing made with this script's chain on :data:`ATLAS`
+    itself or on a template file identical to it (voxels and geometry); subjects made otherwise are skipped."""
     import SimpleITK as sitk
 
     from uadct.atlas import load_atlas
     from uadct.io import read_image
 
-    ours, theirs = load_atlas(ATLAS).brain, read_image(template)
+    atlas = load_atlas(ATLAS)
+    ours, theirs = atlas.brain, read_image(template)
     same = (np.array_equal(sitk.GetArrayViewFromImage(ours), sitk.GetArrayViewFromImage(theirs))
             and ours.GetOrigin() == theirs.GetOrigin() and ours.GetSpacing() == theirs.GetSpacing()
             and ours.GetDirection() == theirs.GetDirection())
@@ -138,7 +139,7 @@ def reusable_preparation(prepared: Path, template: Path, scans: list[Path]) -> d
         except (OSError, ValueError):
             continue
         config = {k: v for k, v in PreprocessConfig.from_dict(sidecar.get("config", {})).to_dict().items() if k != "atlas"}
-        if (config == expected and sidecar.get("atlas", {}).get("sha256") == template_sha
+        if (config == expected and sidecar.get("atlas", {}).get("sha256") in (template_sha, atlas.checksum)
                 and sidecar.get("input", {}).get("sha256") == sha256_of(scan)):
             found[scan] = folder
     return found

@@ -6,8 +6,10 @@
 Tests (the real scans in DATA, never copied):
 - ``ixi``: the first ``--test`` IXI subjects held out by ``benchmarks/realdata.py``'s fixed split
   (never seen by the shipped model), lesions inserted on their raw native grid with
-  :mod:`uadct.lesions` (seeded like realdata.py: ``[seed, index]``), preprocessed with the model's
-  own chain, scored, mapped back to the native grid; clean copies give image-level AUROC.
+  :mod:`uadct.lesions` (seeded like realdata.py: ``[seed, index]``, for each of ``--seeds``: mean ±
+  std over them), preprocessed with the model's own chain as `uadct score` runs it (finer scans
+  blurred to its training resolution), scored, mapped back to the native grid; clean copies give
+  image-level AUROC.
 - ``mslub-t1``: the 3 MSLUB T1 scans (skull-stripped, 1 mm MNI) with their consensus lesions.
 
 Rows: the shipped checkpoint, and the ``threshold`` model (modes intensity, deviation) fitted and
@@ -41,6 +43,7 @@ from uadct.postprocess import MapOptions  # noqa: E402
 from uadct.preprocess.batch import preprocess_many  # noqa: E402
 from uadct.preprocess.config import PreprocessConfig  # noqa: E402
 from uadct.preprocess.prepared import find_prepared, load_prepared  # noqa: E402
+from uadct.preprocess.resolution import harmonized_config  # noqa: E402
 from uadct.pretrained import resolve_checkpoint  # noqa: E402
 from uadct.inference import score_scan  # noqa: E402
 from uadct.training import TrainConfig, train_model  # noqa: E402
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="t1", help="pretrained name or checkpoint")
     parser.add_argument("--train-prep", type=Path, required=True, help="prepared training subjects (for the threshold baseline)")
     parser.add_argument("--test", type=int, default=4, help="held-out IXI subjects (the first of realdata.py's split)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="lesion-insertion seeds, comma-separated (e.g. 0,1,2: mean and std)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument("--also", action="append", default=[], metavar="ROW=CHECKPOINT",
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = options.output
     shipped = load_checkpoint(resolve_checkpoint(options.model))
-    config = PreprocessConfig.from_dict(shipped.preprocess)  # the model's own chain, as `uadct score` runs it
+    # the model's own chain, as `uadct score` runs it: finer scans (MSLUB's 1 mm) blurred to its training resolution
+    config = harmonized_config(PreprocessConfig.from_dict(shipped.preprocess), shipped.metadata)
     clean_raw = held_out(options.data, options.test)
     mslub_raw = out / "inputs" / "mslub-t1"
     mslub_raw.mkdir(parents=True, exist_ok=True)
@@ -162,13 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     preprocess_many(clean_raw + sorted(mslub_raw.glob("*.nii.gz")), out / "prep", config, jobs=options.jobs)
     names = {p.name.split(".nii")[0] for p in clean_raw}
     clean = [p for p in find_prepared(out / "prep") if p.name in names]
-    lesioned_raw = lesioned_copies(clean, options.seed, out / f"lesioned-seed{options.seed}")
-    preprocess_many(lesioned_raw, out / "prep", config, jobs=options.jobs)
+    seeds = [int(v) for v in options.seeds.split(",")]
+    lesioned_by_seed = {seed: lesioned_copies(clean, seed, out / f"lesioned-seed{seed}") for seed in seeds}
+    preprocess_many([p for seed in seeds for p in lesioned_by_seed[seed]], out / "prep", config, jobs=options.jobs)
     if options.prepare_only:
         return 0
     prepared = {p.name: p for p in find_prepared(out / "prep")}
-    labels = out / f"lesioned-seed{options.seed}" / "labels"
-    ixi = [(prepared[p.name.split(".nii")[0]], sitk.GetArrayFromImage(read_image(labels / p.name)) > 0) for p in lesioned_raw]
     mslub = [(prepared[p], sitk.GetArrayFromImage(read_image(options.data / "mslub" / p / "lesion.nii.gz")) > 0) for p in MSLUB]
     models: dict[str, Checkpoint] = {f"pretrained {options.model}": shipped}
     for item in options.also:
@@ -187,16 +190,23 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for row, checkpoint in models.items():
         folder = out / "maps" / row.replace(" ", "-")
-        results[row] = {"ixi": evaluate(checkpoint, ixi, clean, folder / "ixi"),
-                        "mslub-t1": evaluate(checkpoint, mslub, [], folder / "mslub-t1")}
-    write_json({"results": results, "test_subjects": [p.name for p in clean], "seed": options.seed}, out / "results.json")
+        results[row] = {"mslub-t1": evaluate(checkpoint, mslub, [], folder / "mslub-t1")}
+        for seed in seeds:
+            labels = out / f"lesioned-seed{seed}" / "labels"
+            ixi = [(prepared[p.name.split(".nii")[0]], sitk.GetArrayFromImage(read_image(labels / p.name)) > 0)
+                   for p in lesioned_by_seed[seed]]
+            results[row][f"ixi-seed{seed}"] = evaluate(checkpoint, ixi, clean, folder / f"ixi-seed{seed}")
+    write_json({"results": results, "test_subjects": [p.name for p in clean], "seeds": seeds}, out / "results.json")
     print(f"| model | IXI AUROC | IXI AUPRC | IXI best Dice | IXI Dice@{FPR:g} FPR | IXI detected | IXI image AUROC | "
           f"MSLUB T1 AUROC | MSLUB T1 AUPRC | MSLUB T1 best Dice | MSLUB T1 Dice@{FPR:g} FPR |")
     print("|---|" + "---|" * 10)
     for row, r in results.items():
-        a, b = r["ixi"], r["mslub-t1"]
-        print(f"| {row} | {a['auroc']:.3f} | {a['auprc']:.3f} | {a['best_dice']:.3f} | {a['dice_at_fpr']:.3f} | "
-              f"{a['detection_rate']:.2f} | {a.get('image_auroc', float('nan')):.3f} | {b['auroc']:.3f} | {b['auprc']:.3f} | "
+        b = r["mslub-t1"]
+        ixi_cells = []
+        for key in ("auroc", "auprc", "best_dice", "dice_at_fpr", "detection_rate", "image_auroc"):
+            values = np.array([r[f"ixi-seed{seed}"].get(key, float("nan")) for seed in seeds], dtype=float)
+            ixi_cells.append(f"{values.mean():.3f} ± {values.std():.3f}" if len(seeds) > 1 else f"{values[0]:.3f}")
+        print(f"| {row} | " + " | ".join(ixi_cells) + f" | {b['auroc']:.3f} | {b['auprc']:.3f} | "
               f"{b['best_dice']:.3f} | {b['dice_at_fpr']:.3f} |")
     return 0
 

@@ -133,7 +133,7 @@ def main() -> None:
     assert np.array_equal(result[mask > 0], volume[mask > 0]), "identity map must reconstruct the brain exactly"
     vector_seconds, loop_seconds = best_of(3, lambda: vector_aggregate(volume.shape, spec2d, kept)), best_of(3, lambda: loop_aggregate(volume.shape, spec2d, kept))
     del kept
-    rows.append(("2D 16 px stride 4", count, seconds, vector_seconds, loop_seconds))
+    rows.append((f"2D 16 px stride {args.stride}", count, seconds, vector_seconds, loop_seconds))
     if not args.no_3d:  # aggregation only, on a subset (3D outputs of all patches would need GBs)
         spec3d = PatchSpec(32, 3)
         starts3d = grid_starts(mask, spec3d, args.stride)
@@ -152,7 +152,7 @@ def main() -> None:
         loop3d = best_of(1, lambda: loop_aggregate(volume.shape, spec3d, batches3d))
         del accumulator
         nan = float("nan")
-        rows.append(("3D 32 px stride 4 *", len(starts3d),
+        rows.append((f"3D 32 px stride {args.stride} *", len(starts3d),
                      {"grid": nan, "extraction": nan, "model": nan, "aggregation": nan}, vector3d * scale, loop3d * scale))
         del values3d, batches3d
 

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from uadct.augment import ContrastAugmenter, fit_tissue_gmm
-from uadct.models import available_models, build_model
+from uadct.models import build_model, patch_models
 from uadct.patches import PatchSpec, valid_training_starts
 from uadct.device import autocast, resolve_device
 from uadct.training.data import PatchSampler, SubjectVolume, epoch_batches, load_volumes
@@ -91,7 +91,7 @@ def main() -> None:
     images, masks, _ = sampler.sample(options.batch_size)
     x, m = torch.from_numpy(images).to(device), torch.from_numpy(masks).to(device)
     slowest = float("inf")
-    for name in available_models():
+    for name in patch_models():  # voxel-wise models (normative) fit whole volumes, not patch batches
         model = build_model(name, {"patch_size": spec.size}).to(device).train()
         optimizers = model.configure_optimizers(1e-3)
         def step() -> None:

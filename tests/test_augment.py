@@ -62,6 +62,9 @@ def test_fit_recovers_known_tissue_parameters():
     assert model.theta.shape == (6,)
 
 
+@pytest.mark.slow
+
+
 def test_augmented_tissues_keep_their_order_and_stay_in_the_training_spread():
     subjects = cohort(12)
     models = [fit_tissue_gmm(image, mask) for image, mask, _ in subjects]
@@ -111,6 +114,9 @@ def test_zscore_and_noise_background_follow_the_method():
     assert np.allclose(inside.std(axis=1), 1, atol=0.03)
     background = out[masks == 0]
     assert abs(background.std() - 1.0) < 0.05 and abs(background.mean()) < 0.05
+
+
+@pytest.mark.slow
 
 
 def test_same_seed_same_output_other_seed_other_output():

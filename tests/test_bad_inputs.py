@@ -214,7 +214,6 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "singular_sform.nii.gz": (_sform([[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]), "affine"),
     "sform_qform_disagree.nii.gz": (_sform_qform_disagree, "sform and qform"),
     "flat_2d.nii.gz": (_sitk(np.ones((10, 12), np.float32)), "3D"),
-    "single_slice.nii.gz": (_nib_data(np.ones((12, 10, 1), np.float32)), "3D"),
     "4d_three_volumes.nii.gz": (_join(3), "4D"),
     "5d.nii.gz": (_nib_data(np.ones((6, 5, 4, 1, 2), np.float32)), "5D"),
     "rgb.nii.gz": (_rgb, "components"),
@@ -300,6 +299,18 @@ def test_cli_preprocess_batch_records_every_failure(tmp_path, monkeypatch, capsy
         assert path in error and "\n" not in error, error
     written = [p for p in output.rglob("*") if p.is_file()] if output.exists() else []
     assert not [p for p in written if p.name.endswith(".nii.gz")], written
+
+
+def test_a_single_slice_is_a_2d_image_and_the_3d_chain_refuses_it(tmp_path, monkeypatch, capsys):
+    """One slice is what a 2D image's map or prepared image is (uadct.images2d): read; MR/CT preprocessing refuses it."""
+    path = _nib_data(np.ones((12, 10, 1), np.float32))(tmp_path / "single_slice.nii.gz")
+    assert read_image(path).GetSize() == (12, 10, 1)
+    code = _run_cli(monkeypatch, "preprocess", str(path), "-o", str(tmp_path / "prep"), "--skull-strip", "none",
+                    "--registration", "none", "--no-bias-correction", "--json")
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err + captured.out
+    (failure,) = json.loads(captured.out)["failed"]
+    assert failure["error"].startswith(str(path)) and "3D" in failure["error"] and "\n" not in failure["error"]
 
 
 def test_mask_on_another_grid_is_refused_naming_the_mask(tmp_path):

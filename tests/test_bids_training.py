@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from uadct.checkpoint import load_checkpoint
@@ -16,6 +17,9 @@ from uadct.preprocess.bids import find_bids_subjects
 from uadct.preprocess.config import PreprocessConfig
 from uadct.preprocess.prepared import PreparedFolder, find_prepared
 from uadct.training import TrainConfig, train_model
+
+
+@pytest.mark.slow
 
 
 def test_train_and_score_from_a_bids_derivative(small_atlas_path, tmp_path):

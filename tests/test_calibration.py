@@ -98,6 +98,9 @@ def healthy(small_atlas_path, tmp_path_factory):
     return root, model
 
 
+@pytest.mark.slow
+
+
 def test_training_stores_the_validation_maps_quantiles(healthy):
     from uadct.checkpoint import load_checkpoint
     from uadct.preprocess.prepared import load_prepared
@@ -144,6 +147,9 @@ def test_fpr_mask_flags_about_one_percent_of_a_healthy_scan(healthy, tmp_path):
     other = runner.invoke(app, ["score", str(model), str(scan), "-o", str(tmp_path / "t0.nii.gz"), "--fpr", "0.05",
                                 "--mask-out", str(tmp_path / "lesions.nii.gz"), "--units", "logp"])
     assert isinstance(other.exception, UadctError) and "--force" in str(other.exception)
+
+
+@pytest.mark.slow
 
 
 def test_postprocessing_needs_its_own_calibration_and_is_recorded(healthy, tmp_path):

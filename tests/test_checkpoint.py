@@ -30,6 +30,7 @@ def _fit_a_little(model, steps: int = 3):
 
 
 @pytest.mark.parametrize("name", patch_models())  # normative: tests/test_normative.py
+@pytest.mark.slow
 def test_every_model_fit_save_load_scores_identically(name, tmp_path):
     model = _fit_a_little(build_model(name, {"patch_size": 16}))
     x = torch.rand(8, 1, 16, 16)

@@ -91,6 +91,9 @@ def test_scores_and_validation_loss_are_deterministic():
     torch.testing.assert_close(scores["scalar"], scores["voxel"].flatten(1).mean(1))
 
 
+@pytest.mark.slow
+
+
 def test_short_fit_removes_coarse_noise_and_flags_a_dark_lesion():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

@@ -66,6 +66,9 @@ def test_bad_settings_are_one_line_errors(options, message):
         build_model("dae-unet", {"patch_size": 16, **options})
 
 
+@pytest.mark.slow
+
+
 def test_short_fit_restores_noise_and_flags_a_bright_lesion():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

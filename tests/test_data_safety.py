@@ -470,6 +470,7 @@ def test_10_broken_links_and_loops_in_an_input_folder_are_reported(setup, scans,
 
 
 # ----------------------------------------------------------------------------- 11. permissions follow the umask
+@pytest.mark.slow
 def test_11_outputs_follow_the_umask(setup, scans, tmp_path, capfd, small_atlas_path):
     model, _, prep = setup
     old = os.umask(0o022)

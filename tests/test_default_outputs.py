@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from uadct import default_outputs as rules
@@ -40,6 +41,9 @@ def test_rules(tmp_path, monkeypatch):
     assert rules.evaluate_output(Path("maps/")) == tmp_path / "maps-report"
     # run from inside the scans folder, the single-map default still differs from the scan's name
     assert rules.score_output(["a.nii.gz"], [Path("a.nii.gz")]) != Path("a.nii.gz")
+
+
+@pytest.mark.slow
 
 
 def test_preprocess_and_score_without_output(small_atlas_path, atlas_grid_subjects, threshold_model, tmp_path, monkeypatch):

@@ -14,13 +14,13 @@ from uadct.atlas import Atlas, load_atlas
 from uadct.demo import (
     Cohort,
     DemoAnatomy,
-    _prepared,
     atlas_to_subject,
     generate_cohort,
     plan_subject,
     read_truth_transform,
     render_subject,
 )
+from uadct.demo.anatomy import prepared_anatomy as _prepared
 from uadct.errors import AtlasError
 from uadct.io import read_image, same_grid
 
@@ -48,6 +48,9 @@ def _array(path: Path) -> np.ndarray:
 
 def _truth(cohort: Cohort, sid: str) -> dict:
     return json.loads((cohort.root / "truth" / f"{sid}.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
 
 
 def test_layout_ids_and_healthy_have_no_labels(cohort: Cohort) -> None:

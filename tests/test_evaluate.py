@@ -465,6 +465,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "uadct", *args], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
 
 
+@pytest.mark.slow
+
+
 def test_cli_end_to_end_files_and_exit_codes(cohort: dict[str, Path]) -> None:
     out = cohort["root"] / "report"
     done = run_cli("evaluate", str(cohort["maps"]), str(cohort["labels"]), "-o", str(out), "--fpr", "0.01,0.05",

@@ -60,6 +60,7 @@ def _checkpoint(tmp_path, name: str, **config) -> tuple:
 
 
 @pytest.mark.parametrize("name", patch_models())  # normative: tests/test_normative.py
+@pytest.mark.slow
 def test_onnx_map_equals_torch_map_for_every_model(name, tmp_path, anatomy):
     volume, mask = (array[4:6] for array in anatomy)
     path, checkpoint = _checkpoint(tmp_path, name)
@@ -71,6 +72,9 @@ def test_onnx_map_equals_torch_map_for_every_model(name, tmp_path, anatomy):
         onnx_map = sliding_window_map(volume, mask, onnx_predictor(result.path, output), spec, 4, 97)  # another batch size
         assert np.abs(torch_map).max() > 1e-3  # the map holds something to compare
         np.testing.assert_allclose(onnx_map, torch_map, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 
 
 def test_position_conditioned_and_3d_models_export(tmp_path, anatomy):
@@ -93,6 +97,9 @@ def test_position_conditioned_and_3d_models_export(tmp_path, anatomy):
     torch_map = sliding_window_map(volume, mask, patch_predictor(checkpoint3.model, torch.device("cpu")), spec3, 4, 64)
     onnx_map = sliding_window_map(volume, mask, onnx_predictor(result3.path), spec3, 4, 64)
     np.testing.assert_allclose(onnx_map, torch_map, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 
 
 def test_metadata_holds_what_scoring_needs_and_torchscript_matches(tmp_path):
@@ -149,6 +156,9 @@ def test_a_voxel_wise_model_is_refused_in_one_line(tmp_path):
     with pytest.raises(ExportError, match="maps whole volumes") as caught:
         export_checkpoint(tmp_path / "n.pt", tmp_path / "n.onnx")
     assert "\n" not in str(caught.value) and not (tmp_path / "n.onnx").exists()
+
+
+@pytest.mark.slow
 
 
 def test_cli_export_and_its_errors(tmp_path):

@@ -87,6 +87,9 @@ def test_generator_steps_once_per_n_critic_steps():
     assert not _same(generator_before, _parameters(model.generator))
 
 
+@pytest.mark.slow
+
+
 def test_encoder_phase_leaves_generator_and_critic_untouched():
     torch.manual_seed(0)
     model = build_model("fanogan", {**SMALL, "n_critic": 1, "gan_steps": 3})
@@ -109,6 +112,9 @@ def test_encoder_phase_leaves_generator_and_critic_untouched():
     assert _same(critic, _state(model.critic))
     assert not _same(encoder_start, _state(model.encoder))
     assert all(p.requires_grad for p in model.parameters())  # frozen only during the step
+
+
+@pytest.mark.slow
 
 
 def test_validation_loss_keeps_early_stopping_sound_across_phases():

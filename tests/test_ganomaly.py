@@ -84,6 +84,9 @@ def test_fitted_normalisation_matches_numpy_reference():
     assert scores["voxel"].shape == (8, 16, 16)
 
 
+@pytest.mark.slow
+
+
 def test_bright_square_scores_above_normal_patches_after_a_short_fit():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

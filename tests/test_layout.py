@@ -7,20 +7,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import uadct
 
 PACKAGE = Path(uadct.__file__).parent
 
 # lower number = lower floor; a module may import its own floor or lower ones only
 LAYERS = {
-    0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.names", "uadct.outputs", "uadct.dicom", "uadct.device", "uadct.locks", "uadct.io",
-        "uadct.arrays", "uadct.batch",
+    0: ("uadct", "uadct.__init__", "uadct.errors", "uadct.names", "uadct.outputs", "uadct.dicom", "uadct.device", "uadct.locks", "uadct.writing", "uadct.io",
+        "uadct.arrays", "uadct.batch", "uadct.images2d",
         "uadct.memory", "uadct.patches", "uadct.atlas", "uadct.scoremap", "uadct.calibration"),
     1: ("uadct.models", "uadct.preprocess", "uadct.augment", "uadct.checkpoint", "uadct.synthetic", "uadct.demo",
         "uadct.metrics", "uadct.lesions", "uadct.default_outputs", "uadct.datasets",
-        "uadct.postprocess", "uadct.pretrained"),
-    2: ("uadct.training", "uadct.inference", "uadct.training_volumes", "uadct.calibrate_maps"),
-    3: ("uadct.evaluation_report", "uadct.evaluate", "uadct.report", "uadct.viewer", "uadct.export"),
+        "uadct.postprocess", "uadct.pretrained", "uadct.forest", "uadct.forest_scorer", "uadct.covariates"),
+    2: ("uadct.training", "uadct.inference", "uadct.patch_scoring", "uadct.training_volumes", "uadct.calibrate_maps"),
+    3: ("uadct.evaluation_report", "uadct.evaluation_subjects", "uadct.evaluate", "uadct.report", "uadct.report_page", "uadct.report_curves", "uadct.viewer", "uadct.export",
+        "uadct.heatmap2d", "uadct.image_labels"),
     4: ("uadct.commands", "uadct.cli", "uadct.__main__"),
 }
 
@@ -91,6 +94,9 @@ def test_no_module_imports_a_higher_layer_and_there_is_no_circle():
             visit(name)
 
 
+@pytest.mark.slow
+
+
 def test_each_room_imports_on_its_own_in_a_fresh_interpreter():
     failures = {}
     for room in ("uadct.calibration", "uadct.inference", "uadct.training", "uadct.preprocess.prepared"):
@@ -104,7 +110,7 @@ def test_modules_stay_small_unless_their_docstring_says_why():
     too_long = []
     for name, path in _modules().items():
         lines = path.read_text(encoding="utf-8").count("\n")
-        if lines > 520 and "Size:" not in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""):
+        if lines > 500 and "Size:" not in (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""):
             too_long.append(f"{name} ({lines} lines)")
     assert too_long == []
 

@@ -144,6 +144,9 @@ def test_configs_recorded_before_the_new_fields_keep_their_old_chain():
     assert (ct.bias_correction, ct.normalization) == (False, "ct-window")
 
 
+@pytest.mark.slow
+
+
 def test_a_finer_scan_is_blurred_to_the_training_resolution_when_scored(atlas_grid_subjects, small_atlas_path, tmp_path):
     import json
 

@@ -63,6 +63,9 @@ def test_models_command_lists_a_models_options():
     assert "fade_patches" not in CliRunner().invoke(app, ["models"]).output
 
 
+@pytest.mark.slow
+
+
 def test_train_refuses_an_unknown_option_in_one_line(tmp_path):
     process = subprocess.run(
         [sys.executable, "-m", "uadct", "train", str(tmp_path), "-o", str(tmp_path / "m.pt"), "--model", "ganomaly", "-O", "latnt_dim=4"],
@@ -74,6 +77,7 @@ def test_train_refuses_an_unknown_option_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", patch_models())  # normative: tests/test_normative.py
+@pytest.mark.slow
 def test_every_model_works_on_3d_patches(name, tmp_path):
     torch.manual_seed(0)
     model = build_model(name, {"patch_size": 8, "dims": 3})
@@ -92,6 +96,9 @@ def test_every_model_works_on_3d_patches(name, tmp_path):
         after = load_checkpoint(tmp_path / "m.pt").model.score_patches(x)
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
 
 
 def test_cli_train_3d_then_score_maps_on_the_input_grid(atlas_grid_subjects, tmp_path):

@@ -149,6 +149,9 @@ def test_bad_settings_and_unfitted_use_are_refused(rng):
         model.score_volume(np.zeros((3, 3, 3), np.float32), np.ones((3, 3, 3)))
 
 
+@pytest.mark.slow
+
+
 def test_cli_train_and_score_a_raw_scan_on_its_own_grid(atlas_grid_subjects, tmp_path):
     from typer.testing import CliRunner
 

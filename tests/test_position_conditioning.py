@@ -41,6 +41,7 @@ def _fitted(name: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", sorted(CONDITIONED))
+@pytest.mark.slow
 def test_scores_depend_on_the_position_and_survive_a_checkpoint(name, tmp_path):
     model = _fitted(name)
     assert model.uses_positions
@@ -73,6 +74,9 @@ def test_unconditioned_models_ignore_positions_and_unsupported_ones_refuse():
     for name in unsupported:
         with pytest.raises(UadctError, match="position_conditioning"):
             build_model(name, {"patch_size": 16, "position_conditioning": True})
+
+
+@pytest.mark.slow
 
 
 def test_train_and_score_with_conditioning_end_to_end(atlas_grid_subjects, tmp_path):

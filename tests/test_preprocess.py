@@ -36,6 +36,7 @@ def _brain_points(atlas, step: int = 400) -> np.ndarray:
     return np.array([atlas.brain.TransformIndexToPhysicalPoint([int(i) for i in p]) for p in index])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sitk", "elastix"])
 def test_registration_recovers_a_known_affine_within_1mm(atlas, backend):
     true_atlas_to_subject = _known_affine()
@@ -48,6 +49,9 @@ def test_registration_recovers_a_known_affine_within_1mm(atlas, backend):
         assert "(Transform \"AffineTransform\")" in registration.parameter_text
     error = mean_displacement_mm(registration.atlas_to_subject, true_atlas_to_subject, _brain_points(atlas))
     assert error < 1.0, f"mean displacement error {error:.2f} mm"
+
+
+@pytest.mark.slow
 
 
 def test_elastix_transform_matches_transformix(atlas):
@@ -112,6 +116,9 @@ def test_registration_backend_is_recorded_and_old_records_mean_elastix():
         PreprocessConfig.for_modality("mr", registration_backend="ants")
 
 
+@pytest.mark.slow
+
+
 def test_deepbet_mask_matches_atlas_brain_in_any_orientation(atlas):
     head = sitk.Shrink(atlas.head, [1, 1, 1])
     reference = sitk.GetArrayViewFromImage(atlas.mask) > 0
@@ -146,6 +153,9 @@ def test_percentile_normalisation_maps_5th_and_95th_to_0_and_1(rng):
     assert z[mask > 0].mean() == pytest.approx(0.0, abs=1e-4) and z[mask > 0].std() == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
+
+
 def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, small_atlas_path, tmp_path):
     scan = small_cohort.healthy[0]
     config = PreprocessConfig(atlas=str(small_atlas_path))
@@ -169,6 +179,9 @@ def test_preprocess_file_writes_a_complete_folder_and_resumes(small_cohort, smal
     # same parameters, same input: skipped; no temporary folders are left behind
     assert preprocess_file(scan, tmp_path, config)[1] is True
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+@pytest.mark.slow
 
 
 def test_preprocess_errors_name_the_file_and_leave_nothing(tmp_path, small_atlas_path):

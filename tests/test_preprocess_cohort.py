@@ -135,6 +135,9 @@ def _bids_dataset(root: Path, template: sitk.Image) -> None:
         write_image(image, root / name)
 
 
+@pytest.mark.slow
+
+
 def test_bids_in_bids_derivative_out(small_atlas_path, tmp_path):
     template = read_image(small_atlas_path)
     _bids_dataset(tmp_path / "bids", template)

@@ -96,6 +96,9 @@ def test_growing_is_continuous_at_alpha_zero():
         torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+
+
 def test_alpha_ramps_with_training_patches_and_is_saved(tmp_path):
     model = _model()
     optimizers = model.configure_optimizers(1e-3)
@@ -132,6 +135,9 @@ ENGINE = dict(model="progressive-ganomaly", patch_size=16, batch_size=8, patches
 @pytest.fixture(scope="module")
 def prep(atlas_grid_subjects, tmp_path_factory):
     return atlas_grid_subjects(tmp_path_factory.mktemp("progressive"), ["sub-00", "sub-01", "sub-02"])[1]
+
+
+@pytest.mark.slow
 
 
 def test_early_stopping_grows_to_the_patch_size_and_resume_continues_in_the_stage(prep, tmp_path):

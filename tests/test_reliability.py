@@ -334,6 +334,9 @@ def test_training_memory_grows_with_the_patch_and_leaves_random_streams_alone():
     assert all(p.grad is None for p in small.parameters())  # the model itself was not touched
 
 
+@pytest.mark.slow
+
+
 def test_train_refuses_a_batch_beyond_max_memory_before_training(atlas_grid_subjects, tmp_path):
     _, prep = atlas_grid_subjects(tmp_path, ["case-0", "case-1"])
     model = tmp_path / "model.pt"

@@ -24,8 +24,8 @@ from uadct.report import (
     heatmap_montage,
     map_unit,
     render_heatmap,
-    render_html,
 )
+from uadct.report_page import render_html
 
 BLOB_CENTRE_MM = (90.0, -110.0, 90.0)  # LPS point in the right hemisphere (the head spans x 0..239 mm)
 BLOB_SIGMA_MM = 6.0
@@ -333,6 +333,9 @@ def test_html_page_embeds_every_subject_and_lists_the_bad_ones(case, tmp_path):
     assert len(images) == 2
     assert all(base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n" for image in images)
     assert "sub-bad.nii.gz: not on the grid" in page and "label" in page
+
+
+@pytest.mark.slow
 
 
 def test_cli_heatmap_png_and_html_exit_codes(case, tmp_path):

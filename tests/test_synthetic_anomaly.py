@@ -135,6 +135,9 @@ def test_bad_settings_are_one_line_errors(options, message):
         build_model("synthetic-anomaly", {"patch_size": 16, **options})
 
 
+@pytest.mark.slow
+
+
 def test_short_fit_segments_an_unseen_dark_lesion():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)

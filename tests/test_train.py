@@ -46,6 +46,9 @@ def _differs(a, b):
     return any(not torch.equal(a[key], b[key]) for key in a if a[key].is_floating_point())
 
 
+@pytest.mark.slow
+
+
 def test_same_seed_gives_identical_weights(prep, tmp_path):
     first = train_model(prep, tmp_path / "a.pt", TrainConfig(**TINY, seed=1))
     second = train_model(prep, tmp_path / "b.pt", TrainConfig(**TINY, seed=1))
@@ -57,6 +60,9 @@ def test_same_seed_gives_identical_weights(prep, tmp_path):
     assert [r["train_loss"] for r in first.history] == [r["train_loss"] for r in second.history]
     assert _differs(_weights(first.checkpoint), _weights(other.checkpoint))
     assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
+
+
+@pytest.mark.slow
 
 
 def test_resume_after_a_crash_matches_one_run(prep, tmp_path):
@@ -78,6 +84,9 @@ def test_resume_after_a_crash_matches_one_run(prep, tmp_path):
     assert not resume_path(tmp_path / "split.pt").exists()
 
 
+@pytest.mark.slow
+
+
 def test_resume_with_more_epochs_matches_one_run(prep, tmp_path):
     whole = train_model(prep, tmp_path / "whole.pt", TrainConfig(**{**TINY, "max_epochs": 3}))
     short = TrainConfig(**{**TINY, "max_epochs": 2})
@@ -90,6 +99,9 @@ def test_resume_with_more_epochs_matches_one_run(prep, tmp_path):
         train_model(prep, tmp_path / "grown.pt", short, progress=crash)
     grown = train_model(prep, tmp_path / "grown.pt", TrainConfig(**{**TINY, "max_epochs": 3}), resume=True)
     _assert_identical(_weights(whole.checkpoint), _weights(grown.checkpoint))
+
+
+@pytest.mark.slow
 
 
 def test_sigterm_mid_epoch_saves_state_and_resume_is_exact(prep, tmp_path):
@@ -110,6 +122,9 @@ def test_sigterm_mid_epoch_saves_state_and_resume_is_exact(prep, tmp_path):
     assert resumed.history[1]["train_loss"] == pytest.approx(whole.history[1]["train_loss"], rel=1e-12)
 
 
+@pytest.mark.slow
+
+
 def test_resume_refuses_other_settings(prep, tmp_path):
     def crash(event, info):
         if event == "epoch":
@@ -119,6 +134,9 @@ def test_resume_refuses_other_settings(prep, tmp_path):
         train_model(prep, tmp_path / "m.pt", TrainConfig(**TINY), progress=crash)
     with pytest.raises(Exception, match="other training settings"):
         train_model(prep, tmp_path / "m.pt", TrainConfig(**{**TINY, "learning_rate": 0.1}), resume=True)
+
+
+@pytest.mark.slow
 
 
 def test_history_written_as_json_and_csv(prep, tmp_path):
@@ -229,6 +247,9 @@ def test_cli_kill_9_then_the_same_command_finishes_like_an_uninterrupted_run(pre
         (tmp_path / "whole" / "model.pt.history.json").read_text(encoding="utf-8"))]
 
 
+@pytest.mark.slow
+
+
 def test_cli_resume_file_of_other_settings_is_refused_and_force_starts_over(prep, tmp_path):
     model = tmp_path / "m.pt"
 
@@ -265,6 +286,7 @@ def _trainable_models():
 
 
 @pytest.mark.parametrize("name", _trainable_models())
+@pytest.mark.slow
 def test_every_model_trains_under_bfloat16_autocast(name):
     """The AMP path (CUDA in real use) exercised on CPU: every model's training hook runs under autocast."""
     from uadct.models import build_model
@@ -282,6 +304,9 @@ def test_every_model_trains_under_bfloat16_autocast(name):
     assert all(np.isfinite(v) for v in losses.values()), losses
     assert _differs(before, model.state_dict())
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+
+
+@pytest.mark.slow
 
 
 def test_amp_on_cpu_runs_bfloat16_and_is_off_by_default(prep, tmp_path):

@@ -91,6 +91,9 @@ def test_unknown_score_is_refused_with_the_choices():
         build_model("vae", {"score": "auc"})
 
 
+@pytest.mark.slow
+
+
 def test_dark_lesion_scores_higher_than_healthy_after_a_short_fit():
     """A dark square lowers |x| (an untrained network scores it *lower*); only a model that
     learned the healthy appearance restores it and scores it higher."""

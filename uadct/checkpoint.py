@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from uadct.errors import CheckpointError
+from uadct.errors import CheckpointError, UadctError
 from uadct.io import atomic_path, sha256_of
 from uadct.models import AnomalyModel, build_model
 from uadct.patches import PatchSpec
@@ -100,6 +100,7 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write weights and metadata atomically (``extra_state``: tensors/plain data only)."""
+    model = getattr(model, "scored_model", model)  # a forest-scored model: its network (the forest goes in extra_state)
     full = {"model": model.name, "model_config": model.config_dict(), **metadata}
     payload = {
         "format": FORMAT,
@@ -164,7 +165,15 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     _check_patch_geometry(path, metadata)
     _check_finite_weights(path, payload["state_dict"])
     model.to(device).eval()
-    return Checkpoint(model, metadata, payload.get("extra", {}), sha256_of(path), Path(path))
+    extra = payload.get("extra", {})
+    if isinstance(extra, dict) and extra.get("forest"):  # `train --scorer forest`: the patch score is the forest's
+        from uadct.forest_scorer import attach_forest
+
+        try:
+            model = attach_forest(model, extra)
+        except UadctError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    return Checkpoint(model, metadata, extra, sha256_of(path), Path(path))
 
 
 def _plain_first_line(exc: BaseException) -> str:

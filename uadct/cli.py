@@ -22,7 +22,7 @@ from uadct.errors import UadctError
 
 app = typer.Typer(
     name="uadct",
-    help="Unsupervised anomaly detection in brain MRI and head CT: preprocess -> train -> score -> heatmap -> evaluate.",
+    help="Unsupervised anomaly detection in brain MRI, head CT and 2D images (X-rays, CT slides): preprocess -> train -> score -> heatmap -> evaluate.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,

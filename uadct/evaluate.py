@@ -53,16 +53,12 @@ Outputs in ``out_dir`` (written atomically, replacing earlier ones): ``metrics.j
 (per subject, pooled, options, inputs), ``metrics.csv`` (one row per subject),
 ``report.md``, and the plots ``roc.png``, ``pr.png`` (pooled curve and one thin line per
 subject) and ``image_roc.png`` (when both normal and abnormal subjects are present);
-:mod:`uadct.evaluation_report` lays them out.
-
-Size: about 620 lines for one job, the measurement protocol (reading, per-subject and
-pooled metrics with their bootstrap intervals); it is kept in one file so the protocol
-described above can be checked against one piece of code.
+:mod:`uadct.evaluation_report` lays them out. :mod:`uadct.evaluation_subjects` reads the
+files (maps, labels, masks, sidecars, a validation report); this module measures.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -71,15 +67,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from uadct import __version__
-from uadct.arrays import bounding_box, top_k_mean
 from uadct.errors import InputError, UadctError
 from uadct.evaluation_report import fpr_key, write_report
-from uadct.io import grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix
+from uadct.evaluation_subjects import SLICE_TOP_FRACTION, EvaluatedSubject, load_subject, niftis_by_subject, read_validation  # noqa: F401
 from uadct.metrics import (
     IMAGE_METRIC_FIELDS,
+    auprc,
     auroc,
     bootstrap_auroc,
     bootstrap_mean,
@@ -96,12 +91,10 @@ from uadct.metrics import (
     threshold_at_fpr,
     voxel_metrics_from_groups,
 )
-from uadct.scoremap import ScoreSidecar
 
 log = logging.getLogger(__name__)
 
 IMAGE_LEVELS = ("subject", "slice")
-SLICE_TOP_FRACTION = 0.05  # a slice's score: mean of its top 5 % brain voxels
 
 ProgressCallback = Callable[[int, int, str], None]
 """Called after each subject with (subjects done, subjects to do, subject id)."""
@@ -179,22 +172,6 @@ class EvaluationResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-@dataclass
-class _Subject:
-    """One subject's brain region, cropped to its bounding box (``(d, h, w)`` arrays)."""
-
-    subject: str
-    scores: np.ndarray  # float32 map values (after the median filter)
-    brain: np.ndarray  # bool
-    lesion: np.ndarray  # bool, inside the brain only
-    positives: np.ndarray  # (P,) sorted scores of lesion voxels
-    negatives: np.ndarray  # (N,) sorted scores of normal voxels
-    image_score: float
-    image_score_source: str
-    slice_scores: np.ndarray | None = None  # (S,) axial slices holding brain voxels (image_level="slice")
-    slice_abnormal: np.ndarray | None = None  # (S,) bool
-
-
 def evaluate_folder(
     maps_dir: str | Path,
     labels_dir: str | Path,
@@ -214,11 +191,11 @@ def evaluate_folder(
     options = options or EvaluationOptions()
     maps_dir, labels_dir, out_dir = Path(maps_dir), Path(labels_dir), Path(out_dir)
     masks_dir = Path(brain_masks_dir) if brain_masks_dir is not None else None
-    validation = _read_validation(options.threshold_from) if options.threshold_from is not None else None
+    validation = read_validation(options.threshold_from) if options.threshold_from is not None else None
 
-    maps = _niftis_by_subject(maps_dir)
-    labels = _niftis_by_subject(labels_dir)
-    masks = _niftis_by_subject(masks_dir) if masks_dir is not None else {}
+    maps = niftis_by_subject(maps_dir)
+    labels = niftis_by_subject(labels_dir)
+    masks = niftis_by_subject(masks_dir) if masks_dir is not None else {}
     if not maps:
         raise InputError(f"{maps_dir}: no anomaly maps (.nii or .nii.gz files) found")
     without_label = sorted(set(maps) - set(labels))
@@ -244,12 +221,13 @@ def evaluate_folder(
                 f"(expected <subject>.nii.gz or <subject>.nii)"
             )
 
-    loaded: list[_Subject] = []
+    loaded: list[EvaluatedSubject] = []
     inputs: list[dict[str, Any]] = []
     failed: list[tuple[str, str]] = []
     for done, subject in enumerate(subjects, start=1):
         try:
-            loaded.append(_load_subject(subject, maps[subject], labels.get(subject), masks.get(subject), options))
+            loaded.append(load_subject(subject, maps[subject], labels.get(subject), masks.get(subject), options.median_filter,
+                                       options.image_top_k, options.image_level == "slice"))
         except InputError as exc:
             log.warning("%s: left out: %s", subject, exc)
             failed.append((subject, str(exc)))
@@ -294,121 +272,6 @@ def evaluate_folder(
     return EvaluationResult(per_subject=per_subject, pooled=pooled, files=files, missing=missing, failed=failed)
 
 
-# ----------------------------------------------------------------------------- reading
-def _niftis_by_subject(folder: Path) -> dict[str, Path]:
-    """Subject id -> NIfTI file in ``folder``; two files with the same id are an error."""
-    found: dict[str, Path] = {}
-    for path in list_niftis(folder):
-        subject = strip_nifti_suffix(path)
-        if subject in found:
-            raise InputError(f"{path}: same subject id {subject!r} as {found[subject]}; keep one of the two")
-        found[subject] = path
-    return found
-
-
-def _load_subject(
-    subject: str, map_path: Path, label_path: Path | None, mask_path: Path | None, options: EvaluationOptions
-) -> _Subject:
-    """Read one subject's map, label and mask, check the grids, filter and crop to the brain."""
-    map_image = read_image(map_path, allow_empty=True)
-    scores_volume = sitk.GetArrayFromImage(map_image).astype(np.float32, copy=False)
-    if label_path is not None:
-        label_image = read_mask(label_path)
-        if not same_grid(label_image, map_image):
-            raise InputError(
-                f"{label_path}: the label is not on the grid of its map {map_path} "
-                f"({grid_difference(label_image, map_image)})"
-            )
-        lesion_volume = sitk.GetArrayViewFromImage(label_image) != 0
-    else:
-        lesion_volume = np.zeros(scores_volume.shape, dtype=bool)
-    if mask_path is not None:
-        mask_image = read_mask(mask_path, reference=map_image)
-        brain = sitk.GetArrayViewFromImage(mask_image) != 0
-        if not brain.any():
-            raise InputError(f"{mask_path}: the brain mask is empty")
-        outside = int(np.count_nonzero(lesion_volume & ~brain))
-        if outside:
-            log.warning(
-                "%s: %d lesion voxel(s) lie outside the brain mask %s and are not counted", label_path, outside, mask_path
-            )
-    else:
-        if label_path is not None and not scores_volume.any():  # the "brain" would be the label alone: a false perfect score
-            raise InputError(f"{map_path}: the map is all zero, so without --brain-masks there is no brain region to evaluate "
-                             "(only the label's voxels would be scored); give --brain-masks")
-        brain = (scores_volume != 0) | lesion_volume
-        if not brain.any():
-            where = f"its label {label_path} is empty" if label_path is not None else "it has no label"
-            raise InputError(f"{map_path}: the map is all zero and {where}, so there is no brain region to evaluate")
-
-    box = bounding_box(brain, margin=options.median_filter // 2)
-    scores = np.ascontiguousarray(scores_volume[box])
-    brain_crop = np.ascontiguousarray(brain[box])
-    lesion = np.ascontiguousarray(lesion_volume[box]) & brain_crop
-    if not np.isfinite(scores[brain_crop]).all():
-        raise InputError(f"{map_path}: the map holds NaN or infinite values inside the brain")
-
-    sidecar = ScoreSidecar.read(map_path)
-    if sidecar is not None and sidecar.image_score is not None:
-        image_score, source = sidecar.image_score, "sidecar"
-    else:
-        image_score = top_k_mean(scores[brain_crop], options.image_top_k)
-        source = f"top-{options.image_top_k} mean"
-
-    slice_scores = slice_abnormal = None
-    if options.image_level == "slice":
-        slice_scores, slice_abnormal = _slice_samples(scores, brain_crop, lesion, _axial_axis(map_image))
-
-    if options.median_filter > 1:
-        from scipy import ndimage
-
-        scores = np.where(brain_crop, scores, np.float32(0.0))
-        scores = ndimage.median_filter(scores, size=options.median_filter, mode="constant", cval=0.0)
-    positives = np.sort(scores[lesion])
-    negatives = np.sort(scores[brain_crop & ~lesion])
-    return _Subject(subject, scores, brain_crop, lesion, positives, negatives, image_score, source, slice_scores, slice_abnormal)
-
-
-def _axial_axis(image: sitk.Image) -> int:
-    """The numpy array axis of ``image`` closest to the superior-inferior direction."""
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    index_axis = int(np.argmax(np.abs(direction[2])))  # image index axis with the largest z component
-    return 2 - index_axis  # numpy arrays are (z, y, x) in index order
-
-
-def _slice_samples(
-    scores: np.ndarray, brain: np.ndarray, lesion: np.ndarray, axis: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(S,) slice scores (mean of the top 5 % brain voxels) and (S,) lesion flags of slices along ``axis``."""
-    slice_scores, abnormal = [], []
-    for index in range(scores.shape[axis]):
-        inside = np.take(brain, index, axis=axis)
-        if not inside.any():
-            continue
-        values = np.take(scores, index, axis=axis)[inside]
-        slice_scores.append(top_k_mean(values, max(1, int(round(SLICE_TOP_FRACTION * values.size)))))
-        abnormal.append(bool(np.take(lesion, index, axis=axis).any()))
-    return np.array(slice_scores), np.array(abnormal, dtype=bool)
-
-
-def _read_validation(path: Path) -> dict[str, float | None]:
-    """The image and voxel thresholds stored in an earlier run's ``metrics.json``."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        pooled = data["pooled"]
-        image = pooled["image_level"]["f1_optimal_threshold"]
-        unit = pooled["image_level"].get("unit", "subject")
-        voxel = pooled.get("best_dice_threshold")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such validation report (give the metrics.json of `uadct evaluate`)") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a metrics.json written by `uadct evaluate` ({type(exc).__name__}: {exc})") from None
-    if image is None:
-        raise InputError(f"{path}: holds no image-level threshold (its set had no abnormal subject)")
-    return {"image_threshold": float(image), "image_unit": unit, "voxel_threshold": None if voxel is None else float(voxel)}
-
-
 # ----------------------------------------------------------------------------- metrics
 def _constant(positives: np.ndarray, negatives: np.ndarray) -> bool:
     """True when every brain voxel of a subject has the same score (the map carries no information)."""
@@ -429,13 +292,13 @@ def degenerate_flags(n_flagged: int, n_brain: int) -> str | None:
     return None
 
 
-def _binarised(s: _Subject, threshold: float, min_size: int) -> np.ndarray:
+def _binarised(s: EvaluatedSubject, threshold: float, min_size: int) -> np.ndarray:
     """The subject's brain voxels with ``score >= threshold``, small clusters removed."""
     predicted = (s.scores >= threshold) & s.brain
     return remove_small_components(predicted, min_size) if min_size > 1 else predicted
 
 
-def _dice_at(s: _Subject, threshold: float, min_size: int) -> tuple[float, int, int]:
+def _dice_at(s: EvaluatedSubject, threshold: float, min_size: int) -> tuple[float, int, int]:
     """(Dice, TP, FP) of the subject at ``threshold`` after component removal."""
     if math.isnan(threshold):
         return math.nan, 0, 0
@@ -448,7 +311,7 @@ def _dice_at(s: _Subject, threshold: float, min_size: int) -> tuple[float, int, 
     return dice_from_counts(tp, fp, int(s.positives.size)), tp, fp
 
 
-def _subject_metrics(s: _Subject, options: EvaluationOptions) -> dict[str, Any]:
+def _subject_metrics(s: EvaluatedSubject, options: EvaluationOptions) -> dict[str, Any]:
     """Per-subject voxel metrics at the subject's own thresholds (lesion level added later)."""
     metrics: dict[str, Any] = {
         "subject": s.subject,
@@ -468,7 +331,7 @@ def _subject_metrics(s: _Subject, options: EvaluationOptions) -> dict[str, Any]:
 
 
 def _pooled(
-    loaded: list[_Subject], per_subject: list[dict[str, Any]], options: EvaluationOptions, validation: dict | None
+    loaded: list[EvaluatedSubject], per_subject: list[dict[str, Any]], options: EvaluationOptions, validation: dict | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Pooled voxel metrics, lesion level (adds per-subject columns), image level and intervals."""
     positives = np.sort(np.concatenate([s.positives for s in loaded]))
@@ -575,13 +438,14 @@ def _pooled(
 def _image_level(
     scores: np.ndarray, abnormal: np.ndarray, validation: dict | None, options: EvaluationOptions
 ) -> dict[str, Any]:
-    """Image-level AUROC, the F1-optimal threshold here, and the classification at the applied threshold."""
+    """Image-level AUROC, AUPRC, the F1-optimal threshold here, and the classification at the applied threshold."""
     f1_threshold = f1_optimal_threshold(scores, abnormal)
     result: dict[str, Any] = {
         "unit": options.image_level,
         "n_abnormal": int(abnormal.sum()),
         "n_normal": int((~abnormal).sum()),
         "auroc": auroc(scores, abnormal),
+        "auprc": auprc(scores, abnormal),
         "f1_optimal_threshold": f1_threshold,
     }
     if validation is not None:
@@ -603,6 +467,9 @@ def _image_level(
     else:
         result.update(classification_metrics(scores, abnormal, applied))
     return result
+
+
+image_level_metrics = _image_level  # uadct.image_labels measures images against image labels the same way
 
 
 # ----------------------------------------------------------------------------- descriptions

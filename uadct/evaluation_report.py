@@ -53,7 +53,7 @@ def write_report(out_dir: Path, per_subject: list[dict[str, Any]], pooled: dict[
 def _write_plots(
     curves: dict[str, Any], pooled: dict[str, Any], per_subject: list[dict[str, Any]], out_dir: Path
 ) -> dict[str, Path]:
-    from uadct.report import plot_image_roc, plot_voxel_curves
+    from uadct.report_curves import plot_image_roc, plot_voxel_curves
 
     files: dict[str, Path] = {}
     if curves["pooled"]["fpr"].size:

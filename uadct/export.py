@@ -107,6 +107,10 @@ def export_checkpoint(checkpoint_path: str | Path, out_path: str | Path, format:
     if hasattr(model, "fit_volumes"):
         raise ExportError(f"{checkpoint_path}: model {model.name!r} cannot be exported: it maps whole volumes on the atlas "
                           "grid from stored voxel statistics, not patches through a network")
+    if hasattr(model, "ensemble") or getattr(model, "uses_covariates", False):
+        raise ExportError(f"{checkpoint_path}: model {model.name!r} cannot be exported: "
+                          + ("its patch score is a tree ensemble (--scorer forest), evaluated outside the network"
+                             if hasattr(model, "ensemble") else "it is conditioned on subject covariates, which the exported graph does not take"))
     if model.name in NOT_ONE_PASS:
         raise ExportError(f"{checkpoint_path}: model {model.name!r} cannot be exported: {NOT_ONE_PASS[model.name]}")
     patch = checkpoint.metadata.get("patch", {})

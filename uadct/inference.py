@@ -33,10 +33,10 @@ from uadct.dicom import is_dicom_folder
 from uadct.errors import CheckpointError, InputError, UadctError
 from uadct.io import array_like, map_sidecar_path, read_image, sha256_of, strip_nifti_suffix, write_image, write_text
 from uadct.locks import output_lock, remove_stale_temporaries
-from uadct.memory import BatchPlan, default_budget, inference_bytes_per_patch, model_bytes, plan_batch
-from uadct.models import AnomalyModel
+from uadct.memory import BatchPlan
 from uadct.outputs import check_output_file, check_output_folder, refuse_overwriting_inputs, refuse_shared_outputs
-from uadct.patches import PatchSpec, patch_centres, sliding_window_map
+from uadct.patches import sliding_window_map
+from uadct.patch_scoring import patch_predictor, plan_scoring_batch, scoring_bytes_per_patch  # noqa: F401 (re-exported)
 from uadct.postprocess import MapOptions, clean_lesion_mask, finish_map
 from uadct.preprocess.chain import run_preprocessing
 from uadct.preprocess.prepared import PreparedFolder, prepared_name
@@ -46,6 +46,7 @@ from uadct.scoremap import ScoreSidecar, map_state, mood_score_path
 log = logging.getLogger(__name__)
 
 IMAGE_SCORE_TOP_K = 1000  # voxels (~1 ml at 1 mm) averaged for the image-level score
+IMAGE_SCORE_FRACTION_2D = 0.01  # 2D images (one slice): the top 1 % of the field of view's pixels
 
 
 @dataclass
@@ -67,67 +68,19 @@ class ScoreOutcome:
     message: str = ""
 
 
-def patch_predictor(
-    model: torch.nn.Module, device: torch.device, output: str | None = None,
-    volume_shape: tuple[int, int, int] | None = None, spec: PatchSpec | None = None,
-) -> Callable[..., np.ndarray]:
-    """Wrap a model's ``score_patches`` as a numpy ``(B, *patch) -> (B, *patch) or (B,)`` function.
+def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int | None = None) -> float:
+    """Mean of the ``top_k`` highest map values inside the mask (float64; 0.0 for an empty mask).
 
-    ``output`` is ``"voxel"`` or ``"scalar"``; default the model's first declared output.
-    For a position-conditioned model (``model.uses_positions``) the function also takes
-    the patches' starts ``(B, 3)`` and passes their centres
-    (:func:`uadct.patches.patch_centres` on ``volume_shape``) to the model.
+    ``top_k`` defaults to :func:`image_score_top_k` of the mask.
     """
-    key = resolve_output_kind(model, output)
-    # any module with score_patches works here (MONAI-style); uadct models define uses_positions
-    conditioned = bool(getattr(model, "uses_positions", False))
-
-    @torch.inference_mode()
-    def predict(patches: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
-        batch = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).unsqueeze(1).to(device)
-        extra = {}
-        if conditioned:
-            if starts is None or volume_shape is None or spec is None:
-                raise UadctError(f"model {getattr(model, 'name', '?')!r} is conditioned on patch positions; give the patch starts and volume shape")
-            extra["positions"] = torch.from_numpy(patch_centres(starts, spec, volume_shape)).to(device)
-        return model.score_patches(batch, **extra)[key].float().cpu().numpy()
-
-    return predict
+    return top_k_mean(anomaly_map[mask > 0], image_score_top_k(mask) if top_k is None else top_k)
 
 
-# bytes per atlas-grid voxel the scorer holds whatever the batch: the image (float32, and
-# its copy), the mask, the float64 sum and int32 count of the accumulator, the transient
-# int64 cumulative sums of the count, the start grid's box sums and the float32 result
-SCORING_BYTES_PER_VOXEL = 72
-# bytes per patch voxel outside the model: the cut patch (float32), its tensor copy, the
-# float64 values and int64 flat indices of the overlap-add
-SCORING_BYTES_PER_PATCH_VOXEL = 32
-
-
-def scoring_bytes_per_patch(model: AnomalyModel, spec: PatchSpec, device: torch.device) -> int:
-    """Bytes one patch costs while scoring: the model's activations (measured) and the overlap-add's arrays."""
-    score = None
-    if model.uses_positions:  # the probe batch sits at the volume centre
-        score = lambda batch: model.score_patches(batch, positions=batch.new_zeros(len(batch), 3))  # noqa: E731
-    return inference_bytes_per_patch(model, spec.tensor_shape, device, score) + SCORING_BYTES_PER_PATCH_VOXEL * int(np.prod(spec.shape))
-
-
-def plan_scoring_batch(model: AnomalyModel, spec: PatchSpec, volume_shape: tuple[int, ...], device: torch.device,
-                       batch_size: int | None = None, max_memory: int | None = None,
-                       per_patch: int | None = None) -> BatchPlan:
-    """The scoring batch size for ``model`` on a volume of ``volume_shape`` within a memory budget.
-
-    ``per_patch``: :func:`scoring_bytes_per_patch`, when already measured.
-    """
-    per_patch = per_patch if per_patch is not None else scoring_bytes_per_patch(model, spec, device)
-    fixed = SCORING_BYTES_PER_VOXEL * int(np.prod(volume_shape)) + model_bytes(model)
-    budget = max_memory if max_memory is not None else default_budget(device)
-    return plan_batch(batch_size, per_patch, fixed, budget, "scoring")
-
-
-def image_level_score(anomaly_map: np.ndarray, mask: np.ndarray, top_k: int = IMAGE_SCORE_TOP_K) -> float:
-    """Mean of the ``top_k`` highest map values inside the mask (float64; 0.0 for an empty mask)."""
-    return top_k_mean(anomaly_map[mask > 0], top_k)
+def image_score_top_k(mask: np.ndarray) -> int:
+    """Voxels averaged for the image score: 1000 in a volume; 1 % of the mask in a 2D image ``(1, H, W)``."""
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        return max(1, int(round(IMAGE_SCORE_FRACTION_2D * np.count_nonzero(mask))))
+    return IMAGE_SCORE_TOP_K
 
 
 class Inferer:
@@ -146,7 +99,7 @@ class Inferer:
     def __init__(self, checkpoint: Checkpoint | str | Path, stride: int = 4, batch_size: int | None = None,
                  device: str = "auto", gaussian_sigma: float | None = None, output_kind: str | None = None,
                  mood: bool = False, max_memory: int | None = None, harmonize: bool = True,
-                 map_options: MapOptions | None = None) -> None:
+                 map_options: MapOptions | None = None, covariates: Any = None) -> None:
         map_options = map_options or MapOptions()
         if mood and (map_options.units != "raw" or map_options.fpr is not None):
             raise UadctError("--mood maps are scaled to [0, 1] by the MOOD rule; leave out --units and --fpr")
@@ -171,6 +124,10 @@ class Inferer:
         self.model = self.checkpoint.model.to(self.device).eval()
         self.output_kind = resolve_output_kind(self.model, output_kind)
         self._per_patch: int | None = None  # memory probe, measured on first use
+        # subject covariates (a uadct.covariates.CovariateSource) for models conditioned on them;
+        # score_scan looks each subject up, __call__ uses the current one
+        self.covariates = covariates
+        self.subject_covariates: np.ndarray | None = None
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -194,7 +151,8 @@ class Inferer:
             if plan_out is not None:  # voxel-wise models (normative) map the whole volume at once
                 plan_out.update({"whole_volume": True})
             return self.model.score_volume(image, mask)
-        predictor = patch_predictor(self.model, self.device, self.output_kind, volume_shape=image.shape, spec=self.spec)
+        predictor = patch_predictor(self.model, self.device, self.output_kind, volume_shape=image.shape, spec=self.spec,
+                                    covariates=self.subject_covariates)
         plan = self.plan(image.shape)
         log.info("scoring %s", plan.describe())
         stats: dict[str, Any] = {}
@@ -226,6 +184,11 @@ class Inferer:
         if lesion_mask_path is not None and map_options.fpr is None:
             raise UadctError(f"{lesion_mask_path}: a lesion mask needs a false-positive rate (--fpr)")
         checkpoint, subject, out_path = self.checkpoint, Path(subject), Path(out_path)
+        if getattr(self.model, "uses_covariates", False):  # before minutes of preprocessing: a subject without a row fails now
+            if self.covariates is None:
+                raise UadctError(f"{self.checkpoint_path or 'model'}: conditioned on subject covariates; give --covariates "
+                                 "participants.tsv or --age/--sex")
+            self.subject_covariates = self.covariates.vector(subject_name(subject))
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         if subject.is_dir() and not is_dicom_folder(subject):  # a DICOM series folder is a raw scan
@@ -242,10 +205,11 @@ class Inferer:
                 config = harmonized_config(checkpoint.preprocess_config, checkpoint.metadata, self.harmonize)
             except (TypeError, ValueError, AttributeError) as exc:
                 raise CheckpointError(f"{self.checkpoint_path or 'checkpoint'}: its preprocessing settings are invalid ({exc})") from None
-            atlas = load_atlas(config.atlas)
-            if checkpoint.atlas_sha256 and checkpoint.atlas_sha256 != atlas.checksum:
+            atlas = None if config.is_2d else load_atlas(config.atlas)  # 2D images: resized, no atlas
+            if atlas is not None and checkpoint.atlas_sha256 and checkpoint.atlas_sha256 != atlas.checksum:
                 raise CheckpointError(f"the atlas {config.atlas!r} in the cache differs from the one the model was trained on (checksum)")
-            self.plan(atlas.brain.GetSize()[::-1])  # fail on a batch that cannot fit before minutes of preprocessing
+            # fail on a batch that cannot fit before minutes of preprocessing
+            self.plan((1, *config.image_size) if atlas is None else atlas.brain.GetSize()[::-1])
             try:
                 prepared = run_preprocessing(image, config, atlas)
             except UadctError as exc:
@@ -299,7 +263,9 @@ class Inferer:
             write_image(native_mask, brain_mask_path)
         sidecar = ScoreSidecar(
             subject=str(subject), input_sha256=input_sha, map=str(out_path), image_score=score,
-            image_score_definition=f"mean of the top {IMAGE_SCORE_TOP_K} map voxels inside the brain (atlas grid)",
+            image_score_definition=(f"mean of the top {IMAGE_SCORE_TOP_K} map voxels inside the brain (atlas grid)"
+                                    if mask_array.shape[0] > 1 else f"mean of the top {image_score_top_k(mask_array)} map "
+                                    f"pixels (1 %) inside the field of view (prepared grid)"),
             checkpoint=str(self.checkpoint_path) if self.checkpoint_path else None, model=checkpoint.model_name,
             stride=self.stride, output_kind=self.output_kind, gaussian_sigma=self.gaussian_sigma, mood_scaling=scaling,
             settings=self.settings, batch=plan, timings_s=timings, extra={**finished.record, "resolution": resolution},
@@ -364,10 +330,11 @@ def score_scan(checkpoint: Checkpoint | str | Path, subject: str | Path, out_pat
                brain_mask_path: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
                gaussian_sigma: float | None = None, output_kind: str | None = None, mood: bool = False,
                max_memory: int | None = None, harmonize: bool = True, map_options: MapOptions | None = None,
-               lesion_mask_path: str | Path | None = None) -> ScoreResult:
-    """Score one raw scan or prepared subject folder (:meth:`Inferer.score_scan`)."""
+               lesion_mask_path: str | Path | None = None, covariates: Any = None) -> ScoreResult:
+    """Score one raw scan or prepared subject folder (:meth:`Inferer.score_scan`); ``covariates``: a
+    :class:`uadct.covariates.CovariateSource` for a model conditioned on them."""
     inferer = Inferer(checkpoint, stride, batch_size, device, gaussian_sigma, output_kind, mood, max_memory, harmonize,
-                      map_options)
+                      map_options, covariates)
     return inferer.score_scan(subject, out_path, atlas_map_path, brain_mask_path, progress, lesion_mask_path)
 
 
@@ -407,7 +374,7 @@ def score_many(
     called with each record as it is made.
     """
     output = Path(output)
-    many = inferer.mood or not str(output).endswith((".nii", ".nii.gz"))
+    many = inferer.mood or not str(output).lower().endswith((".nii", ".nii.gz", ".png", ".tif", ".tiff"))
     if not many and len(inputs) > 1:
         raise InputError(f"{output}: {len(inputs)} inputs need an output folder, not a single map file")
     inputs = [Path(path) for path in inputs]

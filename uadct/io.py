@@ -1,10 +1,12 @@
-"""Reading and writing NIfTI volumes with their geometry, atomic file writes, and the version record.
+"""Reading NIfTI volumes with their geometry, comparing grids, and the version record.
 
 Arrays follow SimpleITK's order: ``(D, H, W)`` = (z, y, x) for a 3D image whose
 physical geometry (spacing in mm, origin, direction) lives on the ``SimpleITK.Image``.
 
-Size: about 590 lines; most of it is one job, reading untrusted NIfTI files safely (header,
-affine, size and gzip checks before any voxel is allocated).
+Most of it is one job, reading untrusted NIfTI files safely (header, affine, size and gzip
+checks before any voxel is allocated); grids (same grid, grid records) and the version
+record sit beside it. Writing (atomic files, NIfTI, JSON, text) is :mod:`uadct.writing`;
+its names are re-exported here, where callers look.
 """
 
 from __future__ import annotations
@@ -12,22 +14,20 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import SimpleITK as sitk
 
 from uadct import __version__
-from uadct.errors import InputError, OutputError
+from uadct.errors import InputError
 from uadct.names import NIFTI_SUFFIXES, is_nifti, strip_nifti_suffix  # noqa: F401 (re-exported: io is where callers look)
-from uadct.outputs import file_mode, write_failure
+from uadct.writing import atomic_path, json_safe, one_line, write_image, write_json, write_text  # noqa: F401 (re-exported)
 
 MAX_VOXELS = 1024**3  # refuse volumes over ~1 G voxels before allocating
 MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
@@ -107,6 +107,9 @@ def _first_line(exc: BaseException) -> str:
 def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
     """Read a 3D scalar volume as float32, validating what can go wrong.
 
+    A 2D image file (PNG/JPEG/TIFF, a DICOM image file) is read by
+    :func:`uadct.images2d.read_image_2d` as a volume of one slice ``(1, H, W)``.
+
     A 4D file with a single volume is accepted (the last axis is dropped). Raises
     :class:`InputError` naming the file for anything that is not a usable 3D scan:
     missing file, folder, broken link, unreadable, empty, not NIfTI, header that
@@ -123,6 +126,10 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
 
             if is_dicom_folder(path):  # a folder holding one DICOM series (uadct.dicom owns that format)
                 return _check_volume(path, read_series(path), allow_empty)
+        from uadct.images2d import is_image_2d_file, read_map_2d
+
+        if is_image_2d_file(path):  # PNG/JPEG/TIFF or one DICOM image: a volume of one slice (uadct.images2d owns them)
+            return _check_volume(path, read_map_2d(path), allow_empty)
         return _read_image(path, allow_empty)
 
 
@@ -138,7 +145,7 @@ def _read_image(path: Path, allow_empty: bool) -> sitk.Image:
         size = size[:3]
     elif dim != 3:
         raise InputError(f"{path}: expected a 3D volume, found {dim}D with size {tuple(size)}")
-    if any(s < 2 for s in size):
+    if any(s < 2 for s in size[:2]) or size[2] < 1:  # one slice: a 2D image's prepared image or map (uadct.images2d)
         raise InputError(f"{path}: expected a 3D volume, found size {tuple(size)}")
     if int(np.prod(size)) > MAX_VOXELS:
         raise InputError(f"{path}: dimensions {tuple(size)} are too large ({np.prod(size):.3g} voxels)")
@@ -205,11 +212,6 @@ def _check_file(path: Path) -> None:
         raise InputError(f"{path}: empty file (0 bytes)")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
-
-
 def _read_nifti_header(path: Path) -> Any:
     """Load a NIfTI header with nibabel (no voxel data) and refuse, before anything is
     allocated, headers that cannot describe a usable 3D scan or whose file is too short."""
@@ -219,7 +221,7 @@ def _read_nifti_header(path: Path) -> Any:
     try:
         nifti = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for broken files
-        raise InputError(f"{path}: not a readable NIfTI image ({_one_line(exc)})") from None
+        raise InputError(f"{path}: not a readable NIfTI image ({one_line(exc)})") from None
     if not isinstance(nifti, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a readable NIfTI image (found {type(nifti).__name__})")
     header = nifti.header
@@ -254,7 +256,7 @@ def _check_raw_nifti1_header(path: Path) -> None:
         with opener(path, "rb") as handle:
             raw = handle.read(348)
     except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"{path}: not a readable NIfTI image ({_one_line(exc)})") from None
+        raise InputError(f"{path}: not a readable NIfTI image ({one_line(exc)})") from None
     if len(raw) < 348:
         raise InputError(f"{path}: not a readable NIfTI image (the header holds {len(raw)} of 348 bytes)")
     sizes = {order: struct.unpack_from(order + "i", raw, 0)[0] for order in "<>"}
@@ -317,7 +319,7 @@ def _gzip_length(path: Path, limit: int, chunk: int = 1 << 20) -> int:
             while count < limit and (block := stream.read(min(chunk, limit - count))):
                 count += len(block)
     except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"{path}: the voxel data is truncated or corrupt ({_one_line(exc)})") from None
+        raise InputError(f"{path}: the voxel data is truncated or corrupt ({one_line(exc)})") from None
     return count
 
 
@@ -326,7 +328,7 @@ def _read_nifti_voxels(path: Path, nifti: Any, size: tuple[int, ...]) -> np.ndar
     try:
         data = np.asanyarray(nifti.dataobj)
     except Exception as exc:  # nibabel raises many types for broken files
-        raise InputError(f"{path}: the voxel data is truncated or corrupt ({_one_line(exc)})") from None
+        raise InputError(f"{path}: the voxel data is truncated or corrupt ({one_line(exc)})") from None
     data = data.reshape(data.shape[:3]) if data.ndim > 3 else data
     if data.shape != size:
         raise InputError(f"{path}: nibabel and ITK disagree on the size ({data.shape} vs {size})")
@@ -406,159 +408,6 @@ def grid_image(grid: dict[str, Any]) -> sitk.Image:
     image.SetOrigin([float(s) for s in grid["origin"]])
     image.SetDirection([float(s) for s in grid["direction"]])
     return image
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path, verify: Callable[[Path], None] | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; fsync, check and rename it into place on success.
-
-    After the block the temporary file is fsynced (so a full disk shows now, not later),
-    must not be empty, passes ``verify(tmp)`` (e.g. its size against its header), gets
-    the permissions the umask allows, and is renamed to ``path``. Nothing is left at
-    ``path`` (and no temporary file) when any of this fails: an ``OSError`` or a writer's
-    ``RuntimeError`` (disk full, read-only filesystem) becomes a one-line
-    :class:`~uadct.errors.OutputError`.
-    """
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise write_failure(path, exc) from None
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        _settle(tmp_path, path, verify)
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
-        raise write_failure(path, exc) from None
-    except RuntimeError as exc:
-        tmp_path.unlink(missing_ok=True)
-        if _is_write_failure(exc):  # ITK and torch.save report a failed write as RuntimeError
-            raise write_failure(path, exc) from None
-        raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def _is_write_failure(exc: RuntimeError) -> bool:
-    text = str(exc).lower()
-    return any(word in text for word in ("writ", "disk", "space", "could not open", "permission"))
-
-
-def _settle(tmp: Path, path: Path, verify: Callable[[Path], None] | None) -> None:
-    """fsync the written temporary file, refuse it empty, verify it, set the umask's permissions."""
-    descriptor = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    if tmp.stat().st_size == 0:
-        raise OutputError(f"{path}: could not be written (0 bytes reached the disk; is it full?); nothing was left at that name")
-    if verify is not None:
-        verify(tmp)
-    os.chmod(tmp, file_mode())
-
-
-def write_image(image: sitk.Image, path: str | Path) -> Path:
-    """Write an image atomically (temporary file, then rename); a NIfTI's size is checked
-    against its header first, since ITK does not raise on a full disk."""
-    path = Path(path)
-    verify = (lambda tmp: _verify_written_nifti(tmp, image, path)) if is_nifti(path) else None
-    with atomic_path(path, verify) as tmp, _native_stderr_silenced():
-        sitk.WriteImage(image, str(tmp), useCompression=str(path).endswith(".gz"))
-    return path
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Keep C libraries' messages (niftilib's "** ERROR: NWAD: wrote only 0 of N bytes") off
-    stderr: a failed write is reported once, as one line, by the size check after it."""
-    descriptor = saved = -1
-    try:
-        saved = os.dup(2)
-        descriptor = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(descriptor, 2)
-    except OSError:
-        pass
-    try:
-        yield
-    finally:
-        if saved >= 0:
-            os.dup2(saved, 2)
-            os.close(saved)
-        if descriptor >= 0:
-            os.close(descriptor)
-
-
-def _verify_written_nifti(tmp: Path, image: sitk.Image, path: Path) -> None:
-    """Refuse a written NIfTI holding fewer bytes than its header and voxels need
-    (a .nii.gz is decompressed through to its checksum)."""
-    data_bytes = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
-    try:
-        if tmp.name.endswith(".gz"):
-            with gzip.open(tmp, "rb") as stream:
-                head = stream.read(352)
-                total = len(head)
-                while block := stream.read(1 << 22):
-                    total += len(block)
-        else:
-            with open(tmp, "rb") as stream:
-                head = stream.read(352)
-            total = tmp.stat().st_size
-    except (OSError, EOFError, zlib.error) as exc:
-        raise OutputError(f"{path}: could not be written (the file is truncated or corrupt: {_one_line(exc)}; is the disk full?); "
-                          "nothing was left at that name") from None
-    if len(head) < 348:
-        raise OutputError(f"{path}: could not be written (only {total} bytes reached the disk; is it full?); nothing was left at that name")
-    order = "<" if struct.unpack_from("<i", head, 0)[0] == 348 else ">"
-    expected = int(struct.unpack_from(order + "f", head, 108)[0]) + data_bytes
-    if total < expected:
-        raise OutputError(f"{path}: could not be written (only {total} of {expected} bytes reached the disk; is it full?); "
-                          "nothing was left at that name")
-
-
-def write_json(data: Any, path: str | Path) -> Path:
-    """Write JSON atomically, pretty-printed; NaN and infinities are written as null (valid JSON)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_safe(data), indent=2, default=_json_default, allow_nan=False) + "\n", encoding="utf-8")
-    return Path(path)
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every NaN or infinite float (numpy ones included) replaced by None."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def write_text(text: str, path: str | Path) -> Path:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -331,6 +331,11 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(voxel_metrics(np.asarray(scores, dtype=np.float64), np.asarray(labels))["auroc"])
 
 
+def auprc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AUPRC (average precision, label 1 = positive) of ``(N,)`` scores; NaN with one class only."""
+    return float(voxel_metrics(np.asarray(scores, dtype=np.float64), np.asarray(labels))["auprc"])
+
+
 # ----------------------------------------------------------------------------- bootstrap over subjects
 def bootstrap_weights(n_subjects: int, n_resamples: int, seed: int = 0) -> np.ndarray:
     """``(B, n)`` float64: how often each subject is drawn in each of ``B`` resamples with replacement.

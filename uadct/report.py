@@ -1,4 +1,4 @@
-"""Figures: heatmap montages of anomaly maps, an HTML page for a cohort, ROC/PR curves.
+"""Heatmap montages: an anomaly map over its scan, three views, colour bar and lesion outline.
 
 :func:`render_heatmap` reorients the scan, the map and an optional lesion label to
 LPS (``SimpleITK.DICOMOrient``), so a volume stored in any orientation (RAS, LPS,
@@ -17,22 +17,15 @@ the label). The colour bar names the map's unit, read from the ``uadct score`` s
 (``<map id>.json``) when there is one. Drawing uses a bare ``matplotlib`` Figure with
 the Agg canvas, so no pyplot state is touched and no display is needed.
 
-:func:`render_html` draws every subject of a folder into one self-contained HTML page
-(PNG images base64-embedded), carrying on past a bad subject and listing it.
-
-Size: about 600 lines for one job, drawing; the montage, the HTML page and the curves
-share the slice choice, orientation and colour handling.
+:mod:`uadct.report_page` draws every subject of a folder into one self-contained HTML
+page; :mod:`uadct.report_curves` draws the evaluation's ROC/PR curves.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +34,7 @@ import SimpleITK as sitk
 
 from uadct.arrays import bounding_box, top_k_mean
 from uadct.errors import InputError, UadctError
-from uadct.io import atomic_path, grid_difference, list_niftis, read_image, read_mask, same_grid, strip_nifti_suffix, write_text
+from uadct.io import atomic_path, grid_difference, read_image, read_mask, same_grid
 from uadct.scoremap import GENERIC_UNIT, ScoreSidecar
 
 if TYPE_CHECKING:
@@ -89,6 +82,10 @@ def render_heatmap(
     written atomically. Raises :class:`InputError` naming the file for unreadable inputs,
     a grid mismatch (unless ``resample``) or a map that does not overlap the scan.
     """
+    from uadct.heatmap2d import is_single_slice, render_heatmap_2d
+
+    if is_single_slice(read_image(subject)):  # a 2D image: one overlay panel, the picture as stored
+        return render_heatmap_2d(subject, anomaly_map, out_png, label, threshold, title, unit, resample)
     figure = heatmap_montage(subject, anomaly_map, label, n_slices, threshold, title, unit, resample).figure
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
@@ -438,161 +435,3 @@ def _draw_montage(
             loc="lower right", frameon=False, labelcolor="white", fontsize=8,
         )
     return figure
-
-
-# ----------------------------------------------------------------------------- HTML page for a cohort
-@dataclass
-class HtmlResult:
-    """What :func:`render_html` wrote: the page, the subjects drawn and (id, message) of those that failed."""
-
-    path: Path
-    subjects: list[str]
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-
-def render_html(
-    scans_dir: str | Path,
-    maps_dir: str | Path,
-    out_html: str | Path,
-    labels_dir: str | Path | None = None,
-    n_slices: int = DEFAULT_SLICES,
-    threshold: float | None = None,
-    resample: bool = False,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> HtmlResult:
-    """One self-contained HTML page with the montage of every map in ``maps_dir`` over its scan.
-
-    Maps and scans (and labels, when a folder is given) are matched by subject id
-    (``<id>.nii[.gz]``). Images are embedded as base64 PNG, so the page is a single file.
-    A subject whose files are bad is listed on the page with its error and the others go
-    on; maps without a scan are listed too. ``progress(done, total, id)`` after each one.
-    Raises :class:`InputError` when no map has a scan of the same name.
-    """
-    scans_dir, maps_dir, out_html = Path(scans_dir), Path(maps_dir), Path(out_html)
-    scans = {strip_nifti_suffix(p): p for p in list_niftis(scans_dir)}
-    maps = {strip_nifti_suffix(p): p for p in list_niftis(maps_dir)}
-    labels = {strip_nifti_suffix(p): p for p in list_niftis(labels_dir)} if labels_dir is not None else {}
-    subjects = sorted(set(maps) & set(scans))
-    if not subjects:
-        raise InputError(f"no map in {maps_dir} has a scan of the same name in {scans_dir}")
-    failed = [(s, f"{maps[s]}: no scan named {s}.nii[.gz] in {scans_dir}") for s in sorted(set(maps) - set(scans))]
-    sections: list[str] = []
-    drawn: list[str] = []
-    for done, subject in enumerate(subjects, start=1):
-        label = labels.get(subject)
-        try:
-            montage = heatmap_montage(scans[subject], maps[subject], label, n_slices, threshold, subject, None, resample)
-        except UadctError as exc:
-            log.warning("%s: %s", subject, exc)
-            failed.append((subject, str(exc)))
-        else:
-            buffer = io.BytesIO()
-            montage.figure.savefig(buffer, format="png", dpi=DPI, facecolor=montage.figure.get_facecolor())
-            encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-            details = f"map <code>{html.escape(str(maps[subject]))}</code>"
-            details += f", label <code>{html.escape(str(label))}</code>" if label is not None else ", no label"
-            sections.append(
-                f'<section id="{html.escape(subject)}"><h2>{html.escape(subject)}</h2>'
-                f"<p>{details}; {html.escape(montage.unit)}, shown above "
-                f"{'n/a' if montage.threshold is None else format(montage.threshold, '.4g')}</p>"
-                f'<img alt="heatmap of {html.escape(subject)}" src="data:image/png;base64,{encoded}"></section>'
-            )
-            drawn.append(subject)
-        if progress is not None:
-            progress(done, len(subjects), subject)
-    index = " · ".join(f'<a href="#{html.escape(s)}">{html.escape(s)}</a>' for s in drawn)
-    problems = "".join(f"<li><b>{html.escape(s)}</b>: {html.escape(e)}</li>" for s, e in failed)
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>uadct heatmaps</title>"
-        "<style>body{background:#111;color:#ddd;font-family:sans-serif;margin:1.5em}img{max-width:100%}"
-        "a{color:#6cf}code{color:#aaa}section{margin-bottom:2em}</style></head><body>"
-        f"<h1>Anomaly maps: {len(drawn)} subject(s)</h1>"
-        f"<p>Scans <code>{html.escape(str(scans_dir))}</code>, maps <code>{html.escape(str(maps_dir))}</code>. "
-        "Rows: axial, coronal, sagittal, radiological convention (patient's right on the viewer's left).</p>"
-        f"<p>{index}</p>"
-        + (f"<h2>Not drawn</h2><ul>{problems}</ul>" if failed else "")
-        + "".join(sections)
-        + "</body></html>\n"
-    )
-    write_text(page, out_html)
-    return HtmlResult(out_html, drawn, failed)
-
-
-# ----------------------------------------------------------------------------- ROC / PR plots
-CURVE_INCHES = 5.0
-
-
-def plot_voxel_curves(
-    pooled: dict[str, np.ndarray],
-    subjects: dict[str, dict[str, np.ndarray]],
-    out_png: str | Path,
-    kind: str,
-    area: float,
-) -> Path:
-    """Write the voxel ROC (``kind="roc"``) or precision-recall (``"pr"``) curve to ``out_png``.
-
-    ``pooled`` and each value of ``subjects`` hold ``fpr``, ``tpr`` and ``precision`` arrays
-    (:func:`uadct.metrics.curve_points`). The pooled curve is drawn thick, subjects as thin
-    grey lines; ``area`` (AUROC or AUPRC) goes in the legend. Written atomically.
-    """
-    if kind not in ("roc", "pr"):
-        raise UadctError(f"kind must be 'roc' or 'pr', got {kind!r}")
-    figure, axes = _curve_figure()
-    x_key, y_key = ("fpr", "tpr") if kind == "roc" else ("tpr", "precision")
-    drawn = [points for points in subjects.values() if points[x_key].size]  # subjects with both classes
-    for points in drawn:
-        axes.plot(points[x_key], points[y_key], color="0.6", linewidth=0.6, alpha=0.7)
-    name = "AUROC" if kind == "roc" else "AUPRC"
-    axes.plot(pooled[x_key], pooled[y_key], color="#c0392b", linewidth=2.0, label=f"pooled ({name} {area:.3f})")
-    if drawn:
-        axes.plot([], [], color="0.6", linewidth=0.6, label=f"per subject ({len(drawn)} with lesions)")
-    if kind == "roc":
-        axes.plot([0, 1], [0, 1], color="0.3", linestyle=":", linewidth=0.8, label="chance")
-        axes.set(xlabel="false-positive rate (normal brain voxels)", ylabel="true-positive rate (lesion voxels)",
-                 title="Voxel-level ROC")
-        axes.legend(loc="lower right", fontsize=8)
-    else:
-        axes.set(xlabel="recall (lesion voxels)", ylabel="precision", title="Voxel-level precision-recall")
-        axes.legend(loc="upper right", fontsize=8)
-    return _save_curve(figure, out_png)
-
-
-def plot_image_roc(
-    scores: np.ndarray, abnormal: np.ndarray, out_png: str | Path, area: float, unit: str = "subject"
-) -> Path:
-    """Write the image-level ROC curve of ``(N,)`` scores against ``(N,)`` bool truth (``unit``: subject or slice)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    abnormal = np.asarray(abnormal, dtype=bool)
-    positives, negatives = np.sort(scores[abnormal]), np.sort(scores[~abnormal])
-    thresholds = np.concatenate(([np.inf], np.unique(scores)[::-1]))
-    tpr = (positives.size - np.searchsorted(positives, thresholds, side="left")) / positives.size
-    fpr = (negatives.size - np.searchsorted(negatives, thresholds, side="left")) / negatives.size
-    figure, axes = _curve_figure()
-    # straight lines between the points: tied scores give the diagonal segment AUROC counts as one half
-    axes.plot(fpr, tpr, color="#2c3e50", linewidth=2.0,
-              label=f"{positives.size} abnormal / {negatives.size} normal {unit}s (AUROC {area:.3f})")
-    axes.plot([0, 1], [0, 1], color="0.3", linestyle=":", linewidth=0.8, label="chance")
-    axes.set(xlabel=f"false-positive rate (normal {unit}s)", ylabel=f"true-positive rate (abnormal {unit}s)",
-             title=f"Image-level ROC ({unit}s)")
-    axes.legend(loc="lower right", fontsize=8)
-    return _save_curve(figure, out_png)
-
-
-def _curve_figure() -> tuple[Figure, object]:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(CURVE_INCHES, CURVE_INCHES), dpi=DPI)
-    axes = figure.add_subplot(1, 1, 1)
-    axes.set_xlim(-0.01, 1.01)
-    axes.set_ylim(-0.01, 1.01)
-    axes.set_aspect("equal")
-    axes.grid(True, linewidth=0.4, alpha=0.5)
-    return figure, axes
-
-
-def _save_curve(figure: Figure, out_png: str | Path) -> Path:
-    out_png = Path(out_png)
-    figure.tight_layout()
-    with atomic_path(out_png) as tmp:
-        figure.savefig(tmp, format="png", dpi=DPI)
-    return out_png

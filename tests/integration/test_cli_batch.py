@@ -25,6 +25,9 @@ def brains(atlas_grid_subjects, tmp_path):
     return make
 
 
+@pytest.mark.slow
+
+
 def test_preprocess_shards_and_json(brains, small_atlas_path, tmp_path, monkeypatch):
     scans = brains()
     common = ["preprocess", str(tmp_path / "raw"), "-o", str(tmp_path / "prep"), "--atlas", str(small_atlas_path), *FAST, "--json"]
@@ -53,6 +56,9 @@ def test_batch_carries_on_past_a_bad_subject(brains, small_atlas_path, tmp_path)
     assert not (tmp_path / "prep" / "sub-bad").exists()
 
 
+@pytest.mark.slow
+
+
 def test_score_prepared_folders_with_json_and_skip(brains, small_atlas_path, tmp_path):
     brains()
     prep = tmp_path / "prep"
@@ -69,6 +75,9 @@ def test_score_prepared_folders_with_json_and_skip(brains, small_atlas_path, tmp
     assert anomaly_map.GetSize() == read_image(tmp_path / "raw" / "sub-00.nii.gz").GetSize()
     again = json.loads(runner.invoke(app, ["score", str(model), str(prep), "-o", str(maps), "--json"]).output)
     assert [r["status"] for r in again] == ["skipped"] * 3
+
+
+@pytest.mark.slow
 
 
 def test_a_shard_with_one_subject_still_writes_into_the_folder(brains, small_atlas_path, tmp_path):

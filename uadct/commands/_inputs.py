@@ -25,17 +25,34 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
             paths += read_path_list()
             continue
         path = Path(item)
-        if is_dicom_folder(path):
+        if is_dicom_folder(path) and not dicom_images(path):
             paths.append(path)  # one DICOM series
         elif path.is_dir():
-            paths += list_niftis(path) or dicom_children(path)
+            paths += list_niftis(path) or images_2d(path) or dicom_children(path)
         elif is_nifti(path) or path.exists():
             paths.append(path)
         else:
             raise InputError(f"{path}: no such file or folder")
     if not paths:
-        raise InputError(f"no NIfTI files or DICOM series found in {', '.join(inputs)}")
+        raise InputError(f"no NIfTI files, 2D images or DICOM series found in {', '.join(inputs)}")
     return paths
+
+
+def dicom_images(folder: Path) -> bool:
+    """A folder of separate 2D DICOM images (X-rays, CT slides), not one series."""
+    from uadct.images2d import is_dicom_image_folder
+
+    return is_dicom_image_folder(folder)
+
+
+def images_2d(folder: Path) -> list[Path]:
+    """The 2D image files (PNG/JPEG/TIFF/DICOM) in a folder, else in its normal/ and abnormal/ sub-folders."""
+    from uadct.images2d import list_images_2d
+
+    found = list_images_2d(folder)
+    if found:
+        return found
+    return [p for name in ("normal", "abnormal") if (folder / name).is_dir() for p in list_images_2d(folder / name)]
 
 
 def dicom_children(folder: Path) -> list[Path]:
@@ -104,11 +121,18 @@ def collect_score_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         if item == "-":
             paths += read_path_list()
-        elif Path(item).is_dir() and not PreparedFolder(item).exists() and not is_dicom_folder(item):
-            folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans or series in it
-            paths += find_prepared(folder) or list_niftis(folder) or dicom_children(folder)
+        elif Path(item).is_dir() and not PreparedFolder(item).exists() and (not is_dicom_folder(item) or dicom_images(Path(item))):
+            folder = Path(item)  # prepared subjects (plain or BIDS derivative), else the scans, 2D images or series in it
+            paths += find_prepared(folder) or list_niftis(folder) or images_2d(folder) or dicom_children(folder)
         else:
             paths.append(Path(item))
     if not paths:
         raise InputError(f"nothing to score in {', '.join(inputs)}")
     return paths
+
+
+def collect_prepared(items: list[Path]) -> list[Path]:
+    """Prepared subject folders, or folders of them (plain or BIDS derivative), -> the subject folders."""
+    from uadct.preprocess.prepared import PreparedFolder, find_prepared
+
+    return [folder for item in items for folder in ([item] if PreparedFolder(item).exists() else find_prepared(item))]

@@ -13,7 +13,7 @@ from uadct.errors import InputError
 
 def evaluate(
     maps: Path = typer.Argument(..., help="Folder of anomaly maps (<id>.nii.gz), with their score sidecars (<id>.json) if any."),
-    labels: Path = typer.Argument(..., help="Folder of lesion masks with the same names, on the same grids."),
+    labels: Optional[Path] = typer.Argument(None, help="Folder of lesion masks with the same names, on the same grids (PNG masks for 2D maps); optional with --image-labels."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="MAPS-report/ beside the maps folder", help="Report folder."),
     brain_masks: Optional[Path] = typer.Option(None, help="Folder of brain masks (default: the maps' nonzero voxels)."),
     fpr: str = typer.Option("0.01,0.05", help="Voxel false-positive rates at which to report Dice and threshold (comma-separated)."),
@@ -28,8 +28,14 @@ def evaluate(
     seed: int = typer.Option(0, help="Bootstrap seed."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write roc.png, pr.png and image_roc.png."),
     image_level: str = typer.Option("subject", metavar="subject|slice", help="Samples of the image-level metrics: subjects or axial slices."),
+    image_labels: Optional[Path] = typer.Option(None, "--image-labels", metavar="CSV|FOLDER",
+                                                help="Normal/abnormal per image: a CSV/TSV (id,label) or a folder with normal/ and abnormal/ sub-folders; reports image-level AUROC/AUPRC (no lesion masks needed)."),
 ) -> None:
-    """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report."""
+    """Voxel, lesion and image-level metrics inside the brain, per subject and pooled, with a report.
+
+    With --image-labels (normal/abnormal per image, e.g. 2D images) the image level is measured
+    from the maps' image scores alone; LABELS may then be left out.
+    """
     from uadct.default_outputs import evaluate_output
     from uadct.evaluate import EvaluationOptions, evaluate_folder
     from uadct.evaluation_report import fpr_key
@@ -46,6 +52,12 @@ def evaluate(
         lesion_overlap=lesion_overlap, image_top_k=top_k, unlabelled_are_normal=unlabelled_normal,
         threshold_from=threshold_from, bootstrap=bootstrap, seed=seed, plots=plots, image_level=image_level,
     )
+    if labels is None and image_labels is None:
+        raise InputError("give a folder of lesion masks (LABELS), --image-labels, or both")
+    if image_labels is not None:
+        evaluate_image_labels(maps, image_labels, output, options)
+        if labels is None:
+            return
     with ui.progress() as bar:
         task = bar.add_task("evaluate", total=None, info="")
 
@@ -67,6 +79,27 @@ def evaluate(
     image = result.pooled["image_level"]
     ui.out.print(f"image level ({image['unit']}s): AUROC {ui.fmt(image['auroc'])}, F1 {ui.fmt(image['f1'])} at threshold {ui.fmt(image['threshold'])} "
                  f"({image['threshold_source']})", highlight=False)
+    for kind, path in result.files.items():
+        ui.out.print(f"{kind}: {path}")
+    for name, error in result.failed:
+        ui.console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def evaluate_image_labels(maps: Path, image_labels: Path, output: Path, options: Any) -> None:
+    """`evaluate --image-labels`: image-level AUROC/AUPRC of the maps' image scores against normal/abnormal labels."""
+    from uadct.image_labels import evaluate_image_labels as measure
+
+    result = measure(maps, image_labels, output, options)
+    metrics = result.metrics
+    interval = metrics.get("auroc_interval")
+    ui.out.print(f"image level ({len(result.per_image)} images, {metrics['n_abnormal']} abnormal): AUROC {ui.fmt(metrics['auroc'])}"
+                 + (f" ({ui.fmt(interval[0])}-{ui.fmt(interval[1])})" if interval else "")
+                 + f", AUPRC {ui.fmt(metrics['auprc'])}, F1 {ui.fmt(metrics.get('f1'))} at threshold {ui.fmt(metrics['threshold'])} "
+                 f"({metrics['threshold_source']})", highlight=False)
+    if result.missing:
+        ui.console.print(f"{len(result.missing)} map(s) without an image label left out", highlight=False)
     for kind, path in result.files.items():
         ui.out.print(f"{kind}: {path}")
     for name, error in result.failed:

@@ -26,7 +26,8 @@ def heatmap(
     """Overlay the anomaly map on the scan: 3-view montage (radiological), colour bar, lesion outline."""
     from uadct.default_outputs import heatmap_output
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
-    from uadct.report import render_heatmap, render_html
+    from uadct.report import render_heatmap
+    from uadct.report_page import render_html
 
     output = output or ui.announce(heatmap_output(anomaly_map, as_html))
     refuse_overwriting_inputs([output], [p for p in (subject, anomaly_map, label) if p is not None])

@@ -15,19 +15,22 @@ from uadct.commands._inputs import allow_image_memory, collect_subjects, select_
 from uadct.errors import InputError
 
 def preprocess(
-    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, DICOM series folders, a BIDS dataset, or - for paths on stdin."),
+    inputs: list[str] = typer.Argument(..., help="NIfTI files, folders of them, DICOM series folders, a BIDS dataset, 2D images (PNG/JPEG/TIFF/DICOM files or folders), or - for paths on stdin."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", show_default="BIDS: <dataset>/derivatives/uadct/; a folder F: F-uadct/; else uadct-prep/",
                                           help="Output folder (one sub-folder per subject; a BIDS derivative for BIDS input)."),
     series_uid: Optional[str] = typer.Option(None, "--series-uid", help="DICOM: the Series Instance UID to read when a folder holds several series."),
-    atlas: str = typer.Option("sri24", help="Atlas name or path to a skull-stripped template."),
-    modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue normalisation) or ct (HU skull-strip, no N4, brain window); sets the defaults below."),
+    atlas: Optional[str] = typer.Option(None, show_default="sri24; none for 2D", help="Atlas name or path to a skull-stripped template."),
+    modality: str = typer.Option("mr", help="mr (deepbet, robust N4, tissue normalisation), ct (HU skull-strip, no N4, brain window), or 2D images: xray or image (PNG/JPEG/TIFF/DICOM; resized, percentile-normalised, no atlas); sets the defaults below."),
     skull_strip: Optional[str] = typer.Option(None, help="deepbet, hd-bet (HD-BET 2.0 weights needed), ct (head CT in HU) or none (input already skull-stripped). [default: from --modality]"),
     hdbet_weights: Optional[Path] = typer.Option(None, help="HD-BET weights folder. [default: $UADCT_HDBET_WEIGHTS, then ~/hd-bet_params/release_2.0.0]"),
-    registration: str = typer.Option("affine", help="affine, rigid or none (input already on the atlas grid)."),
+    registration: Optional[str] = typer.Option(None, show_default="affine; none for 2D", help="affine, rigid or none (input already on the atlas grid)."),
     registration_backend: str = typer.Option("sitk", help="sitk (SimpleITK, ~1 s) or elastix (itk-elastix; ~12 s more on its first call)."),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction", help="N4 bias-field correction. [default: on for mr, off for ct]"),
     bias_field: Optional[str] = typer.Option(None, "--bias-field", help="robust (N4 fitted on normal tissue only, keeps large lesions) or n4 (N4 under the whole brain mask). [default: from --modality]"),
-    normalization: Optional[str] = typer.Option(None, help="tissue (normal-tissue median -> 0.5, 4 robust SDs -> 1), percentile (5th -> 0, 95th -> 1), zscore or ct-window. [default: from --modality]"),
+    normalization: Optional[str] = typer.Option(None, help="tissue (normal-tissue median -> 0.5, 4 robust SDs -> 1), percentile (5th -> 0, 95th -> 1; 1st/99th for 2D), zscore, ct-window, or for 2D DICOM dicom-window (the file's Window Center/Width). [default: from --modality]"),
+    image_size: Optional[str] = typer.Option(None, "--image-size", metavar="N|HxW", help="2D: pixels the images are resized to, e.g. 256 or 256x320. [default: 256]"),
+    resize: Optional[str] = typer.Option(None, "--resize", metavar="pad|crop|stretch", help="2D: pad (aspect kept, zero border outside the mask), crop (aspect kept, centre) or stretch. [default: pad]"),
+    fov_mask: Optional[str] = typer.Option(None, "--fov-mask", metavar="image|nonzero|otsu", help="2D field of view scored: the whole image, its nonzero pixels, or the bright Otsu region. [default: nonzero for xray, image for image]"),
     resolution_mm: Optional[float] = typer.Option(None, "--resolution-mm", metavar="MM", help="Blur finer scans to this effective resolution first (a cohort of mixed resolutions). [default: none]"),
     ct_level: Optional[float] = typer.Option(None, help="ct-window level in HU. [default: 40]"),
     ct_width: Optional[float] = typer.Option(None, help="ct-window width in HU. [default: 80]"),
@@ -51,6 +54,7 @@ def preprocess(
     from uadct.outputs import check_output_folder, refuse_shared_names
     from uadct.preprocess.batch import preprocess_many
     from uadct.preprocess.config import PreprocessConfig
+    from uadct.preprocess.config import parse_image_size
 
     select_series(series_uid)
     if max_memory:  # workers inherit it
@@ -73,6 +77,8 @@ def preprocess(
                                            registration_backend=registration_backend,
                                            bias_correction=bias_correction, bias_correction_method=bias_field,
                                            normalization=normalization, ct_window=window, resolution_mm=resolution_mm,
+                                           image_size=parse_image_size(image_size) if image_size is not None else None,
+                                           resize=resize, fov_mask=fov_mask,
                                            sequences=tuple(names) or None,
                                            reference=resolve_reference(names, reference) if names else None)
     if config.skull_strip == "hd-bet":

@@ -10,7 +10,7 @@ import typer
 from rich.table import Column, Table
 
 from uadct.commands import _console as ui
-from uadct.commands._inputs import allow_image_memory, collect_score_inputs, parse_batch_size, select_series
+from uadct.commands._inputs import allow_image_memory, collect_prepared, collect_score_inputs, parse_batch_size, select_series
 from uadct.errors import InputError
 
 def score(
@@ -40,6 +40,10 @@ def score(
     median_filter: int = typer.Option(0, "--median-filter", metavar="N", help="Median-filter the map (N voxels per side, atlas grid) before units and threshold (0: off)."),
     erode_mask: float = typer.Option(0.0, "--erode-mask", metavar="MM", help="Drop brain voxels within MM mm of the brain border (0: off)."),
     min_component_size: int = typer.Option(0, "--min-component-size", metavar="N", help="Drop lesion-mask clusters smaller than N voxels (0: off)."),
+    covariates: Optional[Path] = typer.Option(None, "--covariates", metavar="TSV",
+                                              help="participants.tsv with each scored subject's covariates, for a model trained with --covariates."),
+    age: Optional[float] = typer.Option(None, "--age", help="The subjects' age, for a model trained with covariates (instead of --covariates)."),
+    sex: Optional[str] = typer.Option(None, "--sex", metavar="F|M", help="The subjects' sex, as written in the training table (instead of --covariates)."),
 ) -> None:
     """Anomaly map on the subject's own grid (stride-4 overlapping patches, overlap-averaged)."""
     from uadct.batch import resolve_shard, select_shard
@@ -62,13 +66,16 @@ def score(
     if mood and str(output).endswith((".nii", ".nii.gz")):
         raise InputError(f"{output}: --mood writes a folder of maps named like the inputs; give a folder, not a NIfTI file name")
     checkpoint = load_checkpoint(resolve_checkpoint(model))
+    from uadct.covariates import scoring_source
+
+    subject_covariates = scoring_source(checkpoint.metadata, covariates, age, sex)
     collected = collect_score_inputs(inputs)
     output = output or ui.announce(score_output(inputs, collected, folder=mood))
     paths = select_shard(collected, resolve_shard(shard), key=subject_name)
     if output_kind is not None and output_kind not in ("voxel", "scalar"):
         raise InputError(f"--output-kind must be voxel or scalar, got {output_kind!r}")
     inferer = Inferer(checkpoint, stride, batch, device, gaussian, output_kind, mood=mood, max_memory=budget, harmonize=harmonize,
-                      map_options=map_options)
+                      map_options=map_options, covariates=subject_covariates)
     with ui.progress() as bar:
         task = bar.add_task("score", total=len(paths), info="")
 
@@ -117,15 +124,13 @@ def calibrate(
     from uadct.calibrate_maps import calibrate_checkpoint
     from uadct.calibration import describe_settings
     from uadct.postprocess import PostProcess
-    from uadct.preprocess.prepared import PreparedFolder, find_prepared
-    from uadct.pretrained import resolve_checkpoint
-
     from uadct.outputs import check_output_file, refuse_overwriting_inputs
+    from uadct.pretrained import resolve_checkpoint
 
     checkpoint_path = resolve_checkpoint(model)
     refuse_overwriting_inputs([output], [checkpoint_path, *prep])
     check_output_file(output, "calibrated checkpoint")
-    folders = [f for item in prep for f in ([item] if PreparedFolder(item).exists() else find_prepared(item))]
+    folders = collect_prepared(prep)
     with ui.progress() as bar:
         task = bar.add_task("calibrate", total=len(folders), info="")
         path, calibration = calibrate_checkpoint(checkpoint_path, folders, output, stride, gaussian, output_kind,

@@ -35,6 +35,15 @@ def train(
     force: bool = typer.Option(False, "--force", help="Start afresh even when an interrupted run left OUTPUT.resume.pt (same as --no-resume)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE",
                                              help="Memory one training process may use for the model, optimiser and a batch, e.g. 8G (default: 90% of the device's free memory); a batch that cannot fit is refused before training."),
+    scorer: str = typer.Option("model", metavar="model|forest",
+                               help="Patch score: the model's own, or forest: a random forest on the model's latent features (healthy vs synthetic anomalies)."),
+    forest_model: str = typer.Option("random-forest", metavar="random-forest|gradient-boosting", help="The --scorer forest classifier."),
+    forest_trees: int = typer.Option(100, min=1, help="Trees (boosting iterations) of the --scorer forest classifier."),
+    forest_patches: int = typer.Option(4096, min=16, help="Healthy training patches for --scorer forest (and as many with synthetic anomalies)."),
+    covariates: Optional[Path] = typer.Option(None, "--covariates", metavar="TSV",
+                                              help="participants.tsv (participant_id, age, sex): condition the model on each subject's covariates (age standardised, sex one-hot)."),
+    covariate_columns: Optional[str] = typer.Option(None, "--covariate-columns", metavar="A,B",
+                                                    help="Covariate columns of the --covariates table (default: age and sex where present)."),
 ) -> None:
     """Fit an anomaly model on patches of healthy prepared subjects.
 
@@ -60,7 +69,10 @@ def train(
                          validation_patches=validation_patches, seed=seed, device=device,
                          exclude_labels=str(exclude_labels) if exclude_labels else None,
                          augment=augmentations, workers=workers, amp=amp,
-                         model_options=parse_model_options(model, option))
+                         model_options=parse_model_options(model, option), scorer=scorer, forest_model=forest_model,
+                         forest_trees=forest_trees, forest_patches=forest_patches,
+                         covariates=str(covariates) if covariates else None,
+                         covariate_columns=tuple(c.strip() for c in (covariate_columns or "").split(",") if c.strip()))
     with ui.progress() as bar:
         task = bar.add_task("train", total=epochs, info="")
 

@@ -30,6 +30,7 @@ class ModelConfig:
     dims: int = 2
     in_channels: int = 1
     position_conditioning: bool = False  # the patch centre (normalised atlas coordinates) is an extra input
+    covariates: int = 0  # subject covariate features (age, sex: uadct.covariates) the model is conditioned on; set by --covariates
 
 
 class AnomalyModel(nn.Module):
@@ -49,6 +50,7 @@ class AnomalyModel(nn.Module):
     outputs: ClassVar[tuple[str, ...]] = ("voxel",)
     Config: ClassVar[type[ModelConfig]] = ModelConfig
     supports_positions: ClassVar[bool] = False
+    supports_covariates: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -61,6 +63,9 @@ class AnomalyModel(nn.Module):
         super().__init__()
         if config.position_conditioning and not self.supports_positions:
             raise UadctError(f"{self.name}: position_conditioning is not supported by this model")
+        if config.covariates and not self.supports_covariates:
+            raise UadctError(f"{self.name}: covariate conditioning (--covariates) is not supported by this model; "
+                             f"models that support it: {', '.join(n for n, c in sorted(MODEL_REGISTRY.items()) if c.supports_covariates)}")
         self.config = config
 
     @property
@@ -75,6 +80,25 @@ class AnomalyModel(nn.Module):
         if tuple(positions.shape) != (batch, 3):
             raise UadctError(f"{self.name}: positions must be ({batch}, 3) patch centres, got {tuple(positions.shape)}")
         return positions
+
+    @property
+    def covariate_features(self) -> int:
+        """Length of the covariate vector the hooks take (0: not conditioned on covariates)."""
+        return int(self.config.covariates)
+
+    @property
+    def uses_covariates(self) -> bool:
+        """Whether the hooks need ``covariates`` ``(B, config.covariates)`` (the patches' subjects' encoded covariates)."""
+        return self.covariate_features > 0
+
+    def require_covariates(self, covariates: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """``covariates`` checked to be ``(batch, config.covariates)``; a one-line error when missing."""
+        size = self.config.covariates
+        if covariates is None:
+            raise UadctError(f"{self.name}: trained with subject covariates, so they must be given (--covariates or --age/--sex)")
+        if tuple(covariates.shape) != (batch, size):
+            raise UadctError(f"{self.name}: covariates must be ({batch}, {size}), got {tuple(covariates.shape)}")
+        return covariates
 
     def advance_stage(self) -> bool:
         """Called by the engine when early stopping would end training. A model that grows
@@ -94,25 +118,32 @@ class AnomalyModel(nn.Module):
 
     def training_step(
         self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
-        positions: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None, covariates: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One optimisation step on a batch; returns the losses as floats (key ``"loss"`` required).
 
         The default minimises ``training_loss()["loss"]`` with the single optimiser;
         adversarial models override it to alternate generator and discriminator updates.
+        ``covariates`` (``(B, config.covariates)``) are passed on to the hooks of a model that uses them.
         """
-        losses = self.training_loss(patches, masks, positions=positions)
+        losses = self.training_loss(patches, masks, positions=positions, **self.covariate_options(covariates))
         optimizer = optimizers["model"]
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None,
+                        covariates: torch.Tensor | None = None) -> float:
         """The loss early stopping watches (eval mode, no gradients)."""
-        return float(self.training_loss(patches, masks, positions=positions)["loss"])
+        return float(self.training_loss(patches, masks, positions=positions, **self.covariate_options(covariates))["loss"])
 
-    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+    def covariate_options(self, covariates: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        """``{"covariates": ...}`` for a model conditioned on covariates, else nothing (the other models' hooks lack the argument)."""
+        return {"covariates": covariates} if self.uses_covariates else {}
+
+    def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None,
+                       covariates: torch.Tensor | None = None) -> None:
         """Called once after training with a sample of training patches, to fit score
         statistics (e.g. median/MAD) into buffers. Non-parametric models (one-class SVM,
         thresholds) fit themselves here. Default: nothing."""
@@ -210,7 +241,7 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> AnomalyModel
 
 
 # ------------------------------------------------------------------ model options (CLI `-O key=value`)
-ENGINE_OPTIONS = ("patch_size", "dims", "in_channels")  # set by the training engine, not by model options
+ENGINE_OPTIONS = ("patch_size", "dims", "in_channels", "covariates")  # set by the training engine, not by model options
 
 
 @dataclasses.dataclass(frozen=True)

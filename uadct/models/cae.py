@@ -7,7 +7,8 @@ absolute error, or the mean of the top-k voxel errors (Davletshina et al.).
 With ``position_conditioning`` the decoder is conditional: the patch centre ``(B, 3)``
 in normalised atlas coordinates is concatenated to the latent code before it is
 expanded back to feature maps, so the decoder can reconstruct what is normal at that
-place while the encoder stays a plain image encoder.
+place while the encoder stays a plain image encoder. Covariate conditioning (``covariates``
+> 0, :mod:`uadct.covariates`) appends the subject's encoded covariates (age, sex) the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ConvolutionalAutoencoder(AnomalyModel):
     outputs = ("voxel", "scalar")
     Config = CAEConfig
     supports_positions = True
+    supports_covariates = True
 
     def __init__(self, config: CAEConfig) -> None:
         super().__init__(config)
@@ -51,7 +53,7 @@ class ConvolutionalAutoencoder(AnomalyModel):
         self.bottom = size // 2**levels
         flat = channels[-1] * self.bottom**dims
         self.to_latent = nn.Linear(flat, config.latent_dim)
-        self.from_latent = nn.Linear(config.latent_dim + (POSITION_FEATURES if config.position_conditioning else 0), flat)
+        self.from_latent = nn.Linear(config.latent_dim + (POSITION_FEATURES if config.position_conditioning else 0) + config.covariates, flat)
         decoder: list[nn.Module] = []
         reversed_channels = channels[::-1]
         for i, (c_in, c_out) in enumerate(zip(reversed_channels[:-1], reversed_channels[1:])):
@@ -61,31 +63,39 @@ class ConvolutionalAutoencoder(AnomalyModel):
         self.decoder = nn.Sequential(*decoder)
         self._feature_shape = (channels[-1],) + (self.bottom,) * dims
 
-    def decode(self, latent: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, latent_dim)`` (+ positions ``(B, 3)`` when conditioned) ``-> (B, 1, *patch)``."""
+    def decode(self, latent: torch.Tensor, positions: torch.Tensor | None = None, covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, latent_dim)`` (+ positions ``(B, 3)``, + covariates ``(B, K)`` when conditioned) ``-> (B, 1, *patch)``."""
         if self.uses_positions:
             latent = torch.cat([latent, self.require_positions(positions, len(latent)).to(latent.dtype)], dim=1)
+        if self.uses_covariates:
+            latent = torch.cat([latent, self.require_covariates(covariates, len(latent)).to(latent.dtype)], dim=1)
         return self.decoder(self.from_latent(latent).view((-1,) + self._feature_shape))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, covariates: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction ``(B, 1, *patch)``."""
-        return self.decode(self.to_latent(self.encoder(x).flatten(1)), positions)
+        return self.decode(self.encode_features(x), positions, covariates)
+
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The latent code ``(B, latent_dim)`` (features of the forest scorer, :mod:`uadct.forest`)."""
+        return self.to_latent(self.encoder(patches).flatten(1))
 
     def _error(self, x: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         difference = x - reconstruction
         return difference.abs() if self.config.loss == "l1" else difference.square()
 
     def training_loss(
-        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        error = self._error(patches, self(patches, positions)) * masks
+        error = self._error(patches, self(patches, positions, covariates)) * masks
         loss = error.sum() / masks.sum().clamp_min(1.0)
         return {"loss": loss}
 
     def score_patches(
-        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        reconstruction = self(patches, positions)
+        reconstruction = self(patches, positions, covariates)
         voxel = (patches - reconstruction).abs()
         if masks is not None:
             voxel = voxel * masks

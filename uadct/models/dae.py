@@ -120,6 +120,13 @@ class DenoisingAutoencoder(AnomalyModel):
             features = merge(torch.cat([up(features), skips.pop()], dim=1))
         return self.head(features)
 
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The bottleneck feature maps averaged over space ``(B, channels)`` (forest scorer features)."""
+        features = self.stem(patches)
+        for down in self.down:
+            features = down(features)
+        return features.flatten(2).mean(2)
+
     def corrupt(self, patches: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Add coarse noise inside the mask: ``(B, 1, *patch)``."""
         grid = self.config.patch_size // self.config.noise_downsample

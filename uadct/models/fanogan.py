@@ -109,6 +109,10 @@ class FAnoGAN(AnomalyModel):
         feature = (self.critic(x)[1] - self.critic(reconstruction)[1]).square().mean(1)
         return {"residual": residual, "feature": feature, "score": residual + self.config.kappa * feature, "reconstruction": reconstruction}
 
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The izi_f encoder's code ``E(x)`` ``(B, L)`` (forest scorer features)."""
+        return self.encoder(patches)
+
     def critic_loss(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
         """``loss = mean D(fake) - mean D(real) + lambda * GP``; ``wasserstein`` = the distance estimate."""
         wasserstein = self.critic(real)[0].mean() - self.critic(fake)[0].mean()

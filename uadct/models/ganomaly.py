@@ -349,6 +349,10 @@ class GANomaly(AnomalyModel):
         z, x_hat, z_hat = self.reconstruct(x, positions)
         return (z - z_hat).square(), self.expand(x_hat)
 
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The first encoder's code ``z = G_E(x)`` ``(B, L)`` (forest scorer features)."""
+        return self.encoder(self.prepare(patches, None)[0])
+
     def fit_statistics(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> None:
         """Median and MAD of each latent element's error over the training patches -> buffers."""
         step = self.config.statistics_batch_size

@@ -254,6 +254,10 @@ class ProgressiveGANomaly(GANomaly):
     def discriminate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.discriminator(x, self.level, self.alpha)
 
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The first encoder's code at the current resolution ``(B, L)`` (forest scorer features)."""
+        return self.encoder(self.prepare(patches, None)[0], self.level, self.alpha)
+
     def reconstruct(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x (B, C, r, r) -> z (B, L), x_hat (B, C, r, r), z_hat (B, L)`` at the current resolution ``r``."""
         level, alpha = self.level, self.alpha

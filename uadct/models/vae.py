@@ -60,27 +60,33 @@ class VariationalAutoencoder(ConvolutionalAutoencoder):
         mean, log_variance = self.to_latent(self.encoder(x).flatten(1)).chunk(2, dim=1)
         return mean, log_variance.clamp(-LOG_VARIANCE_LIMIT, LOG_VARIANCE_LIMIT)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, covariates: torch.Tensor | None = None) -> torch.Tensor:
         """Deterministic reconstruction from the latent mean, ``(B, 1, *patch)``."""
-        return self.decode(self.encode(x)[0], positions)
+        return self.decode(self.encode(x)[0], positions, covariates)
+
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The latent mean ``(B, latent_dim)``."""
+        return self.encode(patches)[0]
 
     def training_loss(
-        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None
+        self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Negative ELBO per masked voxel; samples the latent in train mode, uses the mean in eval."""
         mean, log_variance = self.encode(patches)
         latent = mean + torch.randn_like(mean) * (0.5 * log_variance).exp() if self.training else mean
         voxels = masks.sum().clamp_min(1.0)
-        reconstruction = (self._error(patches, self.decode(latent, positions)) * masks).sum() / voxels
+        reconstruction = (self._error(patches, self.decode(latent, positions, covariates)) * masks).sum() / voxels
         kld = gaussian_kl_divergence(mean, log_variance).sum() / voxels
         return {"loss": reconstruction + self.config.beta * kld, "reconstruction": reconstruction, "kld": kld}
 
     def score_patches(
-        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
+        self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``"voxel"`` ``(B, *patch)``; every patch score ``(B,)``; ``"scalar"`` = the configured one."""
         mean, log_variance = self.encode(patches)
-        voxel = (patches - self.decode(mean, positions)).abs()
+        voxel = (patches - self.decode(mean, positions, covariates)).abs()
         if masks is not None:
             voxel = voxel * masks
         flat = voxel.flatten(1)

@@ -50,7 +50,7 @@ def preprocess_many(
         if progress is not None:
             progress(Path(subjects[index].reference_path), status)
 
-    atlas = load_atlas(config.atlas)  # fails early, for any number of jobs, when the atlas is missing
+    atlas = None if config.is_2d else load_atlas(config.atlas)  # fails early, for any number of jobs, when the atlas is missing
     if any(s.bids_prefix is not None for s in subjects):
         write_derivative_description(out_dir)
     jobs = min(jobs, len(subjects))
@@ -109,7 +109,10 @@ def _init_worker(atlas_name: str, threads: int) -> None:
         itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
     except (ImportError, AttributeError):
         pass
-    _worker_atlas[atlas_name] = load_atlas(atlas_name)
+    from uadct.preprocess.config import NO_ATLAS
+
+    if atlas_name != NO_ATLAS:  # 2D images have none
+        _worker_atlas[atlas_name] = load_atlas(atlas_name)
 
 
 def _worker_preprocess(inputs: SubjectInputs, out_dir: str | Path, config: PreprocessConfig,

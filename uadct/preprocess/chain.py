@@ -49,7 +49,7 @@ SCALE_RANGE = (0.5, 2.0)  # singular values of the atlas->subject matrix outside
 def run_preprocessing(
     image: sitk.Image,
     config: PreprocessConfig,
-    atlas: Atlas,
+    atlas: Atlas | None,
     mask_path: str | Path | None = None,
     others: dict[str, sitk.Image] | None = None,
     hdbet_weights: str | Path | None = None,
@@ -60,8 +60,16 @@ def run_preprocessing(
     physical space when their grids differ, masked with its brain mask, N4-corrected and
     normalised on their own, and warped with its transform. A registration that
     diverged (warped-mask Dice with the atlas below 0.5, a scale outside [0.5, 2], a
-    non-finite transform) raises :class:`PreprocessError`.
+    non-finite transform) raises :class:`PreprocessError`. A 2D image (``config.is_2d``;
+    ``atlas`` None) goes through :func:`uadct.preprocess.image2d.prepare_image_2d` instead.
     """
+    if config.is_2d:  # 2D images: resized and normalised, no atlas (uadct.preprocess.image2d)
+        from uadct.preprocess.image2d import prepare_image_2d
+
+        return prepare_image_2d(image, config)
+    if min(image.GetSize()) < 2:  # a 2D image read as one slice (uadct.images2d)
+        raise InputError(f"expected a 3D volume, found one slice of size {image.GetSize()}; "
+                         "2D images need --modality xray or image")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     warnings: list[str] = []
@@ -242,7 +250,7 @@ def _preprocess_locked(inputs: SubjectInputs, subject_dir: Path, config: Preproc
     reference_path = inputs.reference_path
     image = read_image(reference_path)
     others = {name: read_image(path) for name, path in inputs.images.items() if name != inputs.reference}
-    atlas = atlas or load_atlas(config.atlas)
+    atlas = atlas or (None if config.is_2d else load_atlas(config.atlas))
     try:
         result = run_preprocessing(image, config, atlas, mask_path, others)
     except UadctError as exc:
@@ -257,7 +265,7 @@ def _preprocess_locked(inputs: SubjectInputs, subject_dir: Path, config: Preproc
         "inputs": {name: {"path": str(Path(path).resolve()), "sha256": checksums[name]} for name, path in inputs.images.items()},
         "versions": library_versions(),
         "config": config.to_dict(),
-        "atlas": {"name": atlas.name, "sha256": atlas.checksum},
+        "atlas": {"name": atlas.name, "sha256": atlas.checksum} if atlas is not None else {"name": config.atlas, "sha256": None},
         "native_grid": result.native_grid,
         "resolution": result.resolution,
         "normalization_stats": result.normalization_stats,

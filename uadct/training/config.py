@@ -38,6 +38,12 @@ class TrainConfig:
     amp: bool | None = None
     model_options: dict[str, Any] = field(default_factory=dict)
     calibration_subjects: int = 4  # validation subjects scored whole for the healthy calibration (0: none)
+    scorer: str = "model"  # "model" (its own scores) or "forest" (uadct.forest_scorer: a forest on latent features)
+    forest_model: str = "random-forest"  # "random-forest" or "gradient-boosting"
+    forest_trees: int = 100  # trees (boosting iterations) of the forest scorer
+    forest_patches: int = 4096  # healthy training patches for the forest (and as many with synthetic anomalies)
+    covariates: str | None = None  # participants TSV (uadct.covariates): the model is conditioned on subject covariates
+    covariate_columns: tuple[str, ...] = ()  # the TSV's covariate columns (default: age and sex where present)
 
 
 AUGMENTATIONS = ("flip", "gmm")

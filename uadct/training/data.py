@@ -40,6 +40,8 @@ class SubjectVolume:
     read-only memory maps of ``<subject>/cache/*.npy``; ``cache`` is that folder, so a
     volume sent to a worker process is re-opened there instead of being copied.
     ``tissue``: the subject's tissue model when contrast augmentation is on.
+    ``covariates``: ``(K,)`` float32; when every volume has them, the sampler's draws carry a
+    fourth array, each patch's subject's covariates ``(count, K)``.
     """
 
     subject: str
@@ -48,6 +50,7 @@ class SubjectVolume:
     starts: np.ndarray
     cache: Path | None = None
     tissue: TissueModel | None = None
+    covariates: np.ndarray | None = None  # the subject's encoded covariates (uadct.covariates), when the run has them
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -93,12 +96,15 @@ class PatchSampler:
         self.augmenter = augmenter
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        with_covariates = [v.covariates is not None for v in usable]
+        self.covariates = np.stack([v.covariates for v in usable]).astype(np.float32) if all(with_covariates) else None
 
-    def sample(self, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``count`` patches and masks ``(count, 1, *patch)`` float32 and their starts ``(count, 3)`` int64."""
+    def sample(self, count: int) -> tuple[np.ndarray, ...]:
+        """``count`` patches and masks ``(count, 1, *patch)`` float32 and their starts ``(count, 3)`` int64
+        (and the patches' subjects' covariates ``(count, K)`` when the volumes have them)."""
         return self._draw(count, self.rng, slice(0, count))
 
-    def batch(self, epoch: int, step: int, count: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def batch(self, epoch: int, step: int, count: int, rank: int = 0, world_size: int = 1) -> tuple[np.ndarray, ...]:
         """Process ``rank``'s rows of the global batch ``(epoch, step)`` of ``count`` patches (see :meth:`sample`)."""
         if count % world_size:
             raise UadctError(f"batch size {count} is not divisible by the {world_size} training processes")
@@ -106,7 +112,7 @@ class PatchSampler:
         rng = np.random.default_rng([self.seed, epoch, step])
         return self._draw(count, rng, slice(rank * share, (rank + 1) * share))
 
-    def _draw(self, count: int, rng: np.random.Generator, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _draw(self, count: int, rng: np.random.Generator, rows: slice) -> tuple[np.ndarray, ...]:
         which = rng.integers(0, len(self.volumes), count)
         picks = np.empty((count, 3), np.int64)
         for index in np.unique(which):
@@ -141,6 +147,8 @@ class PatchSampler:
             # a mirrored patch shows the mirrored place of the (atlas-centred) brain
             width = self.volumes[0].image.shape[2]
             starts[mirror, 2] = width - self.spec.shape[2] - starts[mirror, 2]
+        if self.covariates is not None:
+            return images, masks, starts, self.covariates[which[own]]
         return images, masks, starts
 
 
@@ -154,9 +162,9 @@ class _EpochBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.steps - self.first_step
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, masks, starts = self.sampler.batch(self.epoch, self.first_step + index, self.batch_size, self.rank, self.world_size)
-        return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(starts)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        drawn = self.sampler.batch(self.epoch, self.first_step + index, self.batch_size, self.rank, self.world_size)
+        return tuple(torch.from_numpy(array) for array in drawn)
 
 
 def _worker_init(_: int) -> None:

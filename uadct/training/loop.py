@@ -99,7 +99,7 @@ class _Run:
     model: AnomalyModel
     optimizers: dict[str, Any]  # as the model's hooks see them (gradient-averaging under torchrun)
     sampler: PatchSampler
-    validation: tuple[np.ndarray, np.ndarray, np.ndarray]
+    validation: tuple[np.ndarray, ...]  # images, masks, starts (and covariates, when the run has them)
     config: TrainConfig
     steps: int
     device: torch.device
@@ -109,12 +109,23 @@ class _Run:
     volume_shape: tuple[int, int, int]
 
 
-def _hook_options(run: _Run, starts: torch.Tensor | np.ndarray) -> dict[str, Any]:
-    """``positions=`` (the centres of the patches at ``starts``) for models that are conditioned on them."""
-    if not run.model.uses_positions:
-        return {}
-    centres = patch_centres(np.asarray(starts), run.sampler.spec, run.volume_shape)
-    return {"positions": torch.from_numpy(centres).to(run.device)}
+def _hook_options(run: _Run, starts: torch.Tensor | np.ndarray, covariates: Any = None) -> dict[str, Any]:
+    """``positions=`` (the centres of the patches at ``starts``) and ``covariates=`` (their subjects'
+    covariates ``(B, K)``) for models that are conditioned on them."""
+    options: dict[str, Any] = {}
+    if run.model.uses_positions:
+        centres = patch_centres(np.asarray(starts), run.sampler.spec, run.volume_shape)
+        options["positions"] = torch.from_numpy(centres).to(run.device)
+    if run.model.uses_covariates:
+        if covariates is None:
+            raise UadctError(f"{run.model.name}: conditioned on covariates, but the patches came without them")
+        options["covariates"] = torch.as_tensor(np.asarray(covariates), dtype=torch.float32).to(run.device)
+    return options
+
+
+def _rows_options(run: _Run, drawn: tuple[np.ndarray, ...], rows: Any) -> dict[str, Any]:
+    """:func:`_hook_options` for rows ``rows`` (a slice or indices) of a draw ``(images, masks, starts[, covariates])``."""
+    return _hook_options(run, drawn[2][rows], drawn[3][rows] if len(drawn) > 3 else None)
 
 
 TRAINING_SHARE_OF_FREE_MEMORY = 0.9
@@ -130,6 +141,8 @@ def check_training_memory(model: AnomalyModel, spec: PatchSpec, config: TrainCon
     """
     shape = spec.tensor_shape
     extra = {"positions": torch.zeros((4, 3), device=device)} if model.uses_positions else {}
+    if model.uses_covariates:
+        extra["covariates"] = torch.zeros((4, model.covariate_features), device=device)
     per_patch, fixed = training_memory(model, shape, device, config.learning_rate, extra)
     fixed += 3 * 4 * config.validation_patches * int(np.prod(shape))  # validation images, masks, starts
     budget = max_memory if max_memory is not None else int(TRAINING_SHARE_OF_FREE_MEMORY * available_memory(device))
@@ -168,7 +181,19 @@ def _train(
         raise UadctError(f"{prep_dir}: subjects were preprocessed with different parameters; preprocess all subjects alike")
     normalization = (signature["config"] or {}).get("normalization", "percentile")
     augmenter = ContrastAugmenter(normalization=normalization).fit([v.tissue.theta for v in train_volumes if v.tissue is not None]) if gmm else None
-    model = build_model(config.model, {"patch_size": config.patch_size, "dims": config.dims, **config.model_options}).to(device)
+    encoding = None
+    if config.covariates:  # subject covariates from a participants TSV (uadct.covariates)
+        from uadct.covariates import attach_training_covariates, covariate_model_option
+
+        encoding = attach_training_covariates(config.covariates, config.covariate_columns, train_volumes, val_volumes)
+    model = build_model(config.model, {"patch_size": config.patch_size, "dims": config.dims, **config.model_options,
+                                       **(covariate_model_option(config.model, config.scorer, encoding) if encoding else {})}).to(device)
+    if config.scorer not in ("model", "forest"):
+        raise UadctError(f"unknown scorer {config.scorer!r}; expected model or forest")
+    if config.scorer == "forest":
+        from uadct.forest_scorer import require_encoder
+
+        require_encoder(model)
     check_training_memory(model, spec, config, device, distributed.world_size, max_memory)
     optimizers = model.configure_optimizers(config.learning_rate)
     sampler = PatchSampler(train_volumes, spec, seed=config.seed, flip="flip" in config.augment, augmenter=augmenter)
@@ -226,22 +251,31 @@ def _train(
     seconds = time.perf_counter() - started
     train_names, val_names = [v.subject for v in train_volumes], [v.subject for v in val_volumes]
     if distributed.is_main:
-        statistics_images, statistics_masks, statistics_starts = sampler.sample(config.statistics_patches)
+        statistics = sampler.sample(config.statistics_patches)
         with torch.no_grad():
-            model.fit_statistics(torch.from_numpy(statistics_images).to(device), torch.from_numpy(statistics_masks).to(device),
-                                 **_hook_options(run, statistics_starts))
+            model.fit_statistics(torch.from_numpy(statistics[0]).to(device), torch.from_numpy(statistics[1]).to(device),
+                                 **_rows_options(run, statistics, slice(None)))
+        scoring_model, extra_state = model, {}
+        if config.scorer == "forest":  # the patch score becomes a forest's anomaly probability on the latent features
+            from uadct.forest_scorer import ForestSettings, fit_forest_scorer
+
+            settings = ForestSettings(config.forest_model, config.forest_trees, config.forest_patches, config.seed)
+            scoring_model, extra_state, forest_record = fit_forest_scorer(
+                model, sampler.sample(config.forest_patches), validation, settings, device, encoding.names if encoding else None)
         if hasattr(model, "fit_volumes"):  # voxel-wise models (normative) fit and calibrate on whole volumes
             from uadct.training_volumes import fit_volume_model
 
             score_scale = fit_volume_model(model, train_volumes, val_volumes, train_dirs, val_dirs, config.exclude_labels)
         else:
-            score_scale = estimate_score_scale(model, validation[0], validation[1], config.batch_size, device,
-                                               hook_options=lambda rows: _hook_options(run, validation[2][rows]))
+            score_scale = estimate_score_scale(scoring_model, validation[0], validation[1], config.batch_size, device,
+                                               hook_options=lambda rows: _scoring_options(run, scoring_model, validation, rows))
         calibration = []
-        if config.calibration_subjects > 0:  # maps of whole held-out healthy subjects -> calibrated units, FPR thresholds
+        if config.calibration_subjects > 0 and encoding is not None:
+            log.info("no healthy calibration: whole-subject scoring of a model with covariates is not wired into training yet")
+        elif config.calibration_subjects > 0:  # maps of whole held-out healthy subjects -> calibrated units, FPR thresholds
             from uadct.calibrate_maps import calibrate_trained_model
 
-            calibration = [calibrate_trained_model(model, {"size": spec.size, "dims": spec.dims}, val_dirs[: config.calibration_subjects],
+            calibration = [calibrate_trained_model(scoring_model, {"size": spec.size, "dims": spec.dims}, val_dirs[: config.calibration_subjects],
                                                    config.exclude_labels, str(device)).to_dict()]
         seconds = time.perf_counter() - started
         metadata = {
@@ -267,12 +301,24 @@ def _train(
             SCORE_SCALE_KEY: score_scale,
             "calibration": calibration,
         }
-        save_checkpoint(out_path, model.cpu(), metadata)
+        if encoding is not None:
+            metadata["covariates"] = encoding.to_dict()
+        if config.scorer == "forest":
+            metadata["forest"] = forest_record
+        save_checkpoint(out_path, model.cpu(), metadata, extra_state)
         write_json(history, Path(str(out_path) + ".history.json"))
         write_history_csv(history, Path(str(out_path) + ".history.csv"))
         resume_file.unlink(missing_ok=True)
     distributed.barrier()
     return TrainResult(out_path, history, best_epoch, best_loss, train_names, val_names, seconds)
+
+
+def _scoring_options(run: _Run, scorer: Any, drawn: tuple[np.ndarray, ...], rows: Any) -> dict[str, Any]:
+    """:func:`_rows_options`, plus the covariates for a scorer that takes them (a forest fitted with covariates)."""
+    options = _rows_options(run, drawn, rows)
+    if getattr(scorer, "uses_covariates", False) and len(drawn) > 3:
+        options["covariates"] = torch.as_tensor(drawn[3][rows], dtype=torch.float32).to(run.device)
+    return options
 
 
 def _run_epoch(
@@ -296,11 +342,11 @@ def _run_epoch(
     batches = epoch_batches(run.sampler, epoch, first_step, steps, config.batch_size, run.workers,
                             distributed.rank, distributed.world_size, pin_memory=device.type == "cuda")
     try:
-        for step, (images, masks, starts) in enumerate(batches, start=first_step):
+        for step, (images, masks, starts, *covariates) in enumerate(batches, start=first_step):
             x = images.to(device, non_blocking=True)
             m = masks.to(device, non_blocking=True)
             with autocast(device, run.amp):
-                losses = run.model.training_step(x, m, run.optimizers, **_hook_options(run, starts))
+                losses = run.model.training_step(x, m, run.optimizers, **_hook_options(run, starts, covariates[0] if covariates else None))
             distributed.broadcast_state(run.model)
             state.partial_train_loss += losses["loss"] / steps
             state.step = step + 1
@@ -313,7 +359,7 @@ def _run_epoch(
         if close is not None:
             close()  # shuts DataLoader workers down when the loop ends early
     val_loss = evaluate_loss(run.model, run.validation[0], run.validation[1], config.batch_size, device, distributed,
-                             starts=run.validation[2], hook_options=lambda rows: _hook_options(run, rows))
+                             starts=np.arange(len(run.validation[0])), hook_options=lambda rows: _rows_options(run, run.validation, rows))
     train_loss = distributed.sum([state.partial_train_loss])[0] / distributed.world_size
     seconds = time.perf_counter() - epoch_start
     record = {
