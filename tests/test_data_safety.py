@@ -542,7 +542,7 @@ def test_12_elastix_failure_never_advises_logtoconsole(small_atlas_path):
     hostile = sitk.GetImageFromArray(np.where(array > 0, array * 1e30, 0).astype(np.float32))  # huge intensities
     hostile.CopyInformation(atlas_brain)
     with pytest.raises(PreprocessError) as excinfo:
-        register_to_atlas(hostile, atlas_brain, "affine", resolutions=1, iterations=5, samples=256)
+        register_to_atlas(hostile, atlas_brain, "affine", resolutions=1, iterations=5, samples=256, backend="elastix")
     message = str(excinfo.value)
     assert "LogToConsole" not in message and "\n" not in message and ".hxx" not in message, message
     assert "internal elastix error" in message.lower() and "intensities span" in message
