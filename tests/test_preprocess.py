@@ -72,7 +72,7 @@ def test_elastix_transform_matches_transformix(atlas):
     assert np.abs(transformix[inside] - ours[inside]).mean() < 0.01 * scale
 
 
-@pytest.mark.parametrize("backend", ["sitk", "elastix"])
+@pytest.mark.parametrize("backend", ["sitk", pytest.param("elastix", marks=pytest.mark.slow)])  # elastix: ~12 s of ITK loading
 def test_rigid_and_none_registrations(atlas, backend):
     small = sitk.Shrink(atlas.brain, [2, 2, 2])
     assert register_to_atlas(small, small, "none", backend=backend).atlas_to_subject.GetMatrix() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
