@@ -53,7 +53,8 @@ class SeriesInfo:
         return f"{self.uid} ({text}, {self.description!r})" if self.description else f"{self.uid} ({text})"
 
 
-def _is_dicom_file(path: Path) -> bool:
+def has_dicom_marker(path: str | Path) -> bool:
+    """True when ``path`` is a file with the ``DICM`` marker after the 128-byte preamble."""
     try:
         with open(path, "rb") as handle:
             handle.seek(DICOM_PREAMBLE_BYTES)
@@ -68,7 +69,7 @@ def is_dicom_folder(path: str | Path) -> bool:
     if not path.is_dir():
         return False
     candidates = (p for p in path.iterdir() if not p.name.endswith(NOT_DICOM_SUFFIXES) and p.is_file())
-    return any(_is_dicom_file(p) for p in candidates)
+    return any(has_dicom_marker(p) for p in candidates)
 
 
 def _tag(reader: sitk.ImageFileReader, key: str) -> str:

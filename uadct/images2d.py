@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from uadct.dicom import has_dicom_marker
 from uadct.errors import InputError, OutputError
 from uadct.names import IMAGE_2D_SUFFIXES, is_image_2d
 
@@ -41,17 +42,6 @@ PNG_SCALE_KEY = "uadct_full_scale"  # PNG text chunk: the map value that 65535 s
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey from R, G, B
 MAX_PIXELS = 1 << 28  # refuse images over ~268 M pixels before decoding
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-DICOM_MARKER_OFFSET = 128
-
-
-def has_dicom_marker(path: str | Path) -> bool:
-    """True when ``path`` is a file with the ``DICM`` marker after the 128-byte preamble."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(DICOM_MARKER_OFFSET)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def is_image_2d_file(path: str | Path) -> bool:
