@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     clean = [p for p in find_prepared(out / "prep") if p.name in names]
     seeds = [int(v) for v in options.seeds.split(",")]
     lesioned_by_seed = {seed: lesioned_copies(clean, seed, out / f"lesioned-seed{seed}") for seed in seeds}
-    preprocess_many([p for seed in seeds for p in lesioned_by_seed[seed]], out / "prep", config, jobs=options.jobs)
+    for seed in seeds:  # one folder per seed: the lesioned copies of every seed share their names
+        preprocess_many(lesioned_by_seed[seed], out / f"prep-lesioned-seed{seed}", config, jobs=options.jobs)
     if options.prepare_only:
         return 0
     prepared = {p.name: p for p in find_prepared(out / "prep")}
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         results[row] = {"mslub-t1": evaluate(checkpoint, mslub, [], folder / "mslub-t1")}
         for seed in seeds:
             labels = out / f"lesioned-seed{seed}" / "labels"
-            ixi = [(prepared[p.name.split(".nii")[0]], sitk.GetArrayFromImage(read_image(labels / p.name)) > 0)
+            seed_prep = out / f"prep-lesioned-seed{seed}"
+            ixi = [(seed_prep / p.name.split(".nii")[0], sitk.GetArrayFromImage(read_image(labels / p.name)) > 0)
                    for p in lesioned_by_seed[seed]]
             results[row][f"ixi-seed{seed}"] = evaluate(checkpoint, ixi, clean, folder / f"ixi-seed{seed}")
     write_json({"results": results, "test_subjects": [p.name for p in clean], "seeds": seeds}, out / "results.json")

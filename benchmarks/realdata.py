@@ -373,6 +373,21 @@ def train(row: str, model: str, overrides: dict[str, Any], prep: Path, out: Path
     return load_checkpoint(out), seconds
 
 
+def listed_dir(folder: Path, prepared: list[Path]) -> Path:
+    """A folder of links to exactly ``prepared`` (training sees these subjects, whatever else an
+    earlier run with other ``--train`` counts prepared beside them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {p.name for p in prepared}
+    for stale in folder.iterdir():
+        if stale.is_symlink() and stale.name not in wanted:
+            stale.unlink()
+    for p in prepared:
+        link = folder / p.name
+        if not link.exists():
+            link.symlink_to(p.resolve(), target_is_directory=True)
+    return folder
+
+
 def fold_dir(work: Path, sequence: str, held_out: str, prepared: list[Path]) -> Path:
     """A folder of links to the prepared patients other than ``held_out`` (one leave-one-out fold)."""
     folder = work / "folds" / sequence / held_out
@@ -575,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         clean_dirs = prepare(split["test"], prep / "ixi-clean", ixi_config, options.jobs)
         log.info("IXI prepared: %d train, %d validation, %d test (%.0f s)", len(train_dirs), len(val_dirs), len(clean_dirs),
                  time.perf_counter() - started)
+        train_set = listed_dir(work / "train-sets" / f"ixi-train{len(train_dirs)}", train_dirs)
         validation = [Subject(d) for d in val_dirs]
         clean = [Subject(d) for d in clean_dirs]
         coarsest = coarsest_training_mm(json.loads((d / "preprocess.json").read_text(encoding="utf-8")) for d in train_dirs)
@@ -617,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                         note(test, row, seed, measure(trio(subjects[0]), trio(validation), trio(subjects[1])), None, 0, None, 0)
                 for row, (model, overrides) in phase_rows.items():
                     stride = model_settings(model, options)["stride"]
-                    checkpoint, train_s = train(row, model, overrides, prep / "ixi-train", work / "models" / f"seed{seed}" /
-                                                "ixi" / f"{row.replace(':', '-')}.pt", seed, options)
+                    checkpoint, train_s = train(row, model, overrides, train_set, work / "models" / f"seed{seed}" /
+                                                f"ixi-train{len(train_dirs)}" / f"{row.replace(':', '-')}.pt", seed, options)
                     clock = time.perf_counter()
                     scored = {s.name: native_map(checkpoint, s.dir, stride, options.device)
                               for s in [*lesioned, *clean, *validation]}
