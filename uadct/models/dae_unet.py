@@ -51,6 +51,10 @@ class DenoisingUNet(AnomalyModel):
         learning, as in DnCNN: the same function class, but training starts at the identity)."""
         return x + self.unet(x)
 
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The U-Net's bottleneck averaged over space ``(B, base_channels * 2**levels)`` (forest scorer features)."""
+        return self.unet.bottleneck_features(patches)
+
     def corrupt(self, patches: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``patches`` plus coarse noise inside ``masks``: ``(B, 1, *patch)``."""
         grid = self.config.patch_size // self.config.noise_cell

@@ -156,6 +156,10 @@ class SyntheticAnomalySegmentation(AnomalyModel):
         """Anomaly logits ``(B, 1, *patch)``."""
         return self.unet(x)
 
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The U-Net's bottleneck averaged over space ``(B, base_channels * 2**levels)`` (forest scorer features)."""
+        return self.unet.bottleneck_features(patches)
+
     def training_loss(
         self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None,
         generator: torch.Generator | None = None,

@@ -45,11 +45,21 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList(DoubleConv(dims, 2 * c_in, c_in) for c_in in channels[:-1])
         self.head = conv_layer(dims)(channels[0], out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's features at every level, finest first; the last is the bottleneck
+        ``(B, base_channels * 2**levels, *patch / 2**levels)``."""
+        levels = []
         for index, encoder in enumerate(self.encoders):
             x = encoder(x if index == 0 else self.pool(x))
-            skips.append(x)
+            levels.append(x)
+        return levels
+
+    def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck averaged over space: one feature vector per patch ``(B, base_channels * 2**levels)``."""
+        return self.encode(x)[-1].flatten(2).mean(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = self.encode(x)
         x = skips.pop()
         for up, decoder in zip(reversed(self.ups), reversed(self.decoders)):
             x = decoder(torch.cat([up(x), skips.pop()], dim=1))
