@@ -140,6 +140,7 @@ def test_cli_trains_a_forest_on_features_and_covariates_and_scores_with_them(atl
     model = checkpoint.model
     assert checkpoint.metadata["model_config"]["covariates"] == 0 and model.forest_covariates == 1  # only the forest takes age
     assert checkpoint.metadata["forest"]["features"] == 2 * 4 + 1 and checkpoint.metadata["forest"]["covariate_features"] == ["age"]
+    assert checkpoint.metadata["calibration"][0]["n_voxels"] > 1000  # its calibration subject scored with its own age
     x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
         with pytest.raises(UadctError, match="covariates"):
