@@ -140,6 +140,7 @@ def test_cli_trains_a_forest_on_features_and_covariates_and_scores_with_them(atl
     model = checkpoint.model
     assert checkpoint.metadata["model_config"]["covariates"] == 0 and model.forest_covariates == 1  # only the forest takes age
     assert checkpoint.metadata["forest"]["features"] == 2 * 4 + 1 and checkpoint.metadata["forest"]["covariate_features"] == ["age"]
+    assert checkpoint.metadata["calibration"][0]["n_voxels"] > 1000  # its calibration subject scored with its own age
     x = torch.rand(3, 1, 16, 16)
     with torch.no_grad():
         with pytest.raises(UadctError, match="covariates"):
@@ -154,3 +155,51 @@ def test_cli_trains_a_forest_on_features_and_covariates_and_scores_with_them(atl
     refused = runner.invoke(app, ["score", str(tmp_path / "m.pt"), str(prep / "sub-00"), "-o", str(tmp_path / "b.nii.gz"),
                                   "--device", "cpu"])
     assert refused.exit_code != 0 and "conditioned on subject covariates (age)" in str(refused.exception)
+
+
+def test_covariate_model_gets_a_healthy_calibration_thresholds_and_recalibrates_with_its_table(atlas_grid_subjects, tmp_path):
+    """Training scores its calibration subjects with their own rows; `score --fpr --mask-out` then works with
+    --age/--sex, and `uadct calibrate` needs the table (a one-line error naming the checkpoint without it)."""
+    from typer.testing import CliRunner
+
+    from uadct.calibrate_maps import calibrate_volumes, prepared_volumes
+    from uadct.cli import app
+
+    _, prep = atlas_grid_subjects(tmp_path, ["sub-00", "sub-01", "sub-02"])
+    tsv = _tsv(tmp_path)
+    config = TrainConfig(model="cae", patch_size=16, batch_size=16, patches_per_epoch=32, validation_patches=16,
+                         statistics_patches=32, max_epochs=1, device="cpu", covariates=str(tsv), calibration_subjects=1,
+                         model_options={"base_channels": 4, "latent_dim": 8, "dropout": 0.0})
+    result = train_model(prep, tmp_path / "cov.pt", config)
+    checkpoint = load_checkpoint(tmp_path / "cov.pt")
+    calibrations = checkpoint.metadata["calibration"]
+    assert len(calibrations) == 1 and calibrations[0]["subjects"] == result.validation_subjects[:1]
+    assert calibrations[0]["n_voxels"] > 1000 and calibrations[0]["values"][-1] > calibrations[0]["values"][0]
+
+    # the calibration depends on the covariates it is given (they reach the model)
+    encoding = encoding_of(checkpoint.metadata)
+    volumes, spacing = prepared_volumes([prep / "sub-00"])
+    fitted = {label: calibrate_volumes(checkpoint, volumes, spacing, stride=8, device="cpu",
+                                       covariates=CovariateSource(encoding, values=values)).values
+              for label, values in {"young": {"age": "20", "sex": "F"}, "old": {"age": "90", "sex": "M"}}.items()}
+    assert not np.allclose(fitted["young"], fitted["old"])
+
+    runner = CliRunner()
+    scored = runner.invoke(app, ["score", str(tmp_path / "cov.pt"), str(prep / "sub-00"), "-o", str(tmp_path / "m.nii.gz"),
+                                 "--device", "cpu", "--age", "50", "--sex", "F", "--units", "z", "--fpr", "0.01",
+                                 "--mask-out", str(tmp_path / "lesions.nii.gz")])
+    assert scored.exit_code == 0, scored.output
+    z_map = sitk.GetArrayFromImage(read_image(tmp_path / "m.nii.gz"))
+    lesions = sitk.GetArrayFromImage(read_image(tmp_path / "lesions.nii.gz"))
+    assert np.isfinite(z_map).all() and set(np.unique(lesions)) <= {0, 1} and lesions.shape == z_map.shape
+
+    refused = runner.invoke(app, ["calibrate", str(tmp_path / "cov.pt"), str(prep / "sub-01"), "-o", str(tmp_path / "c.pt"),
+                                  "--device", "cpu"])
+    message = str(refused.exception)
+    assert refused.exit_code != 0 and "cov.pt: the model is conditioned on subject covariates (age, sex)" in message
+    assert "--covariates" in message and "\n" not in message and not (tmp_path / "c.pt").exists()
+    calibrated = runner.invoke(app, ["calibrate", str(tmp_path / "cov.pt"), str(prep / "sub-01"), str(prep / "sub-02"),
+                                     "-o", str(tmp_path / "c.pt"), "--device", "cpu", "--stride", "8", "--covariates", str(tsv)])
+    assert calibrated.exit_code == 0, calibrated.output
+    stored = load_checkpoint(tmp_path / "c.pt").metadata["calibration"]
+    assert len(stored) == 2 and stored[1]["settings"]["stride"] == 8 and len(stored[1]["subjects"]) == 2

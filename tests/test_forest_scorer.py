@@ -94,7 +94,8 @@ def test_every_model_with_an_encoder_gives_one_feature_vector_per_patch():
     from uadct.models import MODEL_REGISTRY, build_model
 
     names = sorted(n for n, cls in MODEL_REGISTRY.items() if has_encoder(cls))
-    assert {"cae", "vae", "dae", "ganomaly", "progressive-ganomaly", "fanogan", "bigan", "alphagan", "ssae"} <= set(names)
+    assert {"cae", "vae", "dae", "ganomaly", "progressive-ganomaly", "fanogan", "bigan", "alphagan", "ssae",
+            "dae-unet", "synthetic-anomaly"} <= set(names)
     torch.manual_seed(0)
     x = torch.rand(3, 1, 16, 16)
     for name in names:
@@ -104,3 +105,35 @@ def test_every_model_with_an_encoder_gives_one_feature_vector_per_patch():
             features = model.encode_features(x)
         assert features.ndim == 2 and features.shape[0] == 3 and torch.isfinite(features).all(), name
         assert not torch.allclose(features[0], features[1]), name
+
+
+@pytest.mark.parametrize("name", ["dae-unet", "synthetic-anomaly"])
+def test_unet_models_feed_the_forest_and_their_forest_survives_a_checkpoint(name, tmp_path):
+    """The U-Net models' features are their pooled bottleneck: fit -> forest -> save -> load -> identical scores."""
+    from uadct.checkpoint import save_checkpoint
+    from uadct.forest_scorer import ForestSettings, fit_forest_scorer
+    from uadct.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, {"patch_size": 16, "base_channels": 4, "levels": 2}).eval()
+    x = torch.rand(6, 1, 16, 16)
+    with torch.no_grad():
+        features = model.encode_features(x)
+        bottleneck = model.unet.encode(x)[-1]
+    assert features.shape == (6, 16) and bottleneck.shape == (6, 16, 4, 4)  # 4 channels doubled twice, 16 px pooled twice
+    torch.testing.assert_close(features, bottleneck.mean(dim=(2, 3)))
+    rng = np.random.default_rng(0)
+    images = rng.random((64, 1, 16, 16), dtype=np.float32)
+    masks = np.ones_like(images)
+    drawn = (images, masks, np.zeros((64, 3), np.int64))
+    scored, extra, record = fit_forest_scorer(model, drawn, drawn, ForestSettings(trees=5, patches=64), torch.device("cpu"))
+    assert record["features"] == 16 and record["healthy_patches"] == 64 and 0.0 <= record["validation_auroc_synthetic"] <= 1.0
+    save_checkpoint(tmp_path / "m.pt", scored, {"patch": {"size": 16, "dims": 2}}, extra)
+    loaded = load_checkpoint(tmp_path / "m.pt").model
+    assert isinstance(loaded, ForestScoredModel) and loaded.name == name
+    with torch.no_grad():
+        before, after = scored.score_patches(x), loaded.score_patches(x)
+    assert 0.0 <= float(before["scalar"].min()) and float(before["scalar"].max()) <= 1.0
+    for key in ("scalar", "voxel"):
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    np.testing.assert_array_equal(after["scalar"].numpy(), scored.ensemble.probability(features.numpy()).astype(np.float32))

@@ -15,6 +15,7 @@ import numpy as np
 
 from uadct.calibration import CALIBRATION_KEY, Calibration, calibration_settings, fit_calibration
 from uadct.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from uadct.covariates import CovariateSource, calibration_source
 from uadct.errors import UadctError
 from uadct.postprocess import PostProcess, postprocess_map
 
@@ -32,24 +33,27 @@ def calibrate_volumes(
     device: str = "auto",
     batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    covariates: CovariateSource | None = None,
 ) -> Calibration:
     """Score every ``(subject, image, mask)`` volume on the atlas grid (``spacing_mm`` in numpy
     axis order), post-process the map, and fit the calibration of the pooled brain voxels.
 
     ``mask`` > 0 is brain; voxels where ``mask`` is 2 or more (a known lesion) are left out.
+    ``covariates``: where each subject's covariates come from, for a model conditioned on them.
     """
     from uadct.calibration import resolve_output_kind
-    from uadct.inference import score_volume
+    from uadct.inference import Inferer
 
     postprocess = postprocess or PostProcess()
     kind = resolve_output_kind(checkpoint.model, output_kind)
     settings = calibration_settings(stride, gaussian_sigma, kind, postprocess.map_settings())
+    inferer = Inferer(checkpoint, stride, batch_size, device, gaussian_sigma, kind, covariates=covariates)
     samples, names = [], []
     volumes = list(volumes)
     for index, (name, image, mask) in enumerate(volumes):
         brain = (np.asarray(mask) > 0).astype(np.uint8)
-        anomaly_map = score_volume(checkpoint, np.asarray(image, dtype=np.float32), brain, stride, batch_size, device,
-                                   gaussian_sigma=gaussian_sigma, output_kind=kind)
+        inferer.use_subject(name)
+        anomaly_map = inferer(np.asarray(image, dtype=np.float32), brain)
         anomaly_map, kept = postprocess_map(anomaly_map, brain, spacing_mm, postprocess)
         keep = (kept > 0) & (np.asarray(mask) < 2)
         samples.append(anomaly_map[keep])
@@ -79,14 +83,17 @@ def calibrate_checkpoint(
     device: str = "auto",
     exclude_labels: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    covariates: str | Path | None = None,
 ) -> tuple[Path, Calibration]:
     """Calibrate a checkpoint on healthy prepared subjects and write it to ``out_path``
     (may be the same file). ``exclude_labels``: folder of ``<subject>.nii.gz`` lesion masks
-    whose voxels are left out."""
+    whose voxels are left out. ``covariates``: participants TSV with the subjects' rows, for
+    a model trained with covariates (required for one, refused for any other)."""
     checkpoint = load_checkpoint(checkpoint_path)
+    source = calibration_source(checkpoint.metadata, covariates, checkpoint_path)
     volumes, spacing = prepared_volumes(subject_dirs, exclude_labels, checkpoint)
     calibration = calibrate_volumes(checkpoint, volumes, spacing, stride, gaussian_sigma, output_kind, postprocess,
-                                     device, progress=progress)
+                                     device, progress=progress, covariates=source)
     save_checkpoint(out_path, checkpoint.model, _without_model_keys(with_calibration(checkpoint.metadata, calibration)),
                     checkpoint.extra_state)
     return Path(out_path), calibration
@@ -127,7 +134,9 @@ def prepared_volumes(subject_dirs: list[Path], exclude_labels: str | Path | None
 
 
 def calibrate_trained_model(model: Any, patch: dict[str, int], subject_dirs: list[Path],
-                            exclude_labels: str | Path | None, device: str) -> Calibration:
-    """The calibration of a just-trained model on its held-out validation subjects (default scoring settings)."""
+                            exclude_labels: str | Path | None, device: str,
+                            covariates: CovariateSource | None = None) -> Calibration:
+    """The calibration of a just-trained model on its held-out validation subjects (default scoring settings);
+    ``covariates``: the training run's table and encoding, for a model conditioned on them."""
     volumes, spacing = prepared_volumes(subject_dirs, exclude_labels)
-    return calibrate_volumes(Checkpoint(model, {"patch": patch}), volumes, spacing, device=device)
+    return calibrate_volumes(Checkpoint(model, {"patch": patch}), volumes, spacing, device=device, covariates=covariates)

@@ -234,3 +234,22 @@ def scoring_source(metadata: dict[str, Any], table: str | Path | None = None, ag
         raise InputError(f"the model is conditioned on {', '.join(encoding.columns)}; --age/--sex cannot give "
                          f"{', '.join(missing)}: use --covariates with a table")
     return CovariateSource(encoding, values=values)
+
+
+def calibration_source(metadata: dict[str, Any], table: str | Path | None, checkpoint: str | Path) -> CovariateSource | None:
+    """The covariates `uadct calibrate` gives a checkpoint: each healthy subject's row of ``table``;
+    one-line errors naming ``checkpoint`` when a conditioned model gets no table, or another model gets one."""
+    encoding = encoding_of(metadata)
+    if encoding is None:
+        if table is not None:
+            raise InputError(f"{checkpoint}: the model was not trained with covariates; leave out --covariates")
+        return None
+    if table is None:
+        raise InputError(f"{checkpoint}: the model is conditioned on subject covariates ({', '.join(encoding.columns)}); "
+                         "give --covariates participants.tsv with a row for every calibration subject")
+    return CovariateSource(encoding, CovariateTable.read(table))
+
+
+def training_source(path: str | Path, encoding: CovariateEncoding) -> CovariateSource:
+    """The covariates of a training run's subjects (its participants TSV, its fitted encoding), for the healthy calibration."""
+    return CovariateSource(encoding, CovariateTable.read(path))

@@ -4,7 +4,8 @@ After the network is trained, healthy training patches and the same patches with
 synthetic anomaly each (the generator of the synthetic-anomaly model,
 :func:`uadct.models.synthetic_anomaly.blend_synthetic_anomalies`, every patch corrupted)
 are encoded into latent features (the model's ``encode_features``: CAE/VAE codes, the GAN
-encoders', the DAE's pooled bottleneck, the SSAE's band codes), the subject covariates
+encoders', the DAE's and the U-Net models' (``dae-unet``, ``synthetic-anomaly``) pooled
+bottlenecks, the SSAE's band codes), the subject covariates
 appended when the run has them (:mod:`uadct.covariates`), and a random forest (or
 histogram gradient boosting) learns healthy (0) against anomalous (1).
 

@@ -129,6 +129,15 @@ class Inferer:
         self.covariates = covariates
         self.subject_covariates: np.ndarray | None = None
 
+    def use_subject(self, subject: str) -> None:
+        """Look up ``subject``'s covariates for the next maps (a model conditioned on them; else nothing to do)."""
+        if not getattr(self.model, "uses_covariates", False):
+            return
+        if self.covariates is None:
+            raise UadctError(f"{self.checkpoint_path or 'model'}: conditioned on subject covariates; give --covariates "
+                             "participants.tsv or --age/--sex")
+        self.subject_covariates = self.covariates.vector(subject)
+
     @property
     def settings(self) -> dict[str, Any]:
         """Everything that decides a map's values; a map made with other settings is not "done"."""
@@ -184,11 +193,7 @@ class Inferer:
         if lesion_mask_path is not None and map_options.fpr is None:
             raise UadctError(f"{lesion_mask_path}: a lesion mask needs a false-positive rate (--fpr)")
         checkpoint, subject, out_path = self.checkpoint, Path(subject), Path(out_path)
-        if getattr(self.model, "uses_covariates", False):  # before minutes of preprocessing: a subject without a row fails now
-            if self.covariates is None:
-                raise UadctError(f"{self.checkpoint_path or 'model'}: conditioned on subject covariates; give --covariates "
-                                 "participants.tsv or --age/--sex")
-            self.subject_covariates = self.covariates.vector(subject_name(subject))
+        self.use_subject(subject_name(subject))  # before minutes of preprocessing: a subject without a row fails now
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         if subject.is_dir() and not is_dicom_folder(subject):  # a DICOM series folder is a raw scan

@@ -119,6 +119,8 @@ def calibrate(
     erode_mask: float = typer.Option(0.0, "--erode-mask", metavar="MM", help="Brain-mask erosion in mm (as `uadct score`)."),
     exclude_labels: Optional[Path] = typer.Option(None, help="Folder of <subject>.nii.gz lesion masks whose voxels are left out."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    covariates: Optional[Path] = typer.Option(None, "--covariates", metavar="TSV",
+                                              help="participants.tsv with each calibration subject's covariates, for a model trained with --covariates."),
 ) -> None:
     """Calibrate a model on healthy subjects for given scoring settings (for --units and --fpr)."""
     from uadct.calibrate_maps import calibrate_checkpoint
@@ -135,7 +137,8 @@ def calibrate(
         task = bar.add_task("calibrate", total=len(folders), info="")
         path, calibration = calibrate_checkpoint(checkpoint_path, folders, output, stride, gaussian, output_kind,
                                                  PostProcess(median_filter, erode_mask), device, exclude_labels,
-                                                 progress=lambda done, total: bar.update(task, completed=done))
+                                                 progress=lambda done, total: bar.update(task, completed=done),
+                                                 covariates=covariates)
     ui.out.print(f"calibrated {path} on {len(calibration.subjects)} subject(s), {calibration.n_voxels} brain voxels: "
                  f"{describe_settings(calibration.settings)}", highlight=False)
 

@@ -26,8 +26,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from uadct.models.base import AnomalyModel, ModelConfig
-from uadct.models.bigan import check_score_options, combine_scores, hinge_discriminator_loss, masked_mse
+from uadct.models.base import ModelConfig
+from uadct.models.bigan import EncoderGeneratorGAN, hinge_discriminator_loss
 from uadct.models.ganomaly import Discriminator, LatentEncoder, PatchDecoder, dcgan_init, frozen, masked_mean
 
 
@@ -58,14 +58,12 @@ class CodeDiscriminator(nn.Module):
         return self.layers(z).flatten()
 
 
-class AlphaGAN(AnomalyModel):
+class AlphaGAN(EncoderGeneratorGAN):
     name = "alphagan"
     summary = "alpha-GAN (encoder, generator, image and code discriminators); score = reconstruction, C + D or combined"
-    outputs = ("scalar", "voxel")
     Config = AlphaGANConfig
 
     def __init__(self, config: AlphaGANConfig) -> None:
-        check_score_options(self.name, config.score, config.score_lambda)
         super().__init__(config)
         dims, channels, base, size, latent = config.dims, config.in_channels, config.base_channels, config.patch_size, config.latent_dim
         self.encoder = LatentEncoder(dims, channels, base, size, latent)
@@ -73,13 +71,6 @@ class AlphaGAN(AnomalyModel):
         self.discriminator = Discriminator(dims, channels, base, size, batch_norm=False)
         self.code_discriminator = CodeDiscriminator(latent, config.code_hidden)
         self.apply(dcgan_init)
-
-    def sample_latent(self, count: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(count, self.config.latent_dim, device=like.device, dtype=like.dtype)
-
-    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
-        """``E(x)`` ``(B, latent_dim)``."""
-        return self.encoder(patches)
 
     def losses(self, x: torch.Tensor, masks: torch.Tensor | None, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """``generator`` (L_EG), ``discriminator`` (L_D), ``code`` (L_C) and ``reconstruction`` (masked L1) for ``x`` and draws ``z``."""
@@ -103,13 +94,8 @@ class AlphaGAN(AnomalyModel):
         return {"loss": terms["generator"], **{k: v for k, v in terms.items() if k != "generator"}}
 
     def configure_optimizers(self, learning_rate: float) -> dict[str, torch.optim.Optimizer]:
-        betas = (self.config.adam_beta1, 0.999)
-        generator = [*self.encoder.parameters(), *self.generator.parameters()]
-        discriminators = [*self.discriminator.parameters(), *self.code_discriminator.parameters()]
-        return {
-            "generator": torch.optim.Adam(generator, lr=learning_rate, betas=betas),
-            "discriminator": torch.optim.Adam(discriminators, lr=learning_rate * self.config.discriminator_lr_ratio, betas=betas),
-        }
+        return self.adam_optimizers(learning_rate, [*self.encoder.parameters(), *self.generator.parameters()],
+                                    [*self.discriminator.parameters(), *self.code_discriminator.parameters()])
 
     def training_step(
         self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
@@ -139,16 +125,8 @@ class AlphaGAN(AnomalyModel):
         self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Every score ``(B,)`` by name, ``scalar`` = the configured one, ``voxel`` ``|x - G(E(x))|``."""
-        code = self.encoder(patches)
-        reconstruction = self.generator(code)
-        voxel = (patches - reconstruction).abs()
-        if masks is not None:
-            voxel = voxel * masks
-        flat = voxel.flatten(1)
+        code, scores = self.reconstruction_scores(patches, masks)
         image = 1.0 - torch.sigmoid(self.discriminator(patches)[0])
         code_score = 1.0 - torch.sigmoid(self.code_discriminator(code))
-        scores = {"reconstruction": masked_mse(patches, reconstruction, masks), "discriminator": 0.5 * (image + code_score)}
-        scores["combined"] = combine_scores(scores["reconstruction"], scores["discriminator"], self.config.score_lambda)
-        topk = flat.topk(min(self.config.top_k, flat.shape[1]), dim=1).values.mean(1)
-        return {**scores, "image_discriminator": image, "code_discriminator": code_score, "topk": topk,
-                "scalar": scores[self.config.score], "voxel": voxel[:, 0]}
+        scores.update(discriminator=0.5 * (image + code_score), image_discriminator=image, code_discriminator=code_score)
+        return self.with_chosen_score(scores)

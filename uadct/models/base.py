@@ -192,6 +192,27 @@ class NonTrainableModel(AnomalyModel):
             raise UadctError(f"{self.name}: not fitted; call fit_statistics (training does) before scoring")
 
 
+class CorruptionModel(AnomalyModel):
+    """Hooks shared by the models whose training loss corrupts patches at random (coarse noise, synthetic
+    anomalies: ``dae``, ``dae-unet``, ``synthetic-anomaly``) and whose map is one voxel score.
+
+    ``training_loss`` takes a ``generator``; validation draws the corruption from a generator
+    seeded 0, so epochs compare like with like.
+    """
+
+    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
+        """The training loss under corruption drawn with a fixed seed (0)."""
+        generator = torch.Generator(device=patches.device).manual_seed(0)
+        return float(self.training_loss(patches, masks, generator=generator)["loss"])
+
+    @staticmethod
+    def voxel_scores(voxel: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``"voxel"``: the map ``(B, 1, *patch)`` as ``(B, *patch)``, 0 outside ``masks``; ``"scalar"``: its mean ``(B,)``."""
+        if masks is not None:
+            voxel = voxel * masks
+        return {"voxel": voxel[:, 0], "scalar": voxel.flatten(1).mean(1)}
+
+
 def median_and_mad(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-column median and median absolute deviation of ``(N, K)`` values -> two ``(K,)``.
 

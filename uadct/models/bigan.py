@@ -74,6 +74,52 @@ class BiGANConfig(ModelConfig):
     top_k: int = 200  # voxels averaged for the "topk" score (the paper's k)
 
 
+class EncoderGeneratorGAN(AnomalyModel):
+    """What BiGAN and alpha-GAN share: an encoder ``self.encoder`` and a generator ``self.generator``
+    (built by the subclass) over a N(0, I) prior of ``latent_dim``; two Adam optimisers (beta1
+    ``adam_beta1``, the discriminators' learning rate ``discriminator_lr_ratio`` times the
+    generator's); the scores: reconstruction, discriminator (the subclass's), combined, top-k."""
+
+    outputs = ("scalar", "voxel")
+
+    def __init__(self, config: ModelConfig) -> None:
+        check_score_options(self.name, getattr(config, "score"), getattr(config, "score_lambda"))
+        super().__init__(config)
+
+    def sample_latent(self, count: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(count, self.config.latent_dim, device=like.device, dtype=like.dtype)
+
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """``E(x)`` ``(B, latent_dim)``."""
+        return self.encoder(patches)
+
+    def adam_optimizers(self, learning_rate: float, generator: list[nn.Parameter],
+                        discriminators: list[nn.Parameter]) -> dict[str, torch.optim.Optimizer]:
+        """``generator`` (encoder and generator parameters) and ``discriminator`` optimisers."""
+        betas = (self.config.adam_beta1, 0.999)
+        return {
+            "generator": torch.optim.Adam(generator, lr=learning_rate, betas=betas),
+            "discriminator": torch.optim.Adam(discriminators, lr=learning_rate * self.config.discriminator_lr_ratio, betas=betas),
+        }
+
+    def reconstruction_scores(self, patches: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``E(x)`` and the scores without a discriminator: ``reconstruction`` (masked MSE ``(B,)``), ``topk``
+        (mean of the ``top_k`` highest voxels ``(B,)``) and ``voxel`` ``|x - G(E(x))|`` ``(B, *patch)``, 0 outside ``masks``."""
+        code = self.encoder(patches)
+        reconstruction = self.generator(code)
+        voxel = (patches - reconstruction).abs()
+        if masks is not None:
+            voxel = voxel * masks
+        flat = voxel.flatten(1)
+        topk = flat.topk(min(self.config.top_k, flat.shape[1]), dim=1).values.mean(1)
+        return code, {"reconstruction": masked_mse(patches, reconstruction, masks), "topk": topk, "voxel": voxel[:, 0]}
+
+    def with_chosen_score(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``scores`` plus ``combined`` and ``scalar`` (the configured score)."""
+        scores["combined"] = combine_scores(scores["reconstruction"], scores["discriminator"], self.config.score_lambda)
+        return {**scores, "scalar": scores[self.config.score]}
+
+
 class JointDiscriminator(nn.Module):
     """``D(x, z)``: image branch (conv pyramid, no batch norm), code branch (MLP), combination -> logit ``(B,)``."""
 
@@ -88,27 +134,18 @@ class JointDiscriminator(nn.Module):
         return self.joint(torch.cat([self.image(x).flatten(1), self.code(z)], dim=1)).flatten()
 
 
-class BiGAN(AnomalyModel):
+class BiGAN(EncoderGeneratorGAN):
     name = "bigan"
     summary = "BiGAN (encoder + generator + joint discriminator); score = reconstruction, discriminator or combined"
-    outputs = ("scalar", "voxel")
     Config = BiGANConfig
 
     def __init__(self, config: BiGANConfig) -> None:
-        check_score_options(self.name, config.score, config.score_lambda)
         super().__init__(config)
         dims, channels, base, size, latent = config.dims, config.in_channels, config.base_channels, config.patch_size, config.latent_dim
         self.generator = PatchDecoder(dims, channels, base, size, latent)
         self.encoder = LatentEncoder(dims, channels, base, size, latent)
         self.discriminator = JointDiscriminator(dims, channels, base, size, latent, config.code_hidden)
         self.apply(dcgan_init)
-
-    def sample_latent(self, count: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(count, self.config.latent_dim, device=like.device, dtype=like.dtype)
-
-    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
-        """``E(x)`` ``(B, latent_dim)``."""
-        return self.encoder(patches)
 
     def adversarial_losses(self, x: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """``discriminator`` (L_D) and ``generator`` (L_EG) hinge losses for real ``x`` and prior draws ``z``."""
@@ -125,12 +162,8 @@ class BiGAN(AnomalyModel):
         return {"loss": losses["generator"], "discriminator": losses["discriminator"], "reconstruction": reconstruction}
 
     def configure_optimizers(self, learning_rate: float) -> dict[str, torch.optim.Optimizer]:
-        betas = (self.config.adam_beta1, 0.999)
-        generator = [*self.generator.parameters(), *self.encoder.parameters()]
-        return {
-            "generator": torch.optim.Adam(generator, lr=learning_rate, betas=betas),
-            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=learning_rate * self.config.discriminator_lr_ratio, betas=betas),
-        }
+        return self.adam_optimizers(learning_rate, [*self.generator.parameters(), *self.encoder.parameters()],
+                                    list(self.discriminator.parameters()))
 
     def training_step(
         self, patches: torch.Tensor, masks: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer],
@@ -158,16 +191,6 @@ class BiGAN(AnomalyModel):
         self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Every score ``(B,)`` by name, ``scalar`` = the configured one, ``voxel`` ``|x - G(E(x))|``."""
-        code = self.encoder(patches)
-        reconstruction = self.generator(code)
-        voxel = (patches - reconstruction).abs()
-        if masks is not None:
-            voxel = voxel * masks
-        flat = voxel.flatten(1)
-        scores = {
-            "reconstruction": masked_mse(patches, reconstruction, masks),
-            "discriminator": 1.0 - torch.sigmoid(self.discriminator(patches, code)),
-        }
-        scores["combined"] = combine_scores(scores["reconstruction"], scores["discriminator"], self.config.score_lambda)
-        topk = flat.topk(min(self.config.top_k, flat.shape[1]), dim=1).values.mean(1)
-        return {**scores, "topk": topk, "scalar": scores[self.config.score], "voxel": voxel[:, 0]}
+        code, scores = self.reconstruction_scores(patches, masks)
+        scores["discriminator"] = 1.0 - torch.sigmoid(self.discriminator(patches, code))
+        return self.with_chosen_score(scores)

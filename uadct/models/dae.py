@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uadct.errors import UadctError
-from uadct.models.base import AnomalyModel, ModelConfig
+from uadct.models.base import CorruptionModel, ModelConfig
 from uadct.models.layers import conv_layer, deconv_layer, norm_layer
 
 
@@ -85,7 +85,7 @@ class _ConvBlock(nn.Sequential):
         super().__init__(conv_layer(dims)(c_in, c_out, 3, 1, 1), norm_layer(dims)(c_out), nn.LeakyReLU(0.2))
 
 
-class DenoisingAutoencoder(AnomalyModel):
+class DenoisingAutoencoder(CorruptionModel):
     """A small UNet (stride-2 convs down, transposed convs up, skip connections)."""
 
     name = "dae"
@@ -141,16 +141,8 @@ class DenoisingAutoencoder(AnomalyModel):
         error = (self(self.corrupt(patches, masks, generator)) - patches).square() * masks
         return {"loss": error.sum() / masks.sum().clamp_min(1.0)}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
-        """The training loss under fixed noise (seed 0), so epochs compare like with like."""
-        generator = torch.Generator(device=patches.device).manual_seed(0)
-        return float(self.training_loss(patches, masks, generator=generator)["loss"])
-
     def score_patches(
         self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """``"voxel"`` = |x - f(x)| ``(B, *patch)`` on the clean input; ``"scalar"`` its mean ``(B,)``."""
-        voxel = (patches - self(patches)).abs()
-        if masks is not None:
-            voxel = voxel * masks
-        return {"voxel": voxel[:, 0], "scalar": voxel.flatten(1).mean(1)}
+        return self.voxel_scores((patches - self(patches)).abs(), masks)

@@ -16,9 +16,9 @@ import dataclasses
 import torch
 
 from uadct.errors import UadctError
-from uadct.models.base import AnomalyModel, ModelConfig
+from uadct.models.base import ModelConfig
 from uadct.models.dae import coarse_noise
-from uadct.models.unet import UNet, check_unet_patch
+from uadct.models.unet import UNetModel
 
 
 @dataclasses.dataclass
@@ -31,7 +31,7 @@ class DAEUNetConfig(ModelConfig):
     noise_std: float = 0.2  # per-voxel noise standard deviation, normalised intensity units (paper: 0.2)
 
 
-class DenoisingUNet(AnomalyModel):
+class DenoisingUNet(UNetModel):
     """Large-patch U-Net denoiser; voxel map = restoration error of the clean input."""
 
     name = "dae-unet"
@@ -40,11 +40,9 @@ class DenoisingUNet(AnomalyModel):
     Config = DAEUNetConfig
 
     def __init__(self, config: DAEUNetConfig) -> None:
-        super().__init__(config)
-        check_unet_patch(self.name, config.patch_size, config.levels)
+        super().__init__(config, out_channels=config.in_channels)
         if config.noise_cell < 1 or config.patch_size % config.noise_cell:
             raise UadctError(f"{self.name}: patch size {config.patch_size} must be divisible by noise_cell = {config.noise_cell}")
-        self.unet = UNet(config.dims, config.in_channels, config.in_channels, config.base_channels, config.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Restored patch ``(B, 1, *patch)``: the input plus the U-Net's correction (residual
@@ -65,16 +63,8 @@ class DenoisingUNet(AnomalyModel):
         error = (self(self.corrupt(patches, masks, generator)).float() - patches).square() * masks
         return {"loss": error.sum() / masks.sum().clamp_min(1.0)}
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
-        """The training loss under fixed noise (seed 0), so epochs compare like with like."""
-        generator = torch.Generator(device=patches.device).manual_seed(0)
-        return float(self.training_loss(patches, masks, generator=generator)["loss"])
-
     def score_patches(
         self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """``"voxel"`` = |x - f(x)| ``(B, *patch)`` (0 outside ``masks``); ``"scalar"`` its mean ``(B,)``."""
-        voxel = (patches - self(patches).float()).abs()
-        if masks is not None:
-            voxel = voxel * masks
-        return {"voxel": voxel[:, 0], "scalar": voxel.flatten(1).mean(1)}
+        return self.voxel_scores((patches - self(patches).float()).abs(), masks)

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from uadct.errors import UadctError
-from uadct.models.base import AnomalyModel, ModelConfig
-from uadct.models.unet import UNet, check_unet_patch
+from uadct.models.base import ModelConfig
+from uadct.models.unet import UNetModel
 
 ANOMALY_KINDS = ("foreign", "shift", "constant")
 
@@ -131,7 +131,7 @@ def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor, masks: torch
     return 1.0 - (2.0 * overlap + smooth) / ((probability * weights).sum() + (target * weights).sum() + smooth)
 
 
-class SyntheticAnomalySegmentation(AnomalyModel):
+class SyntheticAnomalySegmentation(UNetModel):
     """U-Net segmenting synthetic anomalies; voxel map = anomaly probability."""
 
     name = "synthetic-anomaly"
@@ -140,8 +140,7 @@ class SyntheticAnomalySegmentation(AnomalyModel):
     Config = SyntheticAnomalyConfig
 
     def __init__(self, config: SyntheticAnomalyConfig) -> None:
-        super().__init__(config)
-        check_unet_patch(self.name, config.patch_size, config.levels)
+        super().__init__(config, out_channels=1)
         for field in ("radius_range", "softness_range", "alpha_range", "shift_range", "constant_range"):
             low, high = getattr(config, field)
             if not 0 <= low <= high or (field in ("radius_range", "softness_range") and low <= 0):
@@ -150,7 +149,6 @@ class SyntheticAnomalySegmentation(AnomalyModel):
             raise UadctError(f"{self.name}: kinds must be some of {', '.join(ANOMALY_KINDS)}, got {tuple(config.kinds)}")
         if not 0 <= config.clean_fraction < 1:
             raise UadctError(f"{self.name}: clean_fraction must be in [0, 1), got {config.clean_fraction}")
-        self.unet = UNet(config.dims, config.in_channels, 1, config.base_channels, config.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly logits ``(B, 1, *patch)``."""
@@ -171,16 +169,8 @@ class SyntheticAnomalySegmentation(AnomalyModel):
             losses.update(dice=dice, loss=bce + self.config.dice_weight * dice)
         return losses
 
-    def validation_loss(self, patches: torch.Tensor, masks: torch.Tensor, positions: torch.Tensor | None = None) -> float:
-        """The training loss on anomalies drawn with a fixed seed (0), so epochs compare like with like."""
-        generator = torch.Generator(device=patches.device).manual_seed(0)
-        return float(self.training_loss(patches, masks, generator=generator)["loss"])
-
     def score_patches(
         self, patches: torch.Tensor, masks: torch.Tensor | None = None, positions: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """``"voxel"``: anomaly probability ``(B, *patch)`` (0 outside ``masks``); ``"scalar"``: its mean ``(B,)``."""
-        voxel = torch.sigmoid(self(patches).float())
-        if masks is not None:
-            voxel = voxel * masks
-        return {"voxel": voxel[:, 0], "scalar": voxel.flatten(1).mean(1)}
+        return self.voxel_scores(torch.sigmoid(self(patches).float()), masks)

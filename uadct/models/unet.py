@@ -1,4 +1,5 @@
-"""A small 2D/3D U-Net shared by the large-patch models (``dae-unet``, ``synthetic-anomaly``).
+"""A small 2D/3D U-Net, and :class:`UNetModel`, the base of the large-patch models built on one
+(``dae-unet``, ``synthetic-anomaly``).
 
 Each level has two 3x3 convolutions (batch norm, leaky ReLU); max pooling halves the
 resolution on the way down, transposed convolutions double it on the way up, and the
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from uadct.errors import UadctError
+from uadct.models.base import CorruptionModel, ModelConfig
 from uadct.models.layers import conv_layer, deconv_layer, norm_layer
 
 
@@ -45,12 +47,37 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList(DoubleConv(dims, 2 * c_in, c_in) for c_in in channels[:-1])
         self.head = conv_layer(dims)(channels[0], out_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's features at every level, finest first; the last is the bottleneck
+        ``(B, base_channels * 2**levels, *patch / 2**levels)``."""
+        levels = []
         for index, encoder in enumerate(self.encoders):
             x = encoder(x if index == 0 else self.pool(x))
-            skips.append(x)
+            levels.append(x)
+        return levels
+
+    def bottleneck_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck averaged over space: one feature vector per patch ``(B, base_channels * 2**levels)``."""
+        return self.encode(x)[-1].flatten(2).mean(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = self.encode(x)
         x = skips.pop()
         for up, decoder in zip(reversed(self.ups), reversed(self.decoders)):
             x = decoder(torch.cat([up(x), skips.pop()], dim=1))
         return self.head(x)
+
+
+class UNetModel(CorruptionModel):
+    """A model whose network is one :class:`UNet` ``self.unet`` (``config``: ``base_channels``, ``levels``):
+    the patch-size check, the network, and its features for the forest scorer."""
+
+    def __init__(self, config: ModelConfig, out_channels: int) -> None:
+        super().__init__(config)
+        base_channels, levels = getattr(config, "base_channels"), getattr(config, "levels")
+        check_unet_patch(self.name, config.patch_size, levels)
+        self.unet = UNet(config.dims, config.in_channels, out_channels, base_channels, levels)
+
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The U-Net's bottleneck averaged over space ``(B, base_channels * 2**levels)`` (forest scorer features)."""
+        return self.unet.bottleneck_features(patches)

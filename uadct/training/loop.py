@@ -270,13 +270,13 @@ def _train(
             score_scale = estimate_score_scale(scoring_model, validation[0], validation[1], config.batch_size, device,
                                                hook_options=lambda rows: _scoring_options(run, scoring_model, validation, rows))
         calibration = []
-        if config.calibration_subjects > 0 and encoding is not None:
-            log.info("no healthy calibration: whole-subject scoring of a model with covariates is not wired into training yet")
-        elif config.calibration_subjects > 0:  # maps of whole held-out healthy subjects -> calibrated units, FPR thresholds
+        if config.calibration_subjects > 0:  # maps of whole held-out healthy subjects -> calibrated units, FPR thresholds
             from uadct.calibrate_maps import calibrate_trained_model
+            from uadct.covariates import training_source
 
+            source = training_source(config.covariates, encoding) if encoding is not None and config.covariates else None
             calibration = [calibrate_trained_model(scoring_model, {"size": spec.size, "dims": spec.dims}, val_dirs[: config.calibration_subjects],
-                                                   config.exclude_labels, str(device)).to_dict()]
+                                                   config.exclude_labels, str(device), source).to_dict()]
         seconds = time.perf_counter() - started
         metadata = {
             "patch": {"size": spec.size, "dims": spec.dims},
