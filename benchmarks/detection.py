@@ -21,7 +21,9 @@ A patch is scored from its own voxels, so a disk changes the map only within a p
 extent of it: each condition re-scores only the patches near the disk over the subject's
 healthy ("control") map (:func:`score_condition`); the first condition of each model is
 also scored whole and the largest difference recorded (``partial_scoring_max_abs_diff``
-in the JSON; float rounding only).
+in the JSON; float rounding only). A model whose map is not patch-local (``normative``: the
+subject's median offset and the map smoothing reach beyond a patch) fails that check and then
+has every condition scored whole (``scoring`` in the JSON).
 
 Outputs under ``--output``: ``detection.md`` and ``detection.json`` (table, settings,
 per-model train/score seconds, per-subject AUROCs, disk positions), plus the work folder
@@ -82,6 +84,7 @@ SMALL = {"healthy": 6, "test_subjects": 1, "patch_size": 16, "epochs": 8, "patie
          "validation_patches": 1024, "statistics_patches": 2048}
 FULL = {"healthy": 40, "test_subjects": 3, "patch_size": 32, "epochs": 200, "patience": 10, "patches_per_epoch": 32768,
         "validation_patches": 4096, "statistics_patches": 8192}
+LOCAL_TOLERANCE = 1e-4  # partial re-scoring must match whole-volume scoring this closely, else conditions are scored whole
 GAN_PHASE_SHARE = 0.5  # models with a `gan_steps` field spend this share of the step budget on the GAN phase
 SMALL_WIDTH = 16  # small settings: models with `base_channels` (the GANs) at a quarter of their width
 GROWING_EPOCHS_FACTOR = 4  # growing models (a `fade_patches` field) get this many times the epochs ...
@@ -285,15 +288,21 @@ def run(options: argparse.Namespace, on_model_done: Callable[[dict[str, Any]], N
         controls: dict[str, np.ndarray] = {}
         rows: list[dict[str, Any]] = []
         check: float | None = None
+        whole_only = False
         for condition in conditions:
             image, mask = volumes[condition["subject"]]
             if condition["subject"] not in controls:
                 controls[condition["subject"]] = score_volume(checkpoint, image, mask, device=options.device)
             volume, lesion = insert_disk(image, mask, condition["placement"], condition["intensity"], condition["spacing"])
-            anomaly = score_condition(checkpoint, volume, mask, controls[condition["subject"]], lesion, options.device)
+            if whole_only:
+                anomaly = score_volume(checkpoint, volume, mask, device=options.device)
+            else:
+                anomaly = score_condition(checkpoint, volume, mask, controls[condition["subject"]], lesion, options.device)
             if check is None:
                 whole = score_volume(checkpoint, volume, mask, device=options.device)
                 check = float(np.abs(whole - anomaly).max())
+                if check > LOCAL_TOLERANCE:  # the map is not patch-local (a whole-volume model: normative's
+                    whole_only, anomaly = True, whole  # subject offset and smoothing): score every condition whole
             inside = mask > 0
             metrics = voxel_metrics(anomaly[inside], lesion[inside])
             rows.append({"test": condition["test"], "value": condition["value"], "subject": condition["subject"],
@@ -305,6 +314,7 @@ def run(options: argparse.Namespace, on_model_done: Callable[[dict[str, Any]], N
         results[name] = {
             "train_seconds": round(train_seconds, 1), "epochs_run": epochs, "best_epoch": best_epoch,
             "score_seconds": round(score_seconds, 1), "partial_scoring_max_abs_diff": check,
+            "scoring": "whole volume per condition" if whole_only else "partial (patches near the disk)",
             "model_options": config.model_options, "rows": rows,
         }
         report = {
