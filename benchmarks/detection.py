@@ -3,6 +3,7 @@
     python benchmarks/detection.py --output bench_out/detection            # small CPU settings (~1 h on 2 cores)
     python benchmarks/detection.py --output bench_out/full --full          # paper-sized settings, for a GPU
     python benchmarks/detection.py --models cae,threshold --output ...     # a subset of the registry
+    python benchmarks/detection.py --models cae,cae+forest --output ...    # "+forest": uadct train --scorer forest
 
 Protocol (Madzia-Madzou & Kuijf 2022, section 3.2.1): a healthy volume gets a disk 35 mm
 across over 50 axial slices at intensity 0.1, 0.2, ... 1.0 (one volume per intensity), and
@@ -127,7 +128,10 @@ def select_models(spec: str) -> list[str]:
     if spec != "all":  # in the order given
         wanted = [n.strip() for n in spec.split(",") if n.strip()]
         for name in wanted:
-            model_class(name)  # an unknown name fails with the list of models
+            model, _, scorer = name.partition("+")
+            model_class(model)  # an unknown name fails with the list of models
+            if scorer not in ("", "forest"):
+                raise SystemExit(f"{name}: the only scorer suffix is '+forest' (uadct train --scorer forest)")
         return list(dict.fromkeys(wanted))
     # the baseline first, then the paper's models, then the rest
     return sorted(available_models(), key=lambda n: (n != "threshold", "ganomaly" not in n, n))
@@ -269,11 +273,12 @@ def run(options: argparse.Namespace, on_model_done: Callable[[dict[str, Any]], N
     report: dict[str, Any] = {}
     for name in models:
         checkpoint_path = work / "models" / f"{name}.pt"
+        model, _, scorer = name.partition("+")  # "cae+forest": the model with the forest scorer on its latent features
         config = TrainConfig(
-            model=name, patch_size=options.patch_size, max_epochs=epochs_for(name, options), patience=options.patience,
+            model=model, patch_size=options.patch_size, max_epochs=epochs_for(model, options), patience=options.patience,
             patches_per_epoch=options.patches_per_epoch, validation_patches=options.validation_patches,
             statistics_patches=options.statistics_patches, seed=options.seed, device=options.device,
-            model_options=model_options_for(name, options, extra_options),
+            model_options=model_options_for(model, options, extra_options), scorer=scorer or "model",
         )
         clock = time.perf_counter()
         trained = _matching_checkpoint(checkpoint_path, config)
