@@ -39,6 +39,7 @@ checkpoints; ``--fresh`` deletes it).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import shutil
@@ -117,7 +118,8 @@ def train_config(model: str, seed: int, args: argparse.Namespace) -> TrainConfig
     return TrainConfig(model=model, patch_size=args.image_size, dims=2, batch_size=args.batch_size, learning_rate=1e-3,
                        max_epochs=args.epochs, patience=args.epochs, patches_per_epoch=args.patches_per_epoch,
                        validation_patches=256, seed=seed, device="cpu", augment=(), workers=0, amp=False,
-                       model_options=dict(MODEL_OPTIONS.get(model, {})), calibration_subjects=0)
+                       model_options={**MODEL_OPTIONS.get(model, {}), **json.loads(args.model_options).get(model, {})},
+                       calibration_subjects=0)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -250,6 +252,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cross-check", type=int, default=40, help="test images also scored through files per model (0: none)")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--model-options", default="{}", help='JSON {"model": {"field": value}} for the models\' configs')
     args = parser.parse_args()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
