@@ -25,7 +25,6 @@ or TIFF (float32: the exact values; uint8 for masks).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from uadct.dicom import has_dicom_marker
-from uadct.errors import InputError, OutputError
+from uadct.errors import InputError, OutputError, check_readable_file
 from uadct.names import IMAGE_2D_SUFFIXES, is_image_2d
 
 NOTES_KEY = "uadct_notes"  # image metadata: what reading changed (e.g. colour -> grey)
@@ -93,14 +92,7 @@ def read_image_2d(path: str | Path) -> sitk.Image:
     greyscale (or colour, converted) image.
     """
     path = Path(path)
-    if path.is_symlink() and not path.exists():
-        raise InputError(f"{path}: broken symbolic link or link loop")
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{path}: permission denied (cannot read the file)")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (0 bytes)")
+    check_readable_file(path)
     if path.suffix.lower() in RASTER_SUFFIXES and not has_dicom_marker(path):
         array, notes, extra = _read_raster(path), [], {}
         array, notes = _to_grey(path, array)

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from uadct import __version__
-from uadct.errors import InputError
+from uadct.errors import InputError, check_readable_file
 from uadct.names import NIFTI_SUFFIXES, is_nifti, strip_nifti_suffix  # noqa: F401 (re-exported: io is where callers look)
 from uadct.writing import atomic_path, json_safe, one_line, write_image, write_json, write_text  # noqa: F401 (re-exported)
 
@@ -134,7 +134,7 @@ def read_image(path: str | Path, *, allow_empty: bool = False) -> sitk.Image:
 
 
 def _read_image(path: Path, allow_empty: bool) -> sitk.Image:
-    _check_file(path)
+    check_readable_file(path)
     nifti = _read_nifti_header(path) if is_nifti(path) else None
     reader = _read_header(path)
     size = reader.GetSize()
@@ -196,20 +196,6 @@ def _itk_component_bytes(reader: sitk.ImageFileReader) -> int:
         return int(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID()).GetSizeOfPixelComponent())
     except (RuntimeError, TypeError):
         return 8
-
-
-def _check_file(path: Path) -> None:
-    """Refuse what is not a readable, non-empty regular file, saying which."""
-    if path.is_symlink() and not path.exists():
-        raise InputError(f"{path}: broken symbolic link or link loop")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not an image file")
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    if not os.access(path, os.R_OK):
-        raise InputError(f"{path}: permission denied (cannot read the file)")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (0 bytes)")
 
 
 def _read_nifti_header(path: Path) -> Any:

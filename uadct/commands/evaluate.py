@@ -79,12 +79,7 @@ def evaluate(
     image = result.pooled["image_level"]
     ui.out.print(f"image level ({image['unit']}s): AUROC {ui.fmt(image['auroc'])}, F1 {ui.fmt(image['f1'])} at threshold {ui.fmt(image['threshold'])} "
                  f"({image['threshold_source']})", highlight=False)
-    for kind, path in result.files.items():
-        ui.out.print(f"{kind}: {path}")
-    for name, error in result.failed:
-        ui.console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
-    if result.failed:
-        raise typer.Exit(1)
+    _finish(result)
 
 
 def evaluate_image_labels(maps: Path, image_labels: Path, output: Path, options: Any) -> None:
@@ -100,12 +95,7 @@ def evaluate_image_labels(maps: Path, image_labels: Path, output: Path, options:
                  f"({metrics['threshold_source']})", highlight=False)
     if result.missing:
         ui.console.print(f"{len(result.missing)} map(s) without an image label left out", highlight=False)
-    for kind, path in result.files.items():
-        ui.out.print(f"{kind}: {path}")
-    for name, error in result.failed:
-        ui.console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
-    if result.failed:
-        raise typer.Exit(1)
+    _finish(result)
 
 
 def lesions_cell(row: dict[str, Any], lesion: dict[str, Any]) -> str:
@@ -121,3 +111,13 @@ def lesions_cell(row: dict[str, Any], lesion: dict[str, Any]) -> str:
 def register(app: typer.Typer) -> None:
     """Add the commands of this module to the ``uadct`` app."""
     app.command(short_help="Voxel, lesion and image-level metrics with a report.")(evaluate)
+
+
+def _finish(result: Any) -> None:
+    """The written files, then each failed subject; exit code 1 when any failed."""
+    for kind, path in result.files.items():
+        ui.out.print(f"{kind}: {path}")
+    for name, error in result.failed:
+        ui.console.print(f"[red]failed[/red] {name}: {error}", highlight=False)
+    if result.failed:
+        raise typer.Exit(1)
